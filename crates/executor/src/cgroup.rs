@@ -1,0 +1,158 @@
+//! Probe: can we create a cgroup with a CPU, memory and pids limit?
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Which cgroup hierarchy the machine offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Separate controller hierarchies under `/sys/fs/cgroup/<controller>`.
+    V1,
+    /// The unified hierarchy at `/sys/fs/cgroup`.
+    V2,
+}
+
+impl CgroupVersion {
+    /// `v1` or `v2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+/// Why the cgroup probe failed. A failed probe removes what it created.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// Neither a usable v2 nor the v1 controllers were found.
+    #[error("no usable cgroup hierarchy under {0}")]
+    NotFound(PathBuf),
+    /// A directory or control file could not be created or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// What was being created or written.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+const V1_LIMITS: &[(&str, &str, &str)] = &[
+    ("cpu", "cpu.cfs_quota_us", "50000"),
+    ("memory", "memory.limit_in_bytes", "67108864"),
+    ("pids", "pids.max", "16"),
+    ("freezer", "freezer.state", "THAWED"),
+];
+const V2_LIMITS: &[(&str, &str)] = &[
+    ("cpu.max", "50000 100000"),
+    ("memory.max", "67108864"),
+    ("pids.max", "16"),
+];
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Which hierarchy `root` (normally `/sys/fs/cgroup`) holds: pure v2 when
+/// it has `cgroup.controllers` offering cpu, memory and pids; v1 when the
+/// controller directories exist (hybrid machines count as v1).
+pub fn detect(root: &Path) -> Option<CgroupVersion> {
+    if let Ok(c) = fs::read_to_string(root.join("cgroup.controllers")) {
+        let has = |n| c.split_whitespace().any(|w| w == n);
+        if has("cpu") && has("memory") && has("pids") {
+            return Some(CgroupVersion::V2);
+        }
+    }
+    V1_LIMITS
+        .iter()
+        .all(|(c, _, _)| root.join(c).is_dir())
+        .then_some(CgroupVersion::V1)
+}
+
+/// Creates a cgroup named `shoal-check-<pid>` in every controller needed,
+/// sets a CPU quota, a memory limit and a pids limit, and removes it.
+///
+/// # Errors
+/// No hierarchy found, or a step failed (what was made is removed).
+pub fn probe_cgroups(root: &Path) -> Result<CgroupVersion, CgroupError> {
+    let version = detect(root).ok_or_else(|| CgroupError::NotFound(root.to_owned()))?;
+    let name = format!("shoal-check-{}", std::process::id());
+    match version {
+        CgroupVersion::V1 => {
+            let mut made = Vec::new();
+            let r = (|| {
+                for (ctrl, file, value) in V1_LIMITS {
+                    let dir = root.join(ctrl).join(&name);
+                    fs::create_dir(&dir).map_err(io_err(&dir))?;
+                    made.push(dir.clone());
+                    let f = dir.join(file);
+                    fs::write(&f, value).map_err(io_err(&f))?;
+                }
+                Ok(())
+            })();
+            for d in made.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
+            r.map(|()| version)
+        }
+        CgroupVersion::V2 => {
+            let ctl = root.join("cgroup.subtree_control");
+            let enabled = fs::read_to_string(&ctl).map_err(io_err(&ctl))?;
+            for c in ["cpu", "memory", "pids"] {
+                if !enabled.split_whitespace().any(|w| w == c) {
+                    fs::write(&ctl, format!("+{c}")).map_err(io_err(&ctl))?;
+                }
+            }
+            let dir = root.join(&name);
+            fs::create_dir(&dir).map_err(io_err(&dir))?;
+            let r = V2_LIMITS.iter().try_for_each(|(file, value)| {
+                let f = dir.join(file);
+                fs::write(&f, value).map_err(io_err(&f))
+            });
+            let _ = fs::remove_dir(&dir);
+            r.map(|()| version)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_v1_and_v2_layouts() {
+        let base = std::env::temp_dir().join(format!("shoal-cg-{}", std::process::id()));
+        let v1 = base.join("v1");
+        for c in ["cpu", "memory", "pids", "freezer"] {
+            fs::create_dir_all(v1.join(c)).unwrap();
+        }
+        assert_eq!(detect(&v1), Some(CgroupVersion::V1));
+        let v2 = base.join("v2");
+        fs::create_dir_all(&v2).unwrap();
+        fs::write(v2.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        assert_eq!(detect(&v2), Some(CgroupVersion::V2));
+        let none = base.join("none");
+        fs::create_dir_all(&none).unwrap();
+        assert_eq!(detect(&none), None);
+        assert!(matches!(probe_cgroups(&none), Err(CgroupError::NotFound(_))));
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn probe_on_this_machine_leaves_nothing() {
+        let root = Path::new("/sys/fs/cgroup");
+        if !nix::unistd::Uid::effective().is_root() || detect(root).is_none() {
+            eprintln!("skipped: the cgroup probe needs root and a cgroup hierarchy");
+            return;
+        }
+        probe_cgroups(root).unwrap();
+        let name = format!("shoal-check-{}", std::process::id());
+        assert!(!root.join("cpu").join(&name).exists());
+        assert!(!root.join(&name).exists());
+    }
+}
