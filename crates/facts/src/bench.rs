@@ -22,7 +22,7 @@ pub fn kernel(ops: u64) -> u64 {
         x ^= x >> 7;
         x ^= x << 17;
         x = x.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(i);
-        f = f.mul_add(1.000_000_01, 1e-9);
+        f = f * 1.000_000_01 + 1e-9;
     }
     black_box(x ^ f.to_bits())
 }

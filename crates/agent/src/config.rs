@@ -1,0 +1,341 @@
+//! The agent's configuration: a TOML file, then command-line flags on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/shoal/shoal.toml";
+/// Default cluster key file.
+pub const DEFAULT_KEY: &str = "/etc/shoal/cluster.key";
+/// Default SWIM (UDP) and bandwidth (TCP) port.
+pub const DEFAULT_PORT: u16 = 7946;
+/// Default discovery multicast group and port.
+pub const DEFAULT_GROUP: &str = "239.255.83.76:7947";
+
+/// Why the configuration could not be loaded. Nothing has started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Bad TOML, an unknown key or a wrong type.
+    #[error("config file {path}, line {line}, column {column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("config: {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Every key of the config file (all optional). See README for each.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Node name.
+    pub name: Option<String>,
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// SWIM bind address.
+    pub bind: Option<SocketAddr>,
+    /// Address to advertise when `bind` is a wildcard.
+    pub advertise: Option<std::net::IpAddr>,
+    /// Peers to join.
+    #[serde(default)]
+    pub join: Vec<SocketAddr>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Cluster key file.
+    pub key_file: Option<PathBuf>,
+    /// Expected cluster size.
+    pub expect: Option<u32>,
+    /// Discovery settings.
+    #[serde(default)]
+    pub discovery: DiscoveryFile,
+    /// How often facts are refreshed, ms.
+    pub facts_refresh_ms: Option<u64>,
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// Multicast discovery on or off.
+    pub enabled: Option<bool>,
+    /// Multicast group and port.
+    pub group: Option<SocketAddr>,
+    /// Beacon interval, ms.
+    pub interval_ms: Option<u64>,
+    /// Also send beacons to the broadcast address.
+    pub broadcast: Option<bool>,
+}
+
+/// Flags given on the command line; each overrides its key.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--bind`.
+    pub bind: Option<SocketAddr>,
+    /// `--join`, repeatable.
+    pub join: Vec<SocketAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--cluster`.
+    pub cluster: Option<String>,
+    /// `--key`.
+    pub key: Option<PathBuf>,
+    /// `--expect`.
+    pub expect: Option<u32>,
+    /// `--no-discovery`.
+    pub no_discovery: bool,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Node name.
+    pub name: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// SWIM bind address.
+    pub bind: SocketAddr,
+    /// Advertised IP when `bind` is a wildcard (else found from the
+    /// interfaces).
+    pub advertise: Option<std::net::IpAddr>,
+    /// Peers to join.
+    pub join: Vec<SocketAddr>,
+    /// Data directory (control socket, state).
+    pub data_dir: PathBuf,
+    /// Cluster key file.
+    pub key_file: PathBuf,
+    /// Expected cluster size (0: none).
+    pub expect: u32,
+    /// Multicast discovery.
+    pub discovery: bool,
+    /// Multicast group and port.
+    pub group: SocketAddr,
+    /// Beacon interval, ms.
+    pub beacon_interval_ms: u64,
+    /// Broadcast beacons too.
+    pub broadcast: bool,
+    /// Facts refresh interval, ms.
+    pub facts_refresh_ms: u64,
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Parses config file text; `path` is only for messages.
+///
+/// # Errors
+/// Bad TOML, unknown keys or wrong types, with line and column.
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message: e.message().trim().to_owned(),
+        }
+    })
+}
+
+/// Reads the config file. A missing file is an error only if it was named
+/// explicitly; the default file may be absent.
+///
+/// # Errors
+/// Unreadable or invalid file.
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let (p, explicit) = match path {
+        Some(p) => (p.to_owned(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    match std::fs::read_to_string(&p) {
+        Ok(text) => parse_file(&text, &p),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(source) => Err(ConfigError::Read { path: p, source }),
+    }
+}
+
+fn default_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shoal-node".to_owned())
+}
+
+/// Merges file and flags into the effective configuration.
+///
+/// # Errors
+/// Values out of range.
+pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigError> {
+    let name = flags.name.or(file.name).unwrap_or_else(default_name);
+    if name.is_empty() || name.len() > 64 {
+        return Err(ConfigError::Invalid {
+            key: "name",
+            message: format!("{name:?} must be 1 to 64 characters"),
+        });
+    }
+    let cluster = flags.cluster.or(file.cluster).unwrap_or_else(|| "default".to_owned());
+    if cluster.is_empty() || cluster.len() > 64 {
+        return Err(ConfigError::Invalid {
+            key: "cluster",
+            message: format!("{cluster:?} must be 1 to 64 characters"),
+        });
+    }
+    let mut join = file.join;
+    join.extend(flags.join);
+    let beacon_interval_ms = file.discovery.interval_ms.unwrap_or(1000);
+    let facts_refresh_ms = file.facts_refresh_ms.unwrap_or(2000);
+    for (key, v) in [
+        ("discovery.interval_ms", beacon_interval_ms),
+        ("facts_refresh_ms", facts_refresh_ms),
+    ] {
+        if !(50..=600_000).contains(&v) {
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!("{v} is outside 50..=600000"),
+            });
+        }
+    }
+    let group = file
+        .discovery
+        .group
+        .unwrap_or_else(|| DEFAULT_GROUP.parse().unwrap_or_else(|_| SocketAddr::from(([239, 255, 83, 76], 7947))));
+    if !group.ip().is_multicast() {
+        return Err(ConfigError::Invalid {
+            key: "discovery.group",
+            message: format!("{} is not a multicast address", group.ip()),
+        });
+    }
+    Ok(AgentConfig {
+        name,
+        cluster,
+        bind: flags
+            .bind
+            .or(file.bind)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+        advertise: file.advertise,
+        join,
+        data_dir: flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(shoal_control::DEFAULT_DATA_DIR)),
+        key_file: flags
+            .key
+            .or(file.key_file)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY)),
+        expect: flags.expect.or(file.expect).unwrap_or(0),
+        discovery: !flags.no_discovery && file.discovery.enabled.unwrap_or(true),
+        group,
+        beacon_interval_ms,
+        broadcast: file.discovery.broadcast.unwrap_or(true),
+        facts_refresh_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_flags_override() {
+        let text = r#"
+name = "a"
+cluster = "lab"
+bind = "10.0.0.1:7000"
+join = ["10.0.0.2:7946"]
+data_dir = "/tmp/x"
+key_file = "/tmp/k"
+expect = 3
+facts_refresh_ms = 1000
+[discovery]
+enabled = false
+group = "239.1.2.3:9999"
+interval_ms = 500
+broadcast = false
+"#;
+        let f = parse_file(text, Path::new("t.toml")).unwrap();
+        let c = resolve(
+            f,
+            Flags {
+                name: Some("b".into()),
+                join: vec!["10.0.0.3:7946".parse().unwrap()],
+                ..Flags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.name, "b");
+        assert_eq!(c.cluster, "lab");
+        assert_eq!(c.join.len(), 2);
+        assert_eq!(c.expect, 3);
+        assert!(!c.discovery && !c.broadcast);
+        assert_eq!(c.group, "239.1.2.3:9999".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = parse_file("name = \"a\"\n\nbogus = 1\n", Path::new("/etc/s.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("/etc/s.toml") && s.contains("line 3") && s.contains("bogus"), "{s}");
+        let e = parse_file("expect = \"three\"\n", Path::new("s.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("line 1") && s.contains("expect"), "{s}");
+        let e = parse_file("[discovery]\ninterval_ms = -1\n", Path::new("s.toml")).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_invalid_values() {
+        let c = resolve(FileConfig::default(), Flags::default()).unwrap();
+        assert_eq!(c.bind.port(), DEFAULT_PORT);
+        assert_eq!(c.cluster, "default");
+        assert!(c.discovery);
+        let bad = FileConfig {
+            discovery: DiscoveryFile {
+                group: Some("10.0.0.1:1".parse().unwrap()),
+                ..DiscoveryFile::default()
+            },
+            ..FileConfig::default()
+        };
+        assert!(resolve(bad, Flags::default()).unwrap_err().to_string().contains("discovery.group"));
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_missing_named_file_is_not() {
+        assert!(load_file(Some(Path::new("/nonexistent/shoal.toml"))).is_err());
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

@@ -1,0 +1,28 @@
+//! The shoal agent: a thin tokio shell around the pure cores.
+//!
+//! ```text
+//!            ┌───────────────── shoal agent ──────────────────┐
+//!  UDP 7946 ─┤ open (transport) ─▶ Engine (membership) ─▶ seal ├─ UDP 7946
+//!  UDP 7947 ─┤ beacons ──────────▶ discovered()                │
+//!  timers  ──┤ tokio sleeps ─────▶ handle_timer()              │
+//!  /proc   ──┤ facts every 2 s ──▶ set_facts()                 │
+//!  unix sock─┤ nodes / leave ────▶ members(), leave()          │
+//!  TCP 7946 ─┤ bandwidth probes (sealed frames)                │
+//!            └─────────────────────────────────────────────────┘
+//! ```
+//!
+//! Every decision (who is alive, what to send, when) is the membership
+//! engine's; this crate only moves bytes, arms timers and reads the
+//! machine.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bandwidth;
+pub mod checks;
+pub mod config;
+pub mod discovery;
+pub mod report;
+mod runtime;
+
+pub use config::{AgentConfig, ConfigError, Flags};
+pub use runtime::{run, AgentError};

@@ -1,0 +1,230 @@
+//! Client commands (`shoal nodes`, `shoal leave`, …) talk to the local
+//! agent over a Unix socket in the agent's data dir: one JSON [`Request`]
+//! per line, one JSON [`Response`] per line back. The socket's file mode
+//! (0600, owned by the agent's user) is the access control.
+//!
+//! The types here are also the documented `--json` output shapes.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The agent's default data dir.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+/// The socket's file name inside the data dir.
+pub const SOCKET_NAME: &str = "agent.sock";
+
+/// Where a client finds the agent, in order of precedence: `--agent
+/// SOCKET`, `$SHOAL_AGENT`, `--data-dir DIR`, `$SHOAL_DATA_DIR`, the default
+/// data dir.
+pub fn resolve_socket(
+    agent: Option<&Path>,
+    data_dir: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> PathBuf {
+    if let Some(a) = agent {
+        return a.to_owned();
+    }
+    if let Some(a) = env("SHOAL_AGENT").filter(|s| !s.is_empty()) {
+        return PathBuf::from(a);
+    }
+    let dir = data_dir
+        .map(Path::to_owned)
+        .or_else(|| env("SHOAL_DATA_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    dir.join(SOCKET_NAME)
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The cluster as this agent sees it.
+    Nodes {
+        /// Also measure bandwidth to every alive peer (takes a moment).
+        #[serde(default)]
+        bandwidth: bool,
+    },
+    /// Leave the cluster gracefully and stop the agent.
+    Leave,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Nodes`].
+    Nodes(NodesReport),
+    /// The request was carried out.
+    Ok,
+    /// The request failed; the text says why.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// `shoal nodes --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodesReport {
+    /// The cluster as a whole.
+    pub cluster: ClusterInfo,
+    /// Every member this node knows, itself first.
+    pub nodes: Vec<NodeInfo>,
+    /// Datagrams this node refused, by reason.
+    pub rejected: RejectedInfo,
+}
+
+/// The cluster line of [`NodesReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Cluster name.
+    pub name: String,
+    /// `forming (k/N)` or `formed`.
+    pub state: String,
+    /// Expected size (`expect`), 0 when not set.
+    pub expect: u32,
+    /// Members alive now, this one included.
+    pub alive: u32,
+}
+
+/// One member in [`NodesReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// SWIM address.
+    pub addr: String,
+    /// alive, suspect, down or left.
+    pub state: String,
+    /// Logical CPUs (null until facts arrive).
+    pub cores: Option<u32>,
+    /// Memory, bytes.
+    pub mem_total_bytes: Option<u64>,
+    /// Available memory, bytes.
+    pub mem_avail_bytes: Option<u64>,
+    /// CPU score (millions of benchmark operations per second per core).
+    pub cpu_score: Option<u32>,
+    /// 1-minute load average.
+    pub load1: Option<f32>,
+    /// Seconds since the owner last used keyboard, mouse or terminal.
+    pub owner_idle_s: Option<u64>,
+    /// Smoothed round-trip time from this node, ms (null for itself or
+    /// before the first probe).
+    pub rtt_ms: Option<f64>,
+    /// `ok` or the failed start-up checks, comma-separated.
+    pub checks: Option<String>,
+    /// `coordinator` (first in the pecking order) or `member`.
+    pub role: String,
+    /// Guest slots free.
+    pub slots_free: Option<u32>,
+    /// True for the node that answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    /// Position in the pecking order (0 = coordinator), null when not alive.
+    pub rank: Option<u32>,
+    /// Full reasons of failed checks.
+    pub checks_failed: Vec<String>,
+    /// Agent version.
+    pub version: Option<String>,
+    /// Measured bandwidth from this node, MB/s (only with `--bandwidth`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bandwidth_mbps: Option<f64>,
+}
+
+/// Refused datagrams by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedInfo {
+    /// All of them.
+    pub total: u64,
+    /// Failed authentication (wrong key or cluster, tampered).
+    pub auth: u64,
+    /// Replays.
+    pub replay: u64,
+    /// Not shoal datagrams.
+    pub malformed: u64,
+    /// Outside the clock window.
+    pub stale: u64,
+    /// Authenticated but refused by the membership layer.
+    pub protocol: u64,
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent listens on the socket.
+    #[error("cannot reach the agent at {path}: {source} (is `shoal agent` running with this data dir? see --data-dir, --agent, SHOAL_DATA_DIR)")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent's answer was not understood.
+    #[error("unexpected answer from the agent: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// The agent closed without answering.
+    #[error("the agent closed the connection without answering")]
+    Closed,
+}
+
+/// Sends one request and waits up to `timeout` for the answer.
+///
+/// # Errors
+/// No agent, or a broken or garbled exchange.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut r = BufReader::new(s);
+    let mut answer = String::new();
+    if r.read_line(&mut answer)? == 0 {
+        return Err(ClientError::Closed);
+    }
+    Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_precedence() {
+        let env = |k: &str| match k {
+            "SHOAL_AGENT" => Some("/env/agent.sock".to_owned()),
+            "SHOAL_DATA_DIR" => Some("/env/data".to_owned()),
+            _ => None,
+        };
+        let none = |_: &str| None;
+        assert_eq!(resolve_socket(Some(Path::new("/a.sock")), None, env), PathBuf::from("/a.sock"));
+        assert_eq!(resolve_socket(None, Some(Path::new("/d")), env), PathBuf::from("/env/agent.sock"));
+        assert_eq!(resolve_socket(None, Some(Path::new("/d")), none), PathBuf::from("/d/agent.sock"));
+        let only_dir = |k: &str| (k == "SHOAL_DATA_DIR").then(|| "/env/data".to_owned());
+        assert_eq!(resolve_socket(None, None, only_dir), PathBuf::from("/env/data/agent.sock"));
+        assert_eq!(resolve_socket(None, None, none), PathBuf::from("/var/lib/shoal/agent.sock"));
+    }
+
+    #[test]
+    fn wire_shapes() {
+        let r: Request = serde_json::from_str(r#"{"op":"nodes"}"#).unwrap();
+        assert_eq!(r, Request::Nodes { bandwidth: false });
+        assert_eq!(serde_json::to_string(&Request::Leave).unwrap(), r#"{"op":"leave"}"#);
+        let e = Response::Error { message: "x".into() };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+    }
+}

@@ -1,0 +1,413 @@
+//! Test hosts as network namespaces on a bridge.
+//!
+//! ```text
+//!   netns shoal-<tag>-br:  br0 ─┬─ vh0 ══ eth0 (netns shoal-<tag>-h0, 10.77.S.1/24)
+//!                               ├─ vh1 ══ eth0 (netns shoal-<tag>-h1, 10.77.S.2/24)
+//!                               └─ …
+//! ```
+//!
+//! The bridge lives in a namespace of its own, so nothing touches the
+//! machine's own network. Links are cut and made lossy with iptables rules
+//! inside the hosts (`tc netem` is missing on these kernels). [`Lab`]'s
+//! `Drop` kills every agent it started and deletes every namespace, also
+//! when a test panics; a new lab with the same tag first removes what a
+//! killed run left behind.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The port agents bind in the lab.
+pub const PORT: u16 = 7946;
+
+/// Why the lab could not be built or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A command failed.
+    #[error("`{cmd}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// A command could not be started.
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn {
+        /// The command line.
+        cmd: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file in the lab's directory.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Why netns tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("network namespaces need root".into());
+    }
+    for tool in ["ip", "iptables"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Some(format!("`{tool}` is not installed (apt-get install iproute2 iptables)"));
+        }
+    }
+    None
+}
+
+fn run(cmd: &mut Command) -> Result<Output, LabError> {
+    let line = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| LabError::Spawn {
+        cmd: line.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: line,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<Output, LabError> {
+    run(Command::new("ip").args(args))
+}
+
+/// One test host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Its network namespace.
+    pub netns: String,
+    /// Its address on the bridge.
+    pub ip: Ipv4Addr,
+    /// Its agent's data dir.
+    pub data_dir: PathBuf,
+    /// Its agent's log.
+    pub log: PathBuf,
+}
+
+impl Host {
+    /// The agent's SWIM address.
+    pub fn addr(&self) -> String {
+        format!("{}:{PORT}", self.ip)
+    }
+
+    /// The agent's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("agent.sock")
+    }
+}
+
+/// A set of hosts on one bridge, with the agents started in them.
+#[derive(Debug)]
+pub struct Lab {
+    tag: String,
+    bridge: String,
+    /// The hosts.
+    pub hosts: Vec<Host>,
+    /// Scratch directory: keys, data dirs, logs.
+    pub dir: PathBuf,
+    shoal: PathBuf,
+    agents: Vec<Option<Child>>,
+}
+
+fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    ip(&["netns", "list"])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(prefix))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Lab {
+    /// Builds `n` hosts named `shoal-<tag>-h<i>` on subnet 10.77.`subnet`.0/24
+    /// and writes a cluster key with `shoal keygen`.
+    ///
+    /// # Errors
+    /// A namespace, link or address could not be made (what was made is
+    /// removed).
+    pub fn new(tag: &str, subnet: u8, n: usize, shoal: &Path) -> Result<Self, LabError> {
+        let prefix = format!("shoal-{tag}-");
+        for ns in namespaces_with_prefix(&prefix) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let dir = std::env::temp_dir().join(format!("shoal-lab-{tag}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut lab = Self {
+            tag: tag.to_owned(),
+            bridge: format!("{prefix}br"),
+            hosts: Vec::new(),
+            dir,
+            shoal: shoal.to_owned(),
+            agents: Vec::new(),
+        };
+        lab.build(n, subnet)?;
+        lab.keygen("cluster.key")?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, n: usize, subnet: u8) -> Result<(), LabError> {
+        let br = self.bridge.clone();
+        ip(&["netns", "add", &br])?;
+        ip(&["-n", &br, "link", "set", "lo", "up"])?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        for i in 0..n {
+            let ns = format!("shoal-{}-h{i}", self.tag);
+            ip(&["netns", "add", &ns])?;
+            let v = format!("vh{i}");
+            ip(&["link", "add", &v, "netns", &br, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &br, "link", "set", &v, "master", "br0", "up"])?;
+            let ipv4 = Ipv4Addr::new(10, 77, subnet, (i + 1) as u8);
+            ip(&["-n", &ns, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.hosts.push(Host {
+                netns: ns,
+                ip: ipv4,
+                data_dir: self.dir.join(format!("h{i}")),
+                log: self.dir.join(format!("h{i}.log")),
+            });
+            self.agents.push(None);
+        }
+        Ok(())
+    }
+
+    /// Writes a new key file in the lab directory; returns its path.
+    ///
+    /// # Errors
+    /// `shoal keygen` failed.
+    pub fn keygen(&self, name: &str) -> Result<PathBuf, LabError> {
+        let p = self.dir.join(name);
+        let _ = fs::remove_file(&p);
+        run(Command::new(&self.shoal).arg("keygen").arg("--out").arg(&p))?;
+        Ok(p)
+    }
+
+    /// A command run inside host `i`'s namespace.
+    pub fn cmd(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[i].netns]).arg(program);
+        c
+    }
+
+    /// Starts an agent on host `i` named `h<i>` with the lab key, cluster
+    /// `lab`, and `extra` arguments (later flags override earlier ones).
+    ///
+    /// # Errors
+    /// The agent could not be started.
+    pub fn start_agent(&mut self, i: usize, extra: &[&str]) -> Result<(), LabError> {
+        let h = self.hosts[i].clone();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .map_err(|source| LabError::Io {
+                path: h.log.clone(),
+                source,
+            })?;
+        let config = self.dir.join("empty.toml");
+        fs::write(&config, "").map_err(|source| LabError::Io {
+            path: config.clone(),
+            source,
+        })?;
+        let mut c = self.cmd(i, &self.shoal);
+        c.arg("agent")
+            .args(["--name", &format!("h{i}"), "--bind", &h.addr(), "--cluster", "lab"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&h.data_dir)
+            .arg("--key")
+            .arg(self.dir.join("cluster.key"))
+            .args(extra)
+            .env("SHOAL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = c.spawn().map_err(|source| LabError::Spawn {
+            cmd: format!("{c:?}"),
+            source,
+        })?;
+        if let Some(mut old) = self.agents[i].replace(child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` (e.g. `SIGKILL`, `SIGTERM`) to host `i`'s agent and,
+    /// for SIGKILL, reaps it.
+    pub fn signal(&mut self, i: usize, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &mut self.agents[i] {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            if signal == nix::sys::signal::Signal::SIGKILL {
+                let _ = child.wait();
+                self.agents[i] = None;
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for host `i`'s agent to exit; its status.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(child) = &mut self.agents[i] {
+                if let Ok(Some(st)) = child.try_wait() {
+                    self.agents[i] = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Runs `shoal ARGS` on host `i` (client commands reach the agent by
+    /// its data dir).
+    ///
+    /// # Errors
+    /// The command could not be started (a non-zero exit is returned, not
+    /// an error).
+    pub fn shoal(&self, i: usize, args: &[&str]) -> Result<Output, LabError> {
+        let mut c = self.cmd(i, &self.shoal);
+        c.args(args).arg("--data-dir").arg(&self.hosts[i].data_dir);
+        c.output().map_err(|source| LabError::Spawn {
+            cmd: format!("{c:?}"),
+            source,
+        })
+    }
+
+    fn iptables(&self, i: usize, args: &[&str]) -> Result<(), LabError> {
+        run(self.cmd(i, "iptables").arg("-w").args(args)).map(|_| ())
+    }
+
+    /// Drops all traffic between hosts `a` and `b`, both ways.
+    ///
+    /// # Errors
+    /// iptables failed.
+    pub fn cut(&self, a: usize, b: usize) -> Result<(), LabError> {
+        for (x, y) in [(a, b), (b, a)] {
+            let peer = self.hosts[y].ip.to_string();
+            self.iptables(x, &["-I", "INPUT", "-s", &peer, "-j", "DROP"])?;
+            self.iptables(x, &["-I", "OUTPUT", "-d", &peer, "-j", "DROP"])?;
+        }
+        Ok(())
+    }
+
+    /// Cuts every link between `side` and the other hosts.
+    ///
+    /// # Errors
+    /// iptables failed.
+    pub fn partition(&self, side: &[usize]) -> Result<(), LabError> {
+        for &a in side {
+            for b in 0..self.hosts.len() {
+                if !side.contains(&b) {
+                    self.cut(a, b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops each packet arriving at every host with probability `p`
+    /// (iptables' statistic match).
+    ///
+    /// # Errors
+    /// iptables failed.
+    pub fn loss(&self, p: f64) -> Result<(), LabError> {
+        for i in 0..self.hosts.len() {
+            self.iptables(
+                i,
+                &["-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &format!("{p}"), "-j", "DROP"],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes every cut and every loss rule.
+    ///
+    /// # Errors
+    /// iptables failed.
+    pub fn heal(&self) -> Result<(), LabError> {
+        for i in 0..self.hosts.len() {
+            self.iptables(i, &["-F", "INPUT"])?;
+            self.iptables(i, &["-F", "OUTPUT"])?;
+        }
+        Ok(())
+    }
+
+    /// The text of host `i`'s agent log.
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in self.agents.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for (i, h) in self.hosts.iter().enumerate() {
+                let log = self.log(i);
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                eprintln!("--- last lines of {} (h{i}):", h.log.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for ns in namespaces_with_prefix(&format!("shoal-{}-", self.tag)) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

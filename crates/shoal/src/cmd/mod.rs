@@ -1,0 +1,6 @@
+//! One module per subcommand.
+
+pub mod agent;
+pub mod keygen;
+pub mod leave;
+pub mod nodes;
