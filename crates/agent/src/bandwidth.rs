@@ -76,8 +76,8 @@ pub async fn serve(listener: TcpListener, key: ClusterKey, cluster: String) {
                 if kind != Kind::Bandwidth {
                     return Err(BandwidthError::Frame("not a bandwidth request".into()));
                 }
-                let req: Request =
-                    postcard::from_bytes(&plain).map_err(|e| BandwidthError::Frame(e.to_string()))?;
+                let req: Request = postcard::from_bytes(&plain)
+                    .map_err(|e| BandwidthError::Frame(e.to_string()))?;
                 let mut left = req.bytes.min(MAX_BYTES);
                 let chunk = vec![0u8; FRAME];
                 while left > 0 {
@@ -143,10 +143,20 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(serve(l, key.clone(), "lab".into()));
-        let mbps = measure(addr, &key, "lab", 4 << 20, Duration::from_secs(10)).await.unwrap();
+        let mbps = measure(addr, &key, "lab", 4 << 20, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert!(mbps > 0.0);
         let wrong = ClusterKey::from_bytes([8; 32]);
-        assert!(measure(addr, &wrong, "lab", 1 << 20, Duration::from_secs(5)).await.is_err());
-        assert!(measure(addr, &key, "office", 1 << 20, Duration::from_secs(5)).await.is_err());
+        assert!(
+            measure(addr, &wrong, "lab", 1 << 20, Duration::from_secs(5))
+                .await
+                .is_err()
+        );
+        assert!(
+            measure(addr, &key, "office", 1 << 20, Duration::from_secs(5))
+                .await
+                .is_err()
+        );
     }
 }

@@ -22,6 +22,8 @@ fn check_data_dir(dir: &Path) -> Result<(), String> {
 
 /// Runs every check (blocking: a few tens of milliseconds).
 pub fn verify(data_dir: &Path, cgroup_root: &Path) -> Verified {
+    // The benchmark first, before the probes fork and write.
+    let cpu_score = shoal_facts::bench::run(15);
     let mut checks = Checks::default();
     if let Err(e) = shoal_executor::probe_namespaces() {
         checks.failed.push(format!("namespaces: {e}"));
@@ -33,9 +35,10 @@ pub fn verify(data_dir: &Path, cgroup_root: &Path) -> Verified {
     if let Err(e) = check_data_dir(data_dir) {
         checks.failed.push(format!("data-dir: {e}"));
     }
-    let cpu_score = shoal_facts::bench::run(7);
     if cpu_score == 0 {
-        checks.failed.push("cpu-bench: the benchmark measured no time".to_owned());
+        checks
+            .failed
+            .push("cpu-bench: the benchmark measured no time".to_owned());
     }
     for f in &checks.failed {
         tracing::warn!(check = %f, "start-up check failed: this node offers no guest slots");
@@ -49,7 +52,10 @@ mod tests {
 
     #[test]
     fn unwritable_data_dir_and_missing_cgroups_are_reported() {
-        let v = verify(Path::new("/nonexistent/shoal"), Path::new("/nonexistent/cgroup"));
+        let v = verify(
+            Path::new("/nonexistent/shoal"),
+            Path::new("/nonexistent/cgroup"),
+        );
         let names = v.checks.summary();
         assert!(names.contains("data-dir"), "{names}");
         assert!(names.contains("cgroups"), "{names}");

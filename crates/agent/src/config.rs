@@ -73,6 +73,8 @@ pub struct FileConfig {
     pub discovery: DiscoveryFile,
     /// How often facts are refreshed, ms.
     pub facts_refresh_ms: Option<u64>,
+    /// SWIM timing profile: `fast` or `memberlist`.
+    pub swim_profile: Option<String>,
 }
 
 /// `[discovery]`.
@@ -140,6 +142,18 @@ pub struct AgentConfig {
     pub broadcast: bool,
     /// Facts refresh interval, ms.
     pub facts_refresh_ms: u64,
+    /// SWIM timing profile.
+    pub swim_profile: SwimProfile,
+}
+
+/// SWIM timing: how fast failures are detected against how much loss is
+/// tolerated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwimProfile {
+    /// Tuned for a LAN: 200 ms probes, 600 ms suspicion (the default).
+    Fast,
+    /// memberlist's LAN defaults: 1 s probes, suspicion 4 × log10(N) s.
+    Memberlist,
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -178,7 +192,9 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     };
     match std::fs::read_to_string(&p) {
         Ok(text) => parse_file(&text, &p),
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(FileConfig::default())
+        }
         Err(source) => Err(ConfigError::Read { path: p, source }),
     }
 }
@@ -203,7 +219,10 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
             message: format!("{name:?} must be 1 to 64 characters"),
         });
     }
-    let cluster = flags.cluster.or(file.cluster).unwrap_or_else(|| "default".to_owned());
+    let cluster = flags
+        .cluster
+        .or(file.cluster)
+        .unwrap_or_else(|| "default".to_owned());
     if cluster.is_empty() || cluster.len() > 64 {
         return Err(ConfigError::Invalid {
             key: "cluster",
@@ -225,17 +244,29 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
             });
         }
     }
-    let group = file
-        .discovery
-        .group
-        .unwrap_or_else(|| DEFAULT_GROUP.parse().unwrap_or_else(|_| SocketAddr::from(([239, 255, 83, 76], 7947))));
+    let group = file.discovery.group.unwrap_or_else(|| {
+        DEFAULT_GROUP
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([239, 255, 83, 76], 7947)))
+    });
     if !group.ip().is_multicast() {
         return Err(ConfigError::Invalid {
             key: "discovery.group",
             message: format!("{} is not a multicast address", group.ip()),
         });
     }
+    let swim_profile = match file.swim_profile.as_deref() {
+        None | Some("fast") => SwimProfile::Fast,
+        Some("memberlist") => SwimProfile::Memberlist,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                key: "swim_profile",
+                message: format!("{other:?} is not one of \"fast\", \"memberlist\""),
+            })
+        }
+    };
     Ok(AgentConfig {
+        swim_profile,
         name,
         cluster,
         bind: flags
@@ -276,6 +307,7 @@ data_dir = "/tmp/x"
 key_file = "/tmp/k"
 expect = 3
 facts_refresh_ms = 1000
+swim_profile = "memberlist"
 [discovery]
 enabled = false
 group = "239.1.2.3:9999"
@@ -298,13 +330,17 @@ broadcast = false
         assert_eq!(c.expect, 3);
         assert!(!c.discovery && !c.broadcast);
         assert_eq!(c.group, "239.1.2.3:9999".parse().unwrap());
+        assert_eq!(c.swim_profile, SwimProfile::Memberlist);
     }
 
     #[test]
     fn errors_name_file_line_and_key() {
         let e = parse_file("name = \"a\"\n\nbogus = 1\n", Path::new("/etc/s.toml")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("/etc/s.toml") && s.contains("line 3") && s.contains("bogus"), "{s}");
+        assert!(
+            s.contains("/etc/s.toml") && s.contains("line 3") && s.contains("bogus"),
+            "{s}"
+        );
         let e = parse_file("expect = \"three\"\n", Path::new("s.toml")).unwrap_err();
         let s = e.to_string();
         assert!(s.contains("line 1") && s.contains("expect"), "{s}");
@@ -325,7 +361,10 @@ broadcast = false
             },
             ..FileConfig::default()
         };
-        assert!(resolve(bad, Flags::default()).unwrap_err().to_string().contains("discovery.group"));
+        assert!(resolve(bad, Flags::default())
+            .unwrap_err()
+            .to_string()
+            .contains("discovery.group"));
     }
 
     #[test]

@@ -37,7 +37,12 @@ pub fn local_ipv4() -> Option<(Ipv4Addr, Option<Ipv4Addr>)> {
         if !a.flags.contains(F::IFF_UP) || a.flags.contains(F::IFF_LOOPBACK) {
             continue;
         }
-        let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else {
+        let Some(ip) = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip())
+        else {
             continue;
         };
         let bcast = a
@@ -60,7 +65,12 @@ fn broadcast_of(ip: Ipv4Addr) -> Option<Ipv4Addr> {
                 .and_then(|s| s.as_sockaddr_in())
                 .is_some_and(|s| s.ip() == ip)
         })
-        .find_map(|a| a.broadcast.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()))
+        .find_map(|a| {
+            a.broadcast
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in())
+                .map(|s| s.ip())
+        })
 }
 
 /// Opens the discovery socket on `group`'s port, joins the group on the

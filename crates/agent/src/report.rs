@@ -26,12 +26,15 @@ pub fn build(s: &Snapshot<'_>) -> NodesReport {
     let alive = match s.state {
         ClusterState::Forming { alive, .. } | ClusterState::Formed { alive } => alive as u32,
     };
-    let nodes = s
+    let mut nodes: Vec<NodeInfo> = s
         .members
         .iter()
         .map(|m| {
             let facts = m.facts.as_deref().and_then(|b| NodeFacts::decode(b).ok());
-            let rank = s.order.iter().position(|o| o.addr == m.id.addr && m.state.is_active());
+            let rank = s
+                .order
+                .iter()
+                .position(|o| o.addr == m.id.addr && m.state.is_active());
             NodeInfo {
                 name: m.id.name.clone(),
                 addr: m.id.addr.to_string(),
@@ -41,19 +44,32 @@ pub fn build(s: &Snapshot<'_>) -> NodesReport {
                 mem_avail_bytes: facts.as_ref().map(|f| f.mem_avail_bytes),
                 cpu_score: facts.as_ref().map(|f| f.cpu_score),
                 load1: facts.as_ref().map(|f| f.load[0]),
+                load5: facts.as_ref().map(|f| f.load[1]),
+                load15: facts.as_ref().map(|f| f.load[2]),
                 owner_idle_s: facts.as_ref().and_then(|f| f.owner_idle_s),
                 rtt_ms: m.rtt.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
                 checks: facts.as_ref().map(|f| f.checks.summary()),
-                role: if rank == Some(0) { "coordinator" } else { "member" }.to_owned(),
-                slots_free: facts.as_ref().map(|f| if m.state.is_active() { f.slots_free } else { 0 }),
+                role: if rank == Some(0) {
+                    "coordinator"
+                } else {
+                    "member"
+                }
+                .to_owned(),
+                slots_free: facts
+                    .as_ref()
+                    .map(|f| if m.state.is_active() { f.slots_free } else { 0 }),
                 is_self: m.is_self,
                 rank: rank.map(|r| r as u32),
-                checks_failed: facts.as_ref().map(|f| f.checks.failed.clone()).unwrap_or_default(),
+                checks_failed: facts
+                    .as_ref()
+                    .map(|f| f.checks.failed.clone())
+                    .unwrap_or_default(),
                 version: facts.as_ref().map(|f| f.version.clone()),
                 bandwidth_mbps: None,
             }
         })
         .collect();
+    nodes.sort_by(|a, b| (&a.name, &a.addr).cmp(&(&b.name, &b.addr)));
     NodesReport {
         cluster: ClusterInfo {
             name: s.cluster.to_owned(),
@@ -75,7 +91,11 @@ mod tests {
     use super::*;
 
     fn id(n: u8, started: u64) -> NodeId {
-        NodeId::new(format!("10.0.0.{n}:7946").parse().unwrap(), format!("n{n}"), started)
+        NodeId::new(
+            format!("10.0.0.{n}:7946").parse().unwrap(),
+            format!("n{n}"),
+            started,
+        )
     }
 
     #[test]
@@ -130,8 +150,19 @@ mod tests {
         assert_eq!(r.nodes[2].rank, None);
         let json = serde_json::to_value(&r).unwrap();
         for k in [
-            "name", "addr", "state", "cores", "mem_total_bytes", "mem_avail_bytes", "cpu_score",
-            "load1", "owner_idle_s", "rtt_ms", "checks", "role", "slots_free",
+            "name",
+            "addr",
+            "state",
+            "cores",
+            "mem_total_bytes",
+            "mem_avail_bytes",
+            "cpu_score",
+            "load1",
+            "owner_idle_s",
+            "rtt_ms",
+            "checks",
+            "role",
+            "slots_free",
         ] {
             assert!(json["nodes"][0].get(k).is_some(), "missing {k}");
         }

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_control::{NodesReport, RejectedInfo, Request, Response};
 use shoal_facts::NodeFacts;
-use shoal_membership::{lan_config, Engine, Event, NodeId, Output, Timer};
-use shoal_transport::{Channel, ClusterKey, Kind, KeyError, OpenError};
+use shoal_membership::{lan_config, memberlist_lan_config, Engine, Event, NodeId, Output, Timer};
+use shoal_transport::{Channel, ClusterKey, KeyError, Kind, OpenError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checks::Verified;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SwimProfile};
 use crate::discovery::{self, Beacon, Discovery};
 use crate::report::{self, Snapshot};
 use crate::{bandwidth, checks};
@@ -136,7 +136,11 @@ impl Shell {
             cpu_score: self.verified.cpu_score,
             load: shoal_facts::probe::load().unwrap_or([0.0; 3]),
             owner_idle_s: shoal_facts::probe::owner_idle(),
-            slots_free: if self.verified.checks.ok() { self.cores } else { 0 },
+            slots_free: if self.verified.checks.ok() {
+                self.cores
+            } else {
+                0
+            },
             checks: self.verified.checks.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -156,7 +160,9 @@ impl Shell {
             cluster: self.cfg.cluster.clone(),
             id: self.engine.identity().clone(),
         };
-        let Ok(plain) = postcard::to_stdvec(&b) else { return };
+        let Ok(plain) = postcard::to_stdvec(&b) else {
+            return;
+        };
         let sealed = self.channel.seal(Kind::Beacon, &plain, unix_now_s());
         let mut sent = false;
         if let Some(g) = d.group {
@@ -238,7 +244,12 @@ fn control_socket(data_dir: &Path) -> Result<(UnixListener, PathBuf), AgentError
     Ok((l, path))
 }
 
-async fn serve_control(listener: UnixListener, tx: mpsc::Sender<ControlMsg>, key: ClusterKey, cluster: String) {
+async fn serve_control(
+    listener: UnixListener,
+    tx: mpsc::Sender<ControlMsg>,
+    key: ClusterKey,
+    cluster: String,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -291,13 +302,33 @@ async fn control_conn(
 }
 
 async fn measure_all(rep: &mut NodesReport, key: &ClusterKey, cluster: &str) {
-    for n in rep.nodes.iter_mut().filter(|n| !n.is_self && n.state == "alive") {
-        let Ok(addr) = n.addr.parse::<SocketAddr>() else { continue };
-        match bandwidth::measure(addr, key, cluster, BANDWIDTH_BYTES, Duration::from_secs(10)).await {
+    for n in rep
+        .nodes
+        .iter_mut()
+        .filter(|n| !n.is_self && n.state == "alive")
+    {
+        let Ok(addr) = n.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        match bandwidth::measure(addr, key, cluster, BANDWIDTH_BYTES, Duration::from_secs(10)).await
+        {
             Ok(mbps) => n.bandwidth_mbps = Some((mbps * 10.0).round() / 10.0),
             Err(e) => tracing::warn!(peer = %n.name, error = %e, "bandwidth"),
         }
     }
+}
+
+/// The SWIM socket, with a receive buffer large enough for a burst of
+/// gossip from a few hundred members (the kernel caps it at rmem_max).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = s.set_recv_buffer_size(4 << 20) {
+        tracing::debug!(error = %e, "SO_RCVBUF");
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 fn advertised_ip(cfg: &AgentConfig) -> IpAddr {
@@ -315,9 +346,12 @@ fn advertised_ip(cfg: &AgentConfig) -> IpAddr {
 /// # Errors
 /// Start-up failures (key, sockets, data dir).
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Seniority in the pecking order counts from here, not from the end of
+    // the start-up checks.
+    let started_ms = unix_now_ms();
     let key = ClusterKey::load(&cfg.key_file)?;
     let (control, sock_path) = control_socket(&cfg.data_dir)?;
-    let result = run_inner(cfg, key, control, shutdown).await;
+    let result = run_inner(cfg, key, control, started_ms, shutdown).await;
     let _ = std::fs::remove_file(&sock_path);
     result
 }
@@ -326,6 +360,7 @@ async fn run_inner(
     cfg: AgentConfig,
     key: ClusterKey,
     control: UnixListener,
+    started_ms: u64,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let bind_err = |what, addr: SocketAddr| {
@@ -335,10 +370,14 @@ async fn run_inner(
             source,
         }
     };
-    let swim = UdpSocket::bind(cfg.bind).await.map_err(bind_err("the SWIM socket (udp)", cfg.bind))?;
-    let bound = swim.local_addr().map_err(bind_err("the SWIM socket (udp)", cfg.bind))?;
+    let sock = bind_udp(cfg.bind).map_err(bind_err("the SWIM socket (udp)", cfg.bind))?;
+    let bound = sock
+        .local_addr()
+        .map_err(bind_err("the SWIM socket (udp)", cfg.bind))?;
     let tcp_addr = SocketAddr::new(cfg.bind.ip(), bound.port());
-    let tcp = TcpListener::bind(tcp_addr).await.map_err(bind_err("the bandwidth socket (tcp)", tcp_addr))?;
+    let tcp = TcpListener::bind(tcp_addr)
+        .await
+        .map_err(bind_err("the bandwidth socket (tcp)", tcp_addr))?;
     let ip = advertised_ip(&cfg);
     let me = SocketAddr::new(ip, bound.port());
     let discovery = if cfg.discovery {
@@ -366,13 +405,22 @@ async fn run_inner(
             })
     };
 
-    let id = NodeId::new(me, cfg.name.clone(), unix_now_ms());
+    let id = NodeId::new(me, cfg.name.clone(), started_ms);
     let seed = unix_now_ms() ^ (u64::from(std::process::id()) << 32);
     let expect = cfg.expect as usize;
-    let engine = Engine::new(id, lan_config(cfg.expect.max(8)), expect, seed);
+    let swim = match cfg.swim_profile {
+        SwimProfile::Fast => lan_config(cfg.expect.max(8)),
+        SwimProfile::Memberlist => memberlist_lan_config(cfg.expect.max(8)),
+    };
+    let engine = Engine::new(id, swim, expect, seed);
     let (timer_tx, mut timer_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(64);
-    tokio::spawn(serve_control(control, ctl_tx, key.clone(), cfg.cluster.clone()));
+    tokio::spawn(serve_control(
+        control,
+        ctl_tx,
+        key.clone(),
+        cfg.cluster.clone(),
+    ));
     tokio::spawn(bandwidth::serve(tcp, key.clone(), cfg.cluster.clone()));
 
     tracing::info!(
@@ -386,7 +434,7 @@ async fn run_inner(
         channel: Channel::new(&key, &cfg.cluster),
         cfg,
         engine,
-        swim,
+        swim: sock,
         discovery,
         timers: timer_tx,
         epoch: Instant::now(),

@@ -35,7 +35,11 @@ pub fn resolve_socket(
     }
     let dir = data_dir
         .map(Path::to_owned)
-        .or_else(|| env("SHOAL_DATA_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+        .or_else(|| {
+            env("SHOAL_DATA_DIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     dir.join(SOCKET_NAME)
 }
@@ -74,7 +78,7 @@ pub enum Response {
 pub struct NodesReport {
     /// The cluster as a whole.
     pub cluster: ClusterInfo,
-    /// Every member this node knows, itself first.
+    /// Every member this node knows, itself included (`self: true`), by name.
     pub nodes: Vec<NodeInfo>,
     /// Datagrams this node refused, by reason.
     pub rejected: RejectedInfo,
@@ -112,6 +116,10 @@ pub struct NodeInfo {
     pub cpu_score: Option<u32>,
     /// 1-minute load average.
     pub load1: Option<f32>,
+    /// 5-minute load average.
+    pub load5: Option<f32>,
+    /// 15-minute load average.
+    pub load15: Option<f32>,
     /// Seconds since the owner last used keyboard, mouse or terminal.
     pub owner_idle_s: Option<u64>,
     /// Smoothed round-trip time from this node, ms (null for itself or
@@ -210,20 +218,40 @@ mod tests {
             _ => None,
         };
         let none = |_: &str| None;
-        assert_eq!(resolve_socket(Some(Path::new("/a.sock")), None, env), PathBuf::from("/a.sock"));
-        assert_eq!(resolve_socket(None, Some(Path::new("/d")), env), PathBuf::from("/env/agent.sock"));
-        assert_eq!(resolve_socket(None, Some(Path::new("/d")), none), PathBuf::from("/d/agent.sock"));
+        assert_eq!(
+            resolve_socket(Some(Path::new("/a.sock")), None, env),
+            PathBuf::from("/a.sock")
+        );
+        assert_eq!(
+            resolve_socket(None, Some(Path::new("/d")), env),
+            PathBuf::from("/env/agent.sock")
+        );
+        assert_eq!(
+            resolve_socket(None, Some(Path::new("/d")), none),
+            PathBuf::from("/d/agent.sock")
+        );
         let only_dir = |k: &str| (k == "SHOAL_DATA_DIR").then(|| "/env/data".to_owned());
-        assert_eq!(resolve_socket(None, None, only_dir), PathBuf::from("/env/data/agent.sock"));
-        assert_eq!(resolve_socket(None, None, none), PathBuf::from("/var/lib/shoal/agent.sock"));
+        assert_eq!(
+            resolve_socket(None, None, only_dir),
+            PathBuf::from("/env/data/agent.sock")
+        );
+        assert_eq!(
+            resolve_socket(None, None, none),
+            PathBuf::from("/var/lib/shoal/agent.sock")
+        );
     }
 
     #[test]
     fn wire_shapes() {
         let r: Request = serde_json::from_str(r#"{"op":"nodes"}"#).unwrap();
         assert_eq!(r, Request::Nodes { bandwidth: false });
-        assert_eq!(serde_json::to_string(&Request::Leave).unwrap(), r#"{"op":"leave"}"#);
-        let e = Response::Error { message: "x".into() };
+        assert_eq!(
+            serde_json::to_string(&Request::Leave).unwrap(),
+            r#"{"op":"leave"}"#
+        );
+        let e = Response::Error {
+            message: "x".into(),
+        };
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
     }

@@ -139,7 +139,10 @@ mod tests {
         let none = base.join("none");
         fs::create_dir_all(&none).unwrap();
         assert_eq!(detect(&none), None);
-        assert!(matches!(probe_cgroups(&none), Err(CgroupError::NotFound(_))));
+        assert!(matches!(
+            probe_cgroups(&none),
+            Err(CgroupError::NotFound(_))
+        ));
         fs::remove_dir_all(&base).unwrap();
     }
 

@@ -40,7 +40,9 @@ pub fn workspace_flags(is_root: bool) -> CloneFlags {
 pub fn probe_namespaces() -> Result<(), NamespaceError> {
     let flags = workspace_flags(Uid::effective().is_root());
     let mut cmd = Command::new("/bin/true");
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec. It only
     // calls unshare(2), which is async-signal-safe, allocates nothing and
     // takes no lock; on failure it returns the errno as an io::Error.
@@ -69,7 +71,10 @@ mod tests {
     #[test]
     fn probe_runs_as_root() {
         if !Uid::effective().is_root() {
-            eprintln!("skipped: namespace probe as root needs root (this is uid {})", Uid::effective());
+            eprintln!(
+                "skipped: namespace probe as root needs root (this is uid {})",
+                Uid::effective()
+            );
             return;
         }
         probe_namespaces().unwrap();

@@ -105,7 +105,11 @@ mod tests {
     #[test]
     fn idle_from_latest_activity() {
         assert_eq!(idle_seconds(Some(100), 400), Some(300));
-        assert_eq!(idle_seconds(Some(500), 400), Some(0), "clock skew clamps to 0");
+        assert_eq!(
+            idle_seconds(Some(500), 400),
+            Some(0),
+            "clock skew clamps to 0"
+        );
         assert_eq!(idle_seconds(None, 400), None);
     }
 
@@ -116,7 +120,10 @@ mod tests {
         fs::write(d.join("tty1"), "").unwrap();
         fs::write(d.join("other"), "").unwrap();
         let got = latest_atime(&d, "tty").unwrap();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert!(now.abs_diff(got) < 60);
         assert_eq!(latest_atime(&d, "nothing-matches"), None);
         fs::remove_dir_all(&d).unwrap();

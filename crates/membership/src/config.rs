@@ -24,7 +24,9 @@ pub fn lan_config(expected_size: u32) -> foca::Config {
     config.probe_rtt = Duration::from_millis(80);
     config.num_indirect_probes = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
     config.suspect_to_down_after = Duration::from_millis(600);
-    config.max_transmissions = config.max_transmissions.max(NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN));
+    config.max_transmissions = config
+        .max_transmissions
+        .max(NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN));
     config.remove_down_after = Some(Duration::from_secs(3600));
     config.max_packet_size = NonZeroUsize::new(1300).unwrap_or(NonZeroUsize::MIN);
     config.notify_down_members = true;
@@ -40,5 +42,15 @@ pub fn lan_config(expected_size: u32) -> foca::Config {
         frequency: Duration::from_millis(100),
         num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
     });
+    config
+}
+
+/// foca's `new_lan`: memberlist's `DefaultLANConfig` (1 s probes, a
+/// suspicion of 4 × log10(N) s). The conservative choice for networks that
+/// drop packets in bursts; also the peer our benchmark compares against.
+pub fn memberlist_lan_config(expected_size: u32) -> foca::Config {
+    let size = NonZeroU32::new(expected_size.max(2)).unwrap_or(NonZeroU32::MIN);
+    let mut config = foca::Config::new_lan(size);
+    config.max_packet_size = NonZeroUsize::new(1300).unwrap_or(NonZeroUsize::MIN);
     config
 }

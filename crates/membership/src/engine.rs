@@ -237,10 +237,9 @@ impl Engine {
         if id.addr == self.identity().addr {
             return;
         }
-        let known = self
-            .foca
-            .iter_members()
-            .any(|m| m.id() == &id || (m.id().addr == id.addr && m.id().generation() > id.generation()));
+        let known = self.foca.iter_members().any(|m| {
+            m.id() == &id || (m.id().addr == id.addr && m.id().generation() > id.generation())
+        });
         if !known {
             self.announce(id, now);
         }
@@ -306,11 +305,7 @@ impl Engine {
             let mut packet = Vec::with_capacity(notice.len() + 1);
             packet.push(TAG_LEAVING);
             packet.extend_from_slice(&notice);
-            let active: Vec<SocketAddr> = self
-                .foca
-                .iter_members()
-                .map(|m| m.id().addr)
-                .collect();
+            let active: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
             for to in active {
                 self.out.push(Output::Send {
                     to,
@@ -378,11 +373,7 @@ impl Engine {
 
     /// Alive members (this node included, unless it left).
     pub fn active_ids(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = self
-            .foca
-            .iter_members()
-            .map(|m| m.id().clone())
-            .collect();
+        let mut v: Vec<NodeId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         if !self.left {
             v.push(self.identity().clone());
         }
@@ -477,7 +468,11 @@ mod tests {
     use crate::lan_config;
 
     fn id(n: u8) -> NodeId {
-        NodeId::new(format!("10.0.0.{n}:7946").parse().unwrap(), format!("n{n}"), n.into())
+        NodeId::new(
+            format!("10.0.0.{n}:7946").parse().unwrap(),
+            format!("n{n}"),
+            n.into(),
+        )
     }
 
     fn sends(out: &[Output]) -> Vec<(SocketAddr, Vec<u8>)> {
@@ -517,7 +512,13 @@ mod tests {
         let mut a = Engine::new(id(1), lan_config(2), 2, 1);
         let mut b = Engine::new(id(2), lan_config(2), 2, 2);
         let t = Duration::from_secs(1);
-        assert_eq!(a.cluster_state(), ClusterState::Forming { alive: 1, expect: 2 });
+        assert_eq!(
+            a.cluster_state(),
+            ClusterState::Forming {
+                alive: 1,
+                expect: 2
+            }
+        );
         b.join(id(1).addr, t);
         pump(&mut a, &mut b, t);
         assert_eq!(a.cluster_state(), ClusterState::Formed { alive: 2 });
@@ -530,10 +531,43 @@ mod tests {
             let _ = a.handle_packet(id(2).addr, &p, t);
         }
         let events = a.drain();
-        assert!(events.contains(&Output::Event(Event::Left(id(2)))), "{events:?}");
+        assert!(
+            events.contains(&Output::Event(Event::Left(id(2)))),
+            "{events:?}"
+        );
         let view = a.members();
         let bv = view.iter().find(|m| m.id.addr == id(2).addr).unwrap();
         assert_eq!(bv.state, MemberState::Left);
+    }
+
+    proptest::proptest! {
+        /// No byte string crashes the engine, and none is admitted as a
+        /// member unless it is a well-formed SWIM packet.
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let mut a = Engine::new(id(1), lan_config(2), 2, 1);
+            let _ = a.handle_packet(id(2).addr, &data, Duration::ZERO);
+            let mut tagged = vec![TAG_SWIM];
+            tagged.extend_from_slice(&data);
+            let _ = a.handle_packet(id(2).addr, &tagged, Duration::ZERO);
+        }
+
+        /// Real packets with bytes flipped never crash the engine.
+        #[test]
+        fn mutated_real_packets_never_panic(pos in 0usize..2000, byte in proptest::num::u8::ANY) {
+            let mut a = Engine::new(id(1), lan_config(2), 2, 1);
+            let mut b = Engine::new(id(2), lan_config(2), 2, 2);
+            let t = Duration::from_secs(1);
+            b.set_facts(vec![1, 2, 3], t).unwrap();
+            b.join(id(1).addr, t);
+            pump(&mut a, &mut b, t);
+            b.leave(t);
+            for (_, mut p) in sends(&b.drain()) {
+                let i = pos % p.len();
+                p[i] ^= byte | 1;
+                let _ = a.handle_packet(id(2).addr, &p, t);
+            }
+        }
     }
 
     #[test]
@@ -542,8 +576,12 @@ mod tests {
         let t = Duration::ZERO;
         assert!(a.handle_packet(id(2).addr, &[], t).is_err());
         assert!(a.handle_packet(id(2).addr, &[9, 1, 2], t).is_err());
-        assert!(a.handle_packet(id(2).addr, &[TAG_SWIM, 0xff, 0xff, 0xff], t).is_err());
-        assert!(a.handle_packet(id(2).addr, &[TAG_LEAVING, 0xff], t).is_err());
+        assert!(a
+            .handle_packet(id(2).addr, &[TAG_SWIM, 0xff, 0xff, 0xff], t)
+            .is_err());
+        assert!(a
+            .handle_packet(id(2).addr, &[TAG_LEAVING, 0xff], t)
+            .is_err());
         assert_eq!(a.stats().packets_rejected, 4);
         assert_eq!(a.members().len(), 1);
     }

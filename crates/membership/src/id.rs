@@ -55,7 +55,11 @@ impl NodeId {
 
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}#{}.{}", self.name, self.addr, self.started_ms, self.bump)
+        write!(
+            f,
+            "{}@{}#{}.{}",
+            self.name, self.addr, self.started_ms, self.bump
+        )
     }
 }
 

@@ -23,7 +23,7 @@ mod rumor;
 pub mod sim;
 mod view;
 
-pub use config::lan_config;
+pub use config::{lan_config, memberlist_lan_config};
 pub use engine::{Engine, EngineError, Event, Output, Stats};
 pub use foca::Timer;
 pub use id::NodeId;

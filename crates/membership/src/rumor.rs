@@ -222,7 +222,10 @@ mod tests {
             order: (1, 0, 1),
             ..a.clone()
         };
-        let other_kind = RumorKey { kind: 1, ..a.clone() };
+        let other_kind = RumorKey {
+            kind: 1,
+            ..a.clone()
+        };
         assert!(a.invalidates(&older));
         assert!(!older.invalidates(&a));
         assert!(!a.invalidates(&other_kind));

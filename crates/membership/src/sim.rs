@@ -281,7 +281,14 @@ impl Sim {
                 }
                 Output::Schedule { after, timer } => {
                     let life = self.nodes[i].life;
-                    self.push(self.now + after, Item::Timer { node: i, life, timer });
+                    self.push(
+                        self.now + after,
+                        Item::Timer {
+                            node: i,
+                            life,
+                            timer,
+                        },
+                    );
                 }
                 Output::Event(event) => self.log.push(Logged {
                     at: self.now,
@@ -309,6 +316,8 @@ impl Sim {
 
     /// Nodes that are up.
     pub fn up_nodes(&self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| self.nodes[i].up).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .collect()
     }
 }

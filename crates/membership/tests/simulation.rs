@@ -3,6 +3,8 @@
 //! Each scenario checks invariants over the whole history, not only at the
 //! end.
 
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
 use std::time::Duration;
 
 use shoal_membership::sim::{addr_of, Sim};
@@ -30,7 +32,12 @@ fn formed(seed: u64) -> Sim {
     // periodic announce (every 5 s). Allow 40 s of virtual time.
     settle(&mut sim, N, 40);
     for i in 0..N {
-        assert_eq!(sim.active_count(i), N, "seed {seed}: node {i} sees {} of {N}", sim.active_count(i));
+        assert_eq!(
+            sim.active_count(i),
+            N,
+            "seed {seed}: node {i} sees {} of {N}",
+            sim.active_count(i)
+        );
     }
     sim
 }
@@ -58,7 +65,10 @@ fn two_hundred_nodes_converge_and_share_facts() {
         for i in (0..N).step_by(17) {
             let members = sim.engine(i).members();
             let with_facts = members.iter().filter(|m| m.facts.is_some()).count();
-            assert_eq!(with_facts, N, "seed {seed}: node {i} has facts of {with_facts}");
+            assert_eq!(
+                with_facts, N,
+                "seed {seed}: node {i} has facts of {with_facts}"
+            );
             // And RTTs from probes for the members it probed.
             assert!(members.iter().filter(|m| m.rtt.is_some()).count() > 10);
         }
@@ -82,16 +92,27 @@ fn crashed_nodes_are_detected_by_every_survivor() {
     sim.run_for(Duration::from_secs(10));
     for &c in &crashed {
         for i in sim.up_nodes() {
-            assert_eq!(sim.state_of(i, c), Some(MemberState::Down), "node {i} on {c}");
+            assert_eq!(
+                sim.state_of(i, c),
+                Some(MemberState::Down),
+                "node {i} on {c}"
+            );
         }
         let downs = downs_of(&sim, c);
         let last = downs.iter().map(|d| d.0).max().unwrap();
-        assert!(last - t0 < Duration::from_secs(5), "detection of {c} took {:?}", last - t0);
+        assert!(
+            last - t0 < Duration::from_secs(5),
+            "detection of {c} took {:?}",
+            last - t0
+        );
     }
     // Only the crashed ones were declared down.
     for l in &sim.log {
         if let Event::Down(id) = &l.event {
-            assert!(crashed.iter().any(|&c| addr_of(c) == id.addr), "false down of {id:?}");
+            assert!(
+                crashed.iter().any(|&c| addr_of(c) == id.addr),
+                "false down of {id:?}"
+            );
         }
     }
 }
@@ -114,9 +135,16 @@ fn false_suspicion_is_refuted() {
         suspected |= (0..N).any(|i| sim.state_of(i, victim) == Some(MemberState::Suspect));
     }
     assert!(suspected, "the scenario never raised a suspicion");
-    assert!(downs_of(&sim, victim).is_empty(), "victim declared down: {:?}", downs_of(&sim, victim));
+    assert!(
+        downs_of(&sim, victim).is_empty(),
+        "victim declared down: {:?}",
+        downs_of(&sim, victim)
+    );
     for i in 0..N {
-        assert_eq!(sim.state_of(i, victim).map(|s| s.is_active()), Some(true).filter(|_| i != victim).or(Some(true)));
+        assert_eq!(
+            sim.state_of(i, victim).map(|s| s.is_active()),
+            Some(true).filter(|_| i != victim).or(Some(true))
+        );
         assert_eq!(sim.active_count(i), N);
     }
 }
@@ -139,7 +167,12 @@ fn partition_then_heal_remerges() {
     // learns it was declared down and rejoins with a renewed identity.
     settle(&mut sim, N, 60);
     for i in 0..N {
-        assert_eq!(sim.active_count(i), N, "node {i} after heal sees {}", sim.active_count(i));
+        assert_eq!(
+            sim.active_count(i),
+            N,
+            "node {i} after heal sees {}",
+            sim.active_count(i)
+        );
     }
     // One coordinator again.
     let first = sim.engine(0).order()[0].clone();

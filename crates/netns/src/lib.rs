@@ -58,7 +58,7 @@ pub fn unavailable() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("network namespaces need root".into());
     }
-    for tool in ["ip", "iptables"] {
+    for tool in ["ip", "iptables", "nsenter"] {
         let found = Command::new(tool)
             .arg("-V")
             .stdout(Stdio::null())
@@ -66,7 +66,9 @@ pub fn unavailable() -> Option<String> {
             .status()
             .is_ok();
         if !found {
-            return Some(format!("`{tool}` is not installed (apt-get install iproute2 iptables)"));
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install iproute2 iptables)"
+            ));
         }
     }
     None
@@ -177,16 +179,37 @@ impl Lab {
         let br = self.bridge.clone();
         ip(&["netns", "add", &br])?;
         ip(&["-n", &br, "link", "set", "lo", "up"])?;
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         ip(&["-n", &br, "link", "set", "br0", "up"])?;
         for i in 0..n {
             let ns = format!("shoal-{}-h{i}", self.tag);
             ip(&["netns", "add", &ns])?;
             let v = format!("vh{i}");
-            ip(&["link", "add", &v, "netns", &br, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "link", "add", &v, "netns", &br, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &br, "link", "set", &v, "master", "br0", "up"])?;
             let ipv4 = Ipv4Addr::new(10, 77, subnet, (i + 1) as u8);
-            ip(&["-n", &ns, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ipv4}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             self.hosts.push(Host {
@@ -211,10 +234,17 @@ impl Lab {
         Ok(p)
     }
 
-    /// A command run inside host `i`'s namespace.
+    /// A command run inside host `i`'s network namespace.
+    ///
+    /// It enters only the network namespace (`nsenter --net`), not the
+    /// fresh mount namespace and `/sys` that `ip netns exec` would give it:
+    /// there the cgroup hierarchies are not mounted, and an agent's start-up
+    /// checks would rightly fail.
     pub fn cmd(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.hosts[i].netns]).arg(program);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.hosts[i].netns))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -240,7 +270,14 @@ impl Lab {
         })?;
         let mut c = self.cmd(i, &self.shoal);
         c.arg("agent")
-            .args(["--name", &format!("h{i}"), "--bind", &h.addr(), "--cluster", "lab"])
+            .args([
+                "--name",
+                &format!("h{i}"),
+                "--bind",
+                &h.addr(),
+                "--cluster",
+                "lab",
+            ])
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
@@ -349,7 +386,18 @@ impl Lab {
         for i in 0..self.hosts.len() {
             self.iptables(
                 i,
-                &["-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &format!("{p}"), "-j", "DROP"],
+                &[
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &format!("{p}"),
+                    "-j",
+                    "DROP",
+                ],
             )?;
         }
         Ok(())

@@ -3,6 +3,8 @@
 //! reason printed. They run one at a time (a 2-core machine running
 //! several 5-host clusters at once would measure the machine, not shoal).
 
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -44,7 +46,12 @@ fn states(lab: &Lab, i: usize) -> BTreeMap<String, String> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|n| (n["name"].as_str().unwrap_or("").to_owned(), n["state"].as_str().unwrap_or("").to_owned()))
+                .map(|n| {
+                    (
+                        n["name"].as_str().unwrap_or("").to_owned(),
+                        n["state"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -67,7 +74,12 @@ fn names(hosts: &[usize]) -> Vec<String> {
 /// Waits until every host in `viewers` sees exactly `expected` alive.
 fn wait_alive(lab: &Lab, viewers: &[usize], expected: &[usize], timeout: Duration) {
     let want = names(expected);
-    let ok = wait_for(timeout, || viewers.iter().all(|&i| alive_names(lab, i) == want).then_some(()));
+    let ok = wait_for(timeout, || {
+        viewers
+            .iter()
+            .all(|&i| alive_names(lab, i) == want)
+            .then_some(())
+    });
     if ok.is_none() {
         for &i in viewers {
             eprintln!("h{i} sees {:?}", states(lab, i));
@@ -85,9 +97,14 @@ fn start_all(lab: &mut Lab, hosts: &[usize], extra: &[&str]) {
 #[test]
 fn five_hosts_form_by_multicast_without_join() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("form", 1, 5) else { return };
+    let Some(mut lab) = lab("form", 1, 5) else {
+        return;
+    };
     let all = [0, 1, 2, 3, 4];
-    start_all(&mut lab, &all, &["--expect", "5"]);
+    // h0 starts first: the most senior member, so the coordinator.
+    lab.start_agent(0, &["--expect", "5"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    start_all(&mut lab, &[1, 2, 3, 4], &["--expect", "5"]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
     // Facts and RTTs arrive by gossip and probes.
     let v = wait_for(Duration::from_secs(10), || {
@@ -104,10 +121,14 @@ fn five_hosts_form_by_multicast_without_join() {
     assert_eq!(v["cluster"]["state"], "formed");
     assert_eq!(v["cluster"]["alive"], 5);
     assert_eq!(v["cluster"]["name"], "lab");
-    // Every node derives the same coordinator: the first agent started.
+    // Every node derives the same coordinator: the senior member.
     let coordinator = |i| -> Option<String> {
         let v = nodes(&lab, i)?;
-        v["nodes"].as_array()?.iter().find(|n| n["role"] == "coordinator").map(|n| n["name"].as_str().unwrap_or("").to_owned())
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["role"] == "coordinator")
+            .map(|n| n["name"].as_str().unwrap_or("").to_owned())
     };
     let c0 = coordinator(0).expect("a coordinator");
     assert_eq!(c0, "h0");
@@ -117,15 +138,21 @@ fn five_hosts_form_by_multicast_without_join() {
     // The human table renders too.
     let out = lab.shoal(2, &["nodes"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("coordinator") && text.contains("formed"), "{text}");
+    assert!(
+        text.contains("coordinator") && text.contains("formed"),
+        "{text}"
+    );
 }
 
 #[test]
 fn three_hosts_with_join_and_bandwidth_on_demand() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("join", 2, 3) else { return };
+    let Some(mut lab) = lab("join", 2, 3) else {
+        return;
+    };
     let seed = lab.hosts[0].addr();
-    lab.start_agent(0, &["--no-discovery", "--expect", "3"]).unwrap();
+    lab.start_agent(0, &["--no-discovery", "--expect", "3"])
+        .unwrap();
     start_all(&mut lab, &[1, 2], &["--no-discovery", "--join", &seed]);
     wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
     for i in 0..3 {
@@ -134,9 +161,18 @@ fn three_hosts_with_join_and_bandwidth_on_demand() {
         assert_eq!(v["nodes"].as_array().unwrap().len(), 3);
     }
     let out = lab.shoal(1, &["nodes", "--json", "--bandwidth"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let peers: Vec<&Value> = v["nodes"].as_array().unwrap().iter().filter(|n| n["self"] == false).collect();
+    let peers: Vec<&Value> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["self"] == false)
+        .collect();
     assert_eq!(peers.len(), 2);
     for p in peers {
         assert!(p["bandwidth_mbps"].as_f64().is_some_and(|b| b > 0.0), "{p}");
@@ -146,23 +182,34 @@ fn three_hosts_with_join_and_bandwidth_on_demand() {
 #[test]
 fn sigkilled_agent_is_down_on_every_survivor() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("kill", 3, 5) else { return };
+    let Some(mut lab) = lab("kill", 3, 5) else {
+        return;
+    };
     let all = [0, 1, 2, 3, 4];
     start_all(&mut lab, &all, &[]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
     lab.signal(3, Signal::SIGKILL);
     let survivors = [0, 1, 2, 4];
     let ok = wait_for(Duration::from_secs(10), || {
-        survivors.iter().all(|&i| states(&lab, i).get("h3").map(String::as_str) == Some("down")).then_some(())
+        survivors
+            .iter()
+            .all(|&i| states(&lab, i).get("h3").map(String::as_str) == Some("down"))
+            .then_some(())
     });
-    assert!(ok.is_some(), "h3 not down everywhere: {:?}", survivors.map(|i| states(&lab, i)));
+    assert!(
+        ok.is_some(),
+        "h3 not down everywhere: {:?}",
+        survivors.map(|i| states(&lab, i))
+    );
     wait_alive(&lab, &survivors, &survivors, Duration::from_secs(5));
 }
 
 #[test]
 fn ten_percent_loss_for_a_minute_gives_no_false_down() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("loss", 4, 5) else { return };
+    let Some(mut lab) = lab("loss", 4, 5) else {
+        return;
+    };
     let all = [0, 1, 2, 3, 4];
     start_all(&mut lab, &all, &[]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
@@ -171,12 +218,19 @@ fn ten_percent_loss_for_a_minute_gives_no_false_down() {
     while Instant::now() < end {
         for i in all {
             let s = states(&lab, i);
-            assert!(!s.values().any(|st| st == "down"), "false down under loss, seen by h{i}: {s:?}");
+            assert!(
+                !s.values().any(|st| st == "down"),
+                "false down under loss, seen by h{i}: {s:?}"
+            );
         }
         std::thread::sleep(Duration::from_secs(2));
     }
     for i in all {
-        assert!(!lab.log(i).contains("member down"), "h{i} logged a member down:\n{}", lab.log(i));
+        assert!(
+            !lab.log(i).contains("member down"),
+            "h{i} logged a member down:\n{}",
+            lab.log(i)
+        );
     }
     lab.heal().unwrap();
     wait_alive(&lab, &all, &all, Duration::from_secs(5));
@@ -185,7 +239,9 @@ fn ten_percent_loss_for_a_minute_gives_no_false_down() {
 #[test]
 fn partition_then_heal_remerges_into_one_cluster() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("part", 5, 5) else { return };
+    let Some(mut lab) = lab("part", 5, 5) else {
+        return;
+    };
     let all = [0, 1, 2, 3, 4];
     start_all(&mut lab, &all, &[]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
@@ -199,27 +255,43 @@ fn partition_then_heal_remerges_into_one_cluster() {
 #[test]
 fn agent_with_the_wrong_key_is_never_listed_and_counted() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("key", 6, 4) else { return };
+    let Some(mut lab) = lab("key", 6, 4) else {
+        return;
+    };
     let good = [0, 1, 2];
     start_all(&mut lab, &good, &[]);
     let wrong = lab.keygen("wrong.key").unwrap();
     let seed = lab.hosts[0].addr();
-    lab.start_agent(3, &["--key", wrong.to_str().unwrap(), "--join", &seed]).unwrap();
+    lab.start_agent(3, &["--key", wrong.to_str().unwrap(), "--join", &seed])
+        .unwrap();
     wait_alive(&lab, &good, &good, Duration::from_secs(20));
     // Give the intruder time to beacon and knock.
     std::thread::sleep(Duration::from_secs(3));
     for i in good {
-        assert!(!states(&lab, i).contains_key("h3"), "h{i} lists the intruder");
+        assert!(
+            !states(&lab, i).contains_key("h3"),
+            "h{i} lists the intruder"
+        );
     }
-    assert_eq!(alive_names(&lab, 3), names(&[3]), "the intruder sees only itself");
+    assert_eq!(
+        alive_names(&lab, 3),
+        names(&[3]),
+        "the intruder sees only itself"
+    );
     let v = nodes(&lab, 0).unwrap();
-    assert!(v["rejected"]["auth"].as_u64().unwrap() > 0, "{}", v["rejected"]);
+    assert!(
+        v["rejected"]["auth"].as_u64().unwrap() > 0,
+        "{}",
+        v["rejected"]
+    );
 }
 
 #[test]
 fn two_clusters_on_one_bridge_stay_apart() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("two", 7, 4) else { return };
+    let Some(mut lab) = lab("two", 7, 4) else {
+        return;
+    };
     start_all(&mut lab, &[0, 1], &["--cluster", "red"]);
     start_all(&mut lab, &[2, 3], &["--cluster", "blue"]);
     wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
@@ -228,27 +300,49 @@ fn two_clusters_on_one_bridge_stay_apart() {
     wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(1));
     wait_alive(&lab, &[2, 3], &[2, 3], Duration::from_secs(1));
     assert_eq!(nodes(&lab, 0).unwrap()["cluster"]["name"], "red");
-    assert!(nodes(&lab, 2).unwrap()["rejected"]["auth"].as_u64().unwrap() > 0);
+    assert!(
+        nodes(&lab, 2).unwrap()["rejected"]["auth"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
 #[test]
 fn leave_and_sigterm_show_left_never_down() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("leave", 8, 4) else { return };
+    let Some(mut lab) = lab("leave", 8, 4) else {
+        return;
+    };
     let all = [0, 1, 2, 3];
     start_all(&mut lab, &all, &[]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
     let out = lab.shoal(3, &["leave"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(lab.wait_exit(3, Duration::from_secs(5)).is_some_and(|s| s.success()), "agent did not exit after leave");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.wait_exit(3, Duration::from_secs(5))
+            .is_some_and(|s| s.success()),
+        "agent did not exit after leave"
+    );
     lab.signal(2, Signal::SIGTERM);
-    assert!(lab.wait_exit(2, Duration::from_secs(5)).is_some_and(|s| s.success()), "agent did not exit on SIGTERM");
+    assert!(
+        lab.wait_exit(2, Duration::from_secs(5))
+            .is_some_and(|s| s.success()),
+        "agent did not exit on SIGTERM"
+    );
     let ok = wait_for(Duration::from_secs(3), || {
-        [0, 1].iter().all(|&i| {
-            let s = states(&lab, i);
-            s.get("h3").map(String::as_str) == Some("left") && s.get("h2").map(String::as_str) == Some("left")
-        })
-        .then_some(())
+        [0, 1]
+            .iter()
+            .all(|&i| {
+                let s = states(&lab, i);
+                s.get("h3").map(String::as_str) == Some("left")
+                    && s.get("h2").map(String::as_str) == Some("left")
+            })
+            .then_some(())
     });
     assert!(ok.is_some(), "{:?} {:?}", states(&lab, 0), states(&lab, 1));
     // Stay left: no suspicion turns into a down later.

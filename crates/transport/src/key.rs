@@ -21,13 +21,17 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The file exists but is not 64 hex digits.
-    #[error("key file {path} is not a shoal key (expected 64 hex digits, as `shoal keygen` writes)")]
+    #[error(
+        "key file {path} is not a shoal key (expected 64 hex digits, as `shoal keygen` writes)"
+    )]
     Format {
         /// The key file.
         path: PathBuf,
     },
     /// Others than the owner may read the key.
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     Permissions {
         /// The key file.
         path: PathBuf,
@@ -140,7 +144,10 @@ mod tests {
         let p = tmp("rt");
         let k = ClusterKey::generate().unwrap();
         k.write_new(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(ClusterKey::load(&p).unwrap(), k);
         assert!(matches!(k.write_new(&p), Err(KeyError::Write { .. })));
         fs::remove_file(&p).unwrap();

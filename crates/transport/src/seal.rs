@@ -272,7 +272,10 @@ mod tests {
                 let mut b = Channel::with_session(&key(1), "lab", [2; 8]);
                 let mut t = d.clone();
                 t[i] ^= 1 << bit;
-                assert!(b.open(&t, 1000).is_err(), "flip of byte {i} bit {bit} accepted");
+                assert!(
+                    b.open(&t, 1000).is_err(),
+                    "flip of byte {i} bit {bit} accepted"
+                );
             }
         }
     }
@@ -287,8 +290,18 @@ mod tests {
         assert!(b.open(&d1, 1000).is_ok(), "reordering is fine");
         assert_eq!(b.open(&d1, 1000), Err(OpenError::Replay));
         let old = a.seal(Kind::Swim, b"3", 1000);
-        assert_eq!(b.open(&old, 1000 + MAX_SKEW_S + 1), Err(OpenError::Stale(MAX_SKEW_S + 1)));
-        assert_eq!(b.rejected(), Rejected { replay: 1, stale: 1, ..Rejected::default() });
+        assert_eq!(
+            b.open(&old, 1000 + MAX_SKEW_S + 1),
+            Err(OpenError::Stale(MAX_SKEW_S + 1))
+        );
+        assert_eq!(
+            b.rejected(),
+            Rejected {
+                replay: 1,
+                stale: 1,
+                ..Rejected::default()
+            }
+        );
     }
 
     #[test]

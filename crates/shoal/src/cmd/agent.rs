@@ -69,7 +69,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
                         _ = term.recv() => tracing::info!("SIGTERM: leaving"),

@@ -16,6 +16,9 @@ pub struct KeygenArgs {
 /// Writes a new random cluster key with mode 0600.
 pub fn run(a: &KeygenArgs) -> anyhow::Result<()> {
     ClusterKey::generate()?.write_new(&a.out)?;
-    eprintln!("wrote a new cluster key to {} (copy it to every member, mode 0600)", a.out.display());
+    eprintln!(
+        "wrote a new cluster key to {} (copy it to every member, mode 0600)",
+        a.out.display()
+    );
     Ok(())
 }

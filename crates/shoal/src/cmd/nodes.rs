@@ -26,8 +26,14 @@ pub fn run(a: &NodesArgs) -> anyhow::Result<()> {
     if a.bandwidth && !a.json {
         eprintln!("measuring bandwidth to every alive peer…");
     }
-    let req = Request::Nodes { bandwidth: a.bandwidth };
-    let timeout = if a.bandwidth { Duration::from_secs(300) } else { Duration::from_secs(10) };
+    let req = Request::Nodes {
+        bandwidth: a.bandwidth,
+    };
+    let timeout = if a.bandwidth {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(10)
+    };
     let rep = match shoal_control::call(&a.agent.socket(), &req, timeout)? {
         Response::Nodes(r) => r,
         Response::Error { message } => bail!("{message}"),
@@ -46,7 +52,10 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 fn gib(b: Option<u64>) -> String {
-    b.map_or_else(|| "-".to_owned(), |b| format!("{:.1}G", b as f64 / f64::from(1u32 << 30)))
+    b.map_or_else(
+        || "-".to_owned(),
+        |b| format!("{:.1}G", b as f64 / f64::from(1u32 << 30)),
+    )
 }
 
 fn idle(s: Option<u64>) -> String {
@@ -61,7 +70,11 @@ fn idle(s: Option<u64>) -> String {
 
 fn row(n: &NodeInfo, bw: bool) -> Vec<String> {
     let mut r = vec![
-        if n.is_self { format!("{} *", n.name) } else { n.name.clone() },
+        if n.is_self {
+            format!("{} *", n.name)
+        } else {
+            n.name.clone()
+        },
         n.addr.clone(),
         n.state.clone(),
         opt(n.cores),
@@ -75,7 +88,10 @@ fn row(n: &NodeInfo, bw: bool) -> Vec<String> {
         opt(n.slots_free),
     ];
     if bw {
-        r.push(n.bandwidth_mbps.map_or_else(|| "-".into(), |b| format!("{b:.0}MB/s")));
+        r.push(
+            n.bandwidth_mbps
+                .map_or_else(|| "-".into(), |b| format!("{b:.0}MB/s")),
+        );
     }
     r
 }
@@ -83,7 +99,17 @@ fn row(n: &NodeInfo, bw: bool) -> Vec<String> {
 /// The human table.
 fn table(rep: &NodesReport, bw: bool) -> String {
     let mut head: Vec<String> = [
-        "NAME", "ADDR", "STATE", "CORES", "MEM AVAIL/TOTAL", "CPU", "LOAD", "IDLE", "RTT", "CHECKS", "ROLE",
+        "NAME",
+        "ADDR",
+        "STATE",
+        "CORES",
+        "MEM AVAIL/TOTAL",
+        "CPU",
+        "LOAD",
+        "IDLE",
+        "RTT",
+        "CHECKS",
+        "ROLE",
         "SLOTS",
     ]
     .iter()
