@@ -150,7 +150,7 @@ pub struct AgentConfig {
 /// tolerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwimProfile {
-    /// Tuned for a LAN: 200 ms probes, 600 ms suspicion (the default).
+    /// Tuned for a LAN: 150 ms probes, 450 ms suspicion (the default).
     Fast,
     /// memberlist's LAN defaults: 1 s probes, suspicion 4 × log10(N) s.
     Memberlist,

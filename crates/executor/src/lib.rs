@@ -3,12 +3,17 @@
 //! Everything that needs root or kernel features (namespaces, mounts,
 //! cgroups, the freezer) lives in this crate behind narrow functions, so
 //! the rest of the workspace is testable without root. Today it holds the
-//! start-up probes of the formation issue: can this machine create the
-//! namespaces and the cgroups a workspace needs?
+//! start-up probes of the formation issue (can this machine create the
+//! namespaces and the cgroups a workspace needs?) and the cgroup managers
+//! for v1 and v2 that workspaces will run in (the resource quantum, the
+//! freezer, kill and accounting), behind the [`CgroupManager`] trait with a
+//! recording fake.
 #![deny(missing_docs)]
 
 pub mod cgroup;
 pub mod namespaces;
 
-pub use cgroup::{probe_cgroups, CgroupError, CgroupVersion};
+pub use cgroup::{
+    open as open_cgroups, probe_cgroups, CgroupError, CgroupManager, CgroupVersion, Limits, Usage,
+};
 pub use namespaces::{probe_namespaces, NamespaceError};

@@ -5,7 +5,8 @@
 //! agent and time until every survivor shows it `down`, over TRIALS
 //! trials; then run 10 % random loss on every host for LOSS_S seconds and
 //! count false `down`s. Prints a Markdown table for BENCHMARKS.md.
-//! `SHOAL_BENCH_TRIALS` and `SHOAL_BENCH_LOSS_S` override the counts.
+//! `SHOAL_BENCH_TRIALS` and `SHOAL_BENCH_LOSS_S` override the counts;
+//! `SHOAL_BENCH_PROFILES=fast` runs one profile only.
 
 #![allow(clippy::unwrap_used)] // a benchmark aborts on setup failure
 
@@ -127,7 +128,11 @@ fn main() {
     let loss_s = env_or("SHOAL_BENCH_LOSS_S", 60);
     println!("| SWIM profile | trials | detection median | detection max | false downs, 10 % loss for {loss_s} s |");
     println!("|---|---|---|---|---|");
+    let only = std::env::var("SHOAL_BENCH_PROFILES").unwrap_or_default();
     for (profile, subnet) in [("fast", 60u8), ("memberlist", 61)] {
+        if !only.is_empty() && !only.split(',').any(|p| p == profile) {
+            continue;
+        }
         let (mut t, false_downs) = run_profile(profile, subnet, trials, loss_s);
         let max = t.iter().copied().fold(0.0, f64::max);
         let med = median(&mut t);

@@ -1,8 +1,9 @@
 //! Probe: can we create a cgroup with a CPU, memory and pids limit?
 
 use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use super::{io_err, CgroupError};
 
 /// Which cgroup hierarchy the machine offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,22 +24,6 @@ impl CgroupVersion {
     }
 }
 
-/// Why the cgroup probe failed. A failed probe removes what it created.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// Neither a usable v2 nor the v1 controllers were found.
-    #[error("no usable cgroup hierarchy under {0}")]
-    NotFound(PathBuf),
-    /// A directory or control file could not be created or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// What was being created or written.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-}
-
 const V1_LIMITS: &[(&str, &str, &str)] = &[
     ("cpu", "cpu.cfs_quota_us", "50000"),
     ("memory", "memory.limit_in_bytes", "67108864"),
@@ -50,13 +35,6 @@ const V2_LIMITS: &[(&str, &str)] = &[
     ("memory.max", "67108864"),
     ("pids.max", "16"),
 ];
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 /// Which hierarchy `root` (normally `/sys/fs/cgroup`) holds: pure v2 when
 /// it has `cgroup.controllers` offering cpu, memory and pids; v1 when the
@@ -110,10 +88,17 @@ pub fn probe_cgroups(root: &Path) -> Result<CgroupVersion, CgroupError> {
             }
             let dir = root.join(&name);
             fs::create_dir(&dir).map_err(io_err(&dir))?;
-            let r = V2_LIMITS.iter().try_for_each(|(file, value)| {
-                let f = dir.join(file);
-                fs::write(&f, value).map_err(io_err(&f))
-            });
+            let r = V2_LIMITS
+                .iter()
+                .try_for_each(|(file, value)| {
+                    let f = dir.join(file);
+                    fs::write(&f, value).map_err(io_err(&f))
+                })
+                .and_then(|()| {
+                    // The freezer: guests we cannot stop must not run.
+                    let f = dir.join("cgroup.freeze");
+                    fs::metadata(&f).map(|_| ()).map_err(io_err(&f))
+                });
             let _ = fs::remove_dir(&dir);
             r.map(|()| version)
         }

@@ -1,0 +1,161 @@
+//! A recording stand-in for [`CgroupManager`], for tests without root.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::{check_name, CgroupError, CgroupManager, CgroupVersion, Limits, Usage};
+
+/// One call made to the fake.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    /// `create(name, limits)`.
+    Create(String, Limits),
+    /// `attach(name, pid)`.
+    Attach(String, u32),
+    /// `set_frozen(name, frozen)`.
+    Freeze(String, bool),
+    /// `kill_all(name)`.
+    Kill(String),
+    /// `remove(name)`.
+    Remove(String),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    calls: Vec<Call>,
+    groups: BTreeMap<String, (Limits, Vec<u32>, bool)>,
+}
+
+/// Records every call and keeps the groups in memory.
+#[derive(Debug, Default)]
+pub struct Recording {
+    state: Mutex<State>,
+}
+
+impl Recording {
+    /// The calls made so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().calls.clone()
+    }
+
+    /// Whether `name` is frozen.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.lock().groups.get(name).is_some_and(|g| g.2)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with<T>(
+        &self,
+        name: &str,
+        call: Call,
+        f: impl FnOnce(&mut (Limits, Vec<u32>, bool)) -> T,
+    ) -> Result<T, CgroupError> {
+        check_name(name)?;
+        let mut s = self.lock();
+        s.calls.push(call);
+        s.groups
+            .get_mut(name)
+            .map(f)
+            .ok_or_else(|| CgroupError::Io {
+                path: name.into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+    }
+}
+
+impl CgroupManager for Recording {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V2
+    }
+
+    fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        check_name(name)?;
+        limits.validate()?;
+        let mut s = self.lock();
+        s.calls.push(Call::Create(name.to_owned(), limits.clone()));
+        if s.groups.contains_key(name) {
+            return Err(CgroupError::Exists(name.to_owned()));
+        }
+        s.groups
+            .insert(name.to_owned(), (limits.clone(), Vec::new(), false));
+        Ok(())
+    }
+
+    fn attach(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        self.with(name, Call::Attach(name.to_owned(), pid), |g| g.1.push(pid))
+    }
+
+    fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError> {
+        self.with(name, Call::Freeze(name.to_owned(), frozen), |g| {
+            g.2 = frozen
+        })
+    }
+
+    fn pids(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
+        check_name(name)?;
+        Ok(self
+            .lock()
+            .groups
+            .get(name)
+            .map(|g| g.1.clone())
+            .unwrap_or_default())
+    }
+
+    fn kill_all(&self, name: &str) -> Result<(), CgroupError> {
+        self.with(name, Call::Kill(name.to_owned()), |g| g.1.clear())
+    }
+
+    fn usage(&self, name: &str) -> Result<Usage, CgroupError> {
+        check_name(name)?;
+        Ok(Usage::default())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        check_name(name)?;
+        let mut s = self.lock();
+        s.calls.push(Call::Remove(name.to_owned()));
+        s.groups.remove(name);
+        Ok(())
+    }
+
+    fn remove_parent(&self) -> Result<(), CgroupError> {
+        Ok(())
+    }
+
+    fn procs_files(&self, _name: &str) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    fn list(&self) -> Result<Vec<String>, CgroupError> {
+        Ok(self.lock().groups.keys().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_calls_and_state() {
+        let f = Recording::default();
+        f.create("a", &Limits::default()).unwrap();
+        f.attach("a", 7).unwrap();
+        f.set_frozen("a", true).unwrap();
+        assert!(f.is_frozen("a"));
+        assert_eq!(f.pids("a").unwrap(), vec![7]);
+        f.remove("a").unwrap();
+        assert!(f.attach("a", 8).is_err());
+        assert_eq!(
+            f.calls()[..3],
+            [
+                Call::Create("a".into(), Limits::default()),
+                Call::Attach("a".into(), 7),
+                Call::Freeze("a".into(), true)
+            ]
+        );
+    }
+}

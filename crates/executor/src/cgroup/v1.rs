@@ -1,0 +1,225 @@
+//! cgroup v1: one directory per controller hierarchy.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{
+    check_name, io_err, keyed, procs, read, rmdir, settle, write, CgroupError, CgroupManager,
+    CgroupVersion, Limits, Usage, CPU_PERIOD_US,
+};
+
+/// The controllers a task's group is made in (`cpuacct` is often the same
+/// hierarchy as `cpu`; making it twice is harmless).
+const CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer"];
+
+/// A cgroup v1 manager.
+#[derive(Debug, Clone)]
+pub struct V1 {
+    root: PathBuf,
+    parent: String,
+}
+
+impl V1 {
+    /// Groups under `root/<controller>/<parent>/`.
+    pub fn new(root: &Path, parent: &str) -> Self {
+        Self {
+            root: root.to_owned(),
+            parent: parent.to_owned(),
+        }
+    }
+
+    fn dir(&self, controller: &str, name: &str) -> PathBuf {
+        self.root.join(controller).join(&self.parent).join(name)
+    }
+
+    /// Controller directories of `name`, one per distinct hierarchy.
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for c in CONTROLLERS {
+            let base = self.root.join(c);
+            let real = fs::canonicalize(&base).unwrap_or(base);
+            if !seen.contains(&real) {
+                seen.push(real);
+                out.push(self.dir(c, name));
+            }
+        }
+        out
+    }
+
+    fn create_inner(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        for d in self.dirs(name) {
+            if let Some(p) = d.parent() {
+                fs::create_dir_all(p).map_err(io_err(p))?;
+            }
+            match fs::create_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(CgroupError::Exists(name.to_owned()))
+                }
+                Err(e) => return Err(io_err(&d)(e)),
+            }
+        }
+        let cpu = self.dir("cpu", name);
+        if let Some(q) = limits.cpu_quota_us() {
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(&cpu.join("cpu.cfs_quota_us"), &q.to_string())?;
+        }
+        if let Some(w) = limits.cpu_weight {
+            // v2 weight 100 = v1 shares 1024.
+            let shares = (u64::from(w) * 1024 / 100).clamp(2, 262_144);
+            write(&cpu.join("cpu.shares"), &shares.to_string())?;
+        }
+        if let Some(m) = limits.memory_bytes {
+            let mem = self.dir("memory", name);
+            write(&mem.join("memory.limit_in_bytes"), &m.to_string())?;
+            // Swap would let a task run past its quantum.
+            let memsw = mem.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write(&memsw, &m.to_string())?;
+            }
+        }
+        if let Some(p) = limits.pids {
+            write(&self.dir("pids", name).join("pids.max"), &p.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl CgroupManager for V1 {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V1
+    }
+
+    fn create(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        check_name(name)?;
+        limits.validate()?;
+        let r = self.create_inner(name, limits);
+        if r.is_err() && !matches!(r, Err(CgroupError::Exists(_))) {
+            for d in self.dirs(name) {
+                let _ = fs::remove_dir(d);
+            }
+        }
+        r
+    }
+
+    fn attach(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        check_name(name)?;
+        for d in self.dirs(name) {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError> {
+        check_name(name)?;
+        let state = self.dir("freezer", name).join("freezer.state");
+        let want = if frozen { "FROZEN" } else { "THAWED" };
+        write(&state, want)?;
+        if settle(|| Ok(read(&state)?.trim() == want))? {
+            Ok(())
+        } else {
+            Err(CgroupError::Freeze(
+                name.to_owned(),
+                if frozen { "freeze" } else { "thaw" },
+            ))
+        }
+    }
+
+    fn pids(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
+        check_name(name)?;
+        procs(&self.dir("freezer", name).join("cgroup.procs"))
+    }
+
+    fn kill_all(&self, name: &str) -> Result<(), CgroupError> {
+        check_name(name)?;
+        // v1 has no cgroup.kill: freeze so nothing forks while we kill,
+        // SIGKILL every member, thaw so the kills are delivered.
+        let end = Instant::now() + Duration::from_secs(2);
+        loop {
+            let pids = self.pids(name)?;
+            if pids.is_empty() {
+                return Ok(());
+            }
+            let _ = self.set_frozen(name, true);
+            for p in self.pids(name)? {
+                let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+            }
+            self.set_frozen(name, false)?;
+            if Instant::now() > end {
+                return Err(CgroupError::Busy(name.to_owned()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn usage(&self, name: &str) -> Result<Usage, CgroupError> {
+        check_name(name)?;
+        let acct = self.dir("cpuacct", name).join("cpuacct.usage");
+        let cpu_ns: u64 = read(&acct)?.trim().parse().unwrap_or(0);
+        let mem = self.dir("memory", name);
+        let peak = read(&mem.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let oom = read(&mem.join("memory.oom_control"))
+            .ok()
+            .and_then(|s| keyed(&s, "oom_kill"))
+            .unwrap_or(0);
+        Ok(Usage {
+            cpu_usec: cpu_ns / 1000,
+            memory_peak_bytes: peak,
+            oom_kills: oom,
+        })
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        check_name(name)?;
+        if !self.dir("freezer", name).exists() {
+            for d in self.dirs(name) {
+                rmdir(&d)?;
+            }
+            return Ok(());
+        }
+        self.kill_all(name)?;
+        for d in self.dirs(name) {
+            rmdir(&d)?;
+        }
+        Ok(())
+    }
+
+    fn remove_parent(&self) -> Result<(), CgroupError> {
+        for c in CONTROLLERS {
+            rmdir(&self.root.join(c).join(&self.parent))?;
+        }
+        Ok(())
+    }
+
+    fn procs_files(&self, name: &str) -> Vec<PathBuf> {
+        self.dirs(name)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    fn list(&self) -> Result<Vec<String>, CgroupError> {
+        let mut names = Vec::new();
+        for c in ["freezer", "memory", "cpu", "pids"] {
+            let dir = self.root.join(c).join(&self.parent);
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}

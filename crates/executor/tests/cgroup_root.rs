@@ -1,0 +1,201 @@
+//! The cgroup managers on this machine's real hierarchy (root only; elsewhere
+//! each test prints why it skipped). Every test removes what it made, also
+//! when it fails.
+
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_executor::cgroup::{self, spawn_into, CgroupManager, Limits};
+
+/// A manager under a parent unique to this test process, removed on drop
+/// with everything in it.
+struct Scratch {
+    mgr: Box<dyn CgroupManager>,
+    kids: Vec<Child>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for k in &mut self.kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        if let Err(e) = self.mgr.destroy() {
+            eprintln!("cleanup failed: {e}");
+        }
+    }
+}
+
+fn scratch(test: &str) -> Option<Scratch> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: cgroups need root");
+        return None;
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    match cgroup::open(root, &format!("shoal-test-{}-{test}", std::process::id())) {
+        Ok(mgr) => Some(Scratch {
+            mgr,
+            kids: Vec::new(),
+        }),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn spawn(s: &mut Scratch, name: &str, script: &str) -> u32 {
+    let mut c = Command::new("/bin/sh");
+    c.args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    spawn_into(&mut c, s.mgr.as_ref(), name).unwrap();
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    s.kids.push(child);
+    pid
+}
+
+#[test]
+fn freeze_stops_cpu_time_and_thaw_resumes_it() {
+    let Some(mut s) = scratch("freeze") else {
+        return;
+    };
+    s.mgr.create("spin", &Limits::default()).unwrap();
+    let pid = spawn(&mut s, "spin", "while :; do :; done");
+    assert_eq!(
+        s.mgr.pids("spin").unwrap(),
+        vec![pid],
+        "the child moved itself in before exec"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    s.mgr.set_frozen("spin", true).unwrap();
+    let a = s.mgr.usage("spin").unwrap().cpu_usec;
+    std::thread::sleep(Duration::from_millis(300));
+    let b = s.mgr.usage("spin").unwrap().cpu_usec;
+    assert!(a > 0);
+    assert_eq!(a, b, "CPU time advanced while frozen");
+    s.mgr.set_frozen("spin", false).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        s.mgr.usage("spin").unwrap().cpu_usec > b,
+        "thawed task did not run"
+    );
+    s.mgr.remove("spin").unwrap();
+    assert!(s.mgr.list().unwrap().is_empty());
+}
+
+#[test]
+fn memory_limit_oom_kills_and_is_reported() {
+    let Some(s) = scratch("oom") else { return };
+    s.mgr
+        .create(
+            "hog",
+            &Limits {
+                memory_bytes: Some(32 << 20),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+    // `tail` buffers the one endless line of /dev/zero: memory grows until
+    // the group's limit.
+    let mut c = Command::new("tail");
+    c.arg("/dev/zero")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    spawn_into(&mut c, s.mgr.as_ref(), "hog").unwrap();
+    let mut child = c.spawn().unwrap();
+    let st = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(9), "killed by the OOM killer: {st:?}");
+    let u = s.mgr.usage("hog").unwrap();
+    assert!(u.oom_kills >= 1, "{u:?}");
+    s.mgr.remove("hog").unwrap();
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb_and_kill_all_empties_the_group() {
+    let Some(mut s) = scratch("pids") else { return };
+    s.mgr
+        .create(
+            "bomb",
+            &Limits {
+                pids: Some(16),
+                cpus: Some(0.2),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+    spawn(
+        &mut s,
+        "bomb",
+        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; wait",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let n = s.mgr.pids("bomb").unwrap().len();
+    assert!((2..=16).contains(&n), "{n} processes with pids.max 16");
+    let t = Instant::now();
+    s.mgr.kill_all("bomb").unwrap();
+    assert!(s.mgr.pids("bomb").unwrap().is_empty());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    s.mgr.remove("bomb").unwrap();
+}
+
+#[test]
+fn cpu_quota_caps_usage() {
+    let Some(mut s) = scratch("quota") else {
+        return;
+    };
+    s.mgr
+        .create(
+            "capped",
+            &Limits {
+                cpus: Some(0.25),
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+    spawn(&mut s, "capped", "while :; do :; done");
+    let a = s.mgr.usage("capped").unwrap().cpu_usec;
+    std::thread::sleep(Duration::from_millis(1000));
+    let used = s.mgr.usage("capped").unwrap().cpu_usec - a;
+    // A quarter of a CPU for a second is 250 ms; allow for period edges.
+    assert!(
+        used < 400_000,
+        "used {used} µs in 1 s with a 0.25 CPU quota"
+    );
+    assert!(used > 100_000, "used {used} µs: the task barely ran");
+    s.mgr.remove("capped").unwrap();
+}
+
+#[test]
+fn existing_names_and_bad_input_are_refused() {
+    let Some(s) = scratch("refuse") else { return };
+    s.mgr.create("a", &Limits::default()).unwrap();
+    assert!(matches!(
+        s.mgr.create("a", &Limits::default()),
+        Err(cgroup::CgroupError::Exists(_))
+    ));
+    assert!(s.mgr.create("../../etc", &Limits::default()).is_err());
+    assert!(s
+        .mgr
+        .create(
+            "b",
+            &Limits {
+                pids: Some(0),
+                ..Limits::default()
+            }
+        )
+        .is_err());
+    assert_eq!(
+        s.mgr.list().unwrap(),
+        vec!["a".to_owned()],
+        "a refused create leaves nothing"
+    );
+    s.mgr.remove("a").unwrap();
+    s.mgr.remove("a").unwrap();
+}
