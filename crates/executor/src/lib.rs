@@ -12,6 +12,7 @@
 
 pub mod cgroup;
 pub mod namespaces;
+pub mod workspace;
 
 pub use cgroup::{
     open as open_cgroups, probe_cgroups, CgroupError, CgroupManager, CgroupVersion, Limits, Usage,

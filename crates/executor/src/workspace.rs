@@ -1,0 +1,649 @@
+//! Workspaces: a task's own mount, pid, uts, ipc and (by default) network
+//! namespaces, a root filesystem assembled from read-only system
+//! directories plus the task's files on an overlay, an unprivileged uid,
+//! and (through [`crate::cgroup::spawn_into`]) its cgroup.
+//!
+//! ```text
+//!  agent ──fork──▶ [supervisor]   old pid ns: forwards signals, mirrors the
+//!                      │            command's end, dies with the agent
+//!                      └─fork──▶ [pid 1]  new ns: mounts, pivot_root, uid;
+//!                                  │      then init: forwards, reaps, reports
+//!                                  └─fork──▶ [pid 2]  execs the command
+//! ```
+//!
+//! Everything the child does between fork and exec is prepared before the
+//! fork ([`Plan`]): paths as C strings, a list of mount steps. The child
+//! only makes system calls.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{ForkResult, Gid, Uid};
+
+/// Why a workspace could not be prepared. Nothing was mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// A path that cannot be passed to the kernel (NUL byte).
+    #[error("path with a NUL byte: {0}")]
+    Nul(String),
+    /// The run directory could not be made.
+    #[error("{path}: {source}")]
+    Io {
+        /// What was being made.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An image root that is not a directory with a usable /bin or /usr.
+    #[error("image {0} is not a root filesystem (no bin/ or usr/ directory)")]
+    NotARootfs(PathBuf),
+    /// A path that must be absolute.
+    #[error("{0} must be an absolute path")]
+    Relative(PathBuf),
+}
+
+/// The software environment: where the read-only system directories come
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    /// This machine's own `/usr`, `/bin`, `/lib*`, `/sbin`, `/etc`.
+    Host,
+    /// An unpacked image (a rootfs directory), mounted read-only.
+    Image(PathBuf),
+}
+
+/// The task's own files: `lower` (read-only, the submitter's tree) under a
+/// writable `upper`, seen at `at` inside the workspace. What the task
+/// changes lands in `upper` only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tree {
+    /// The submitter's files, read-only.
+    pub lower: PathBuf,
+    /// Where the task's writes go.
+    pub upper: PathBuf,
+    /// Overlayfs' work directory (same filesystem as `upper`).
+    pub work: PathBuf,
+    /// The path inside the workspace (the submitter's directory).
+    pub at: PathBuf,
+}
+
+/// Network of the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// A new network namespace with only loopback, up.
+    Loopback,
+    /// The machine's network.
+    Host,
+}
+
+/// Everything about one workspace.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Host directory for this workspace's mount points (made if absent,
+    /// emptied by [`cleanup`]).
+    pub run_dir: PathBuf,
+    /// System directories.
+    pub root: Root,
+    /// The task's files, if any.
+    pub tree: Option<Tree>,
+    /// Working directory inside the workspace.
+    pub cwd: PathBuf,
+    /// Host name inside.
+    pub hostname: String,
+    /// Unprivileged user and group the command runs as.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Network.
+    pub net: Net,
+}
+
+/// The secrets of `/etc` that a guest never sees: shadow files, the agent's
+/// own configuration and key, SSH host keys.
+const MASKED_FILES: &[&str] = &["etc/shadow", "etc/shadow-", "etc/gshadow", "etc/gshadow-"];
+const MASKED_DIRS: &[&str] = &["etc/shoal", "etc/ssh", "etc/sudoers.d"];
+const SYSTEM: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// One step of the child's set-up, prepared before the fork.
+#[derive(Debug)]
+enum Step {
+    Mkdir(CString),
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Touch(CString),
+    Mount {
+        src: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: MsFlags,
+        data: Option<CString>,
+    },
+}
+
+/// The prepared set-up of one workspace.
+#[derive(Debug)]
+pub struct Plan {
+    new_root: CString,
+    steps: Vec<Step>,
+    old_root: CString,
+    old_root_rel: CString,
+    cwd: CString,
+    hostname: OsString,
+    uid: u32,
+    gid: u32,
+    flags: CloneFlags,
+    net: Net,
+}
+
+fn c(p: impl AsRef<OsStr>) -> Result<CString, WorkspaceError> {
+    CString::new(p.as_ref().as_bytes())
+        .map_err(|_| WorkspaceError::Nul(p.as_ref().to_string_lossy().into_owned()))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WorkspaceError + '_ {
+    move |source| WorkspaceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Plan {
+    /// Prepares `spec`: makes its run directory and computes every step.
+    ///
+    /// # Errors
+    /// A bad path or image, or the run directory cannot be made.
+    pub fn new(spec: &Spec) -> Result<Self, WorkspaceError> {
+        for p in [&spec.cwd, &spec.run_dir] {
+            if !p.is_absolute() {
+                return Err(WorkspaceError::Relative(p.clone()));
+            }
+        }
+        let root_dir = spec.run_dir.join("root");
+        std::fs::create_dir_all(&root_dir).map_err(io_err(&root_dir))?;
+        let sys = match &spec.root {
+            Root::Host => PathBuf::from("/"),
+            Root::Image(p) => {
+                if !(p.join("bin").exists() || p.join("usr").is_dir()) {
+                    return Err(WorkspaceError::NotARootfs(p.clone()));
+                }
+                p.clone()
+            }
+        };
+        let nr = |rel: &str| root_dir.join(rel);
+        let mut steps = vec![Step::Mount {
+            src: Some(c("shoal-root")?),
+            target: c(&root_dir)?,
+            fstype: Some(c("tmpfs")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some(c("mode=0755,size=16m")?),
+        }];
+        for d in SYSTEM {
+            let src = sys.join(d);
+            let Ok(meta) = std::fs::symlink_metadata(&src) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&src).map_err(io_err(&src))?;
+                steps.push(Step::Symlink {
+                    target: c(&target)?,
+                    link: c(nr(d))?,
+                });
+            } else if meta.is_dir() {
+                steps.push(Step::Mkdir(c(nr(d))?));
+                bind_ro(&mut steps, c(&src)?, c(nr(d))?);
+            }
+        }
+        for f in MASKED_FILES {
+            if sys.join(f).exists() {
+                steps.push(Step::Mount {
+                    src: Some(c("/dev/null")?),
+                    target: c(nr(f))?,
+                    fstype: None,
+                    flags: MsFlags::MS_BIND,
+                    data: None,
+                });
+            }
+        }
+        for d in MASKED_DIRS {
+            if sys.join(d).is_dir() {
+                steps.push(Step::Mount {
+                    src: Some(c("masked")?),
+                    target: c(nr(d))?,
+                    fstype: Some(c("tmpfs")?),
+                    flags: MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC,
+                    data: Some(c("size=4k")?),
+                });
+            }
+        }
+        steps.push(Step::Mkdir(c(nr("proc"))?));
+        steps.push(Step::Mount {
+            src: Some(c("proc")?),
+            target: c(nr("proc"))?,
+            fstype: Some(c("proc")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            data: None,
+        });
+        steps.push(Step::Mkdir(c(nr("dev"))?));
+        steps.push(Step::Mount {
+            src: Some(c("shoal-dev")?),
+            target: c(nr("dev"))?,
+            fstype: Some(c("tmpfs")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some(c("mode=0755,size=64k")?),
+        });
+        for d in DEVICES {
+            let host = Path::new("/dev").join(d);
+            if host.exists() {
+                steps.push(Step::Touch(c(nr(&format!("dev/{d}")))?));
+                steps.push(Step::Mount {
+                    src: Some(c(&host)?),
+                    target: c(nr(&format!("dev/{d}")))?,
+                    fstype: None,
+                    flags: MsFlags::MS_BIND,
+                    data: None,
+                });
+            }
+        }
+        for (link, target) in [
+            ("dev/fd", "/proc/self/fd"),
+            ("dev/stdin", "/proc/self/fd/0"),
+            ("dev/stdout", "/proc/self/fd/1"),
+            ("dev/stderr", "/proc/self/fd/2"),
+        ] {
+            steps.push(Step::Symlink {
+                target: c(target)?,
+                link: c(nr(link))?,
+            });
+        }
+        steps.push(Step::Mkdir(c(nr("dev/shm"))?));
+        steps.push(Step::Mkdir(c(nr("tmp"))?));
+        steps.push(Step::Mount {
+            src: Some(c("shoal-tmp")?),
+            target: c(nr("tmp"))?,
+            fstype: Some(c("tmpfs")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some(c("mode=1777,size=256m")?),
+        });
+        if let Some(t) = &spec.tree {
+            if !t.at.is_absolute() {
+                return Err(WorkspaceError::Relative(t.at.clone()));
+            }
+            let mut acc = root_dir.clone();
+            for comp in t.at.components().skip(1) {
+                acc.push(comp);
+                steps.push(Step::Mkdir(c(&acc)?));
+            }
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                t.lower.display(),
+                t.upper.display(),
+                t.work.display()
+            );
+            steps.push(Step::Mount {
+                src: Some(c("shoal-tree")?),
+                target: c(&acc)?,
+                fstype: Some(c("overlay")?),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                data: Some(c(data)?),
+            });
+        }
+        steps.push(Step::Mkdir(c(nr(".oldroot"))?));
+        let mut flags = CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC;
+        if spec.net == Net::Loopback {
+            flags |= CloneFlags::CLONE_NEWNET;
+        }
+        Ok(Self {
+            new_root: c(&root_dir)?,
+            steps,
+            old_root: c(nr(".oldroot"))?,
+            old_root_rel: c("/.oldroot")?,
+            cwd: c(&spec.cwd)?,
+            hostname: OsString::from(&spec.hostname),
+            uid: spec.uid,
+            gid: spec.gid,
+            flags,
+            net: spec.net,
+        })
+    }
+
+    /// Makes `cmd` run inside this workspace. Register it after
+    /// [`crate::cgroup::spawn_into`] so the cgroup is joined first.
+    pub fn apply(self, cmd: &mut Command) {
+        // SAFETY: the closure runs in the forked child before exec. It makes
+        // only system calls on data prepared before the fork (C strings,
+        // flags), forks once more, and in the intermediate process only
+        // waits, forwards signals through an atomic and exits; nothing
+        // allocates or takes a lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || self.enter());
+        }
+    }
+
+    /// Runs in the child between fork and exec.
+    ///
+    /// Three processes: this one stays in the agent's pid namespace and
+    /// supervises; its child is pid 1 of the new namespace, sets up the
+    /// filesystem and identity and then supervises in turn (as an init
+    /// that forwards signals and reaps orphans); its child, pid 2, execs
+    /// the command, so the command has ordinary signal semantics (pid 1
+    /// ignores signals it has no handler for). pid 1 reports how pid 2
+    /// ended through a pipe, because pid 1 itself cannot die of a signal
+    /// sent from inside its own namespace.
+    fn enter(&self) -> io::Result<()> {
+        nix::sched::unshare(self.flags)?;
+        let (status_r, status_w) = nix::unistd::pipe()?;
+        // SAFETY: we are in a forked child that runs no other thread; the
+        // parent side of this fork only supervises (see `supervise`).
+        #[allow(unsafe_code)]
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Parent { child } => {
+                drop(status_w);
+                supervise(child, false, Report::Read(status_r.as_raw_fd()))
+            }
+            ForkResult::Child => drop(status_r),
+        }
+        self.set_up()?;
+        // SAFETY: as above; this process is pid 1 of the new namespace.
+        #[allow(unsafe_code)]
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Parent { child } => {
+                supervise(child, true, Report::Write(status_w.as_raw_fd()))
+            }
+            ForkResult::Child => {
+                drop(status_w);
+                // Its own process group, so that a forwarded Ctrl-C reaches
+                // the command's children as it would at a terminal.
+                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn set_up(&self) -> io::Result<()> {
+        // Our mounts stay ours.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )?;
+        for s in &self.steps {
+            match s {
+                Step::Mkdir(p) => {
+                    match nix::unistd::mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)) {
+                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Step::Symlink { target, link } => {
+                    nix::unistd::symlinkat(target.as_c_str(), None, link.as_c_str())?;
+                }
+                Step::Touch(p) => {
+                    let fd = nix::fcntl::open(
+                        p.as_c_str(),
+                        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+                        Mode::from_bits_truncate(0o644),
+                    )?;
+                    nix::unistd::close(fd)?;
+                }
+                Step::Mount {
+                    src,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => {
+                    mount(
+                        src.as_deref(),
+                        target.as_c_str(),
+                        fstype.as_deref(),
+                        *flags,
+                        data.as_deref(),
+                    )?;
+                    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
+                        mount(
+                            None::<&str>,
+                            target.as_c_str(),
+                            None::<&str>,
+                            *flags | MsFlags::MS_REMOUNT,
+                            None::<&str>,
+                        )?;
+                    }
+                }
+            }
+        }
+        nix::unistd::pivot_root(self.new_root.as_c_str(), self.old_root.as_c_str())?;
+        nix::unistd::chdir("/")?;
+        umount2(self.old_root_rel.as_c_str(), MntFlags::MNT_DETACH)?;
+        nix::unistd::unlinkat(
+            None,
+            self.old_root_rel.as_c_str(),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        )?;
+        // The assembled root itself is read-only; /tmp and the tree are not.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )?;
+        nix::unistd::sethostname(&self.hostname)?;
+        if self.net == Net::Loopback {
+            loopback_up()?;
+        }
+        nix::unistd::chdir(self.cwd.as_c_str())?;
+        nix::unistd::setgroups(&[])?;
+        let (g, u) = (Gid::from_raw(self.gid), Uid::from_raw(self.uid));
+        nix::unistd::setresgid(g, g, g)?;
+        nix::unistd::setresuid(u, u, u)?;
+        Ok(())
+    }
+}
+
+fn bind_ro(steps: &mut Vec<Step>, src: CString, target: CString) {
+    steps.push(Step::Mount {
+        src: Some(src),
+        target,
+        fstype: None,
+        flags: MsFlags::MS_BIND
+            | MsFlags::MS_REC
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        data: None,
+    });
+}
+
+/// Where a supervisor forwards signals: a pid, or a process group when
+/// negative.
+static INNER: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: nix::libc::c_int) {
+    let pid = INNER.load(Ordering::Relaxed);
+    if pid != 0 {
+        // SAFETY: kill(2) is async-signal-safe; the arguments are plain ints.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::kill(pid, sig);
+        }
+    }
+}
+
+/// How a supervisor learns or passes on the true end of the command.
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    /// The outer supervisor reads pid 1's report from this pipe.
+    Read(i32),
+    /// pid 1 writes its report to this pipe.
+    Write(i32),
+}
+
+/// A supervisor: forwards signals to `child`, dies with its own parent
+/// (`SIGKILL`), reaps (every orphan too, when `reap_all`), and ends as the
+/// command ended.
+fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report) -> ! {
+    // The outer supervisor signals pid 1; pid 1 signals the command's
+    // process group.
+    let target_pid = if reap_all {
+        -child.as_raw()
+    } else {
+        child.as_raw()
+    };
+    INNER.store(target_pid, Ordering::Relaxed);
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Keep stdio and the report pipe; close the rest, so that the spawner's
+    // exec-status pipe sees the command's exec, not our lifetime.
+    let keep = match report {
+        Report::Read(fd) | Report::Write(fd) => fd as u32,
+    };
+    // SAFETY: close_range(2) only closes descriptors of this process.
+    #[allow(unsafe_code)]
+    unsafe {
+        if keep > 3 {
+            nix::libc::close_range(3, keep - 1, 0);
+        }
+        nix::libc::close_range(keep + 1, u32::MAX, 0);
+    }
+    let act = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCONT,
+    ] {
+        // SAFETY: `forward` is async-signal-safe (an atomic load and kill).
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = signal::sigaction(s, &act);
+        }
+    }
+    let target = if reap_all {
+        nix::unistd::Pid::from_raw(-1)
+    } else {
+        child
+    };
+    let (mut kind, mut value) = loop {
+        match waitpid(target, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child => break (0u8, code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => break (1u8, sig as i32),
+            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+            Err(_) => exit_now(125),
+        }
+    };
+    match report {
+        Report::Write(fd) => {
+            let buf = [kind, value as u8];
+            // SAFETY: write(2) on our own pipe descriptor from a local buffer.
+            #[allow(unsafe_code)]
+            unsafe {
+                nix::libc::write(fd, buf.as_ptr().cast(), 2);
+            }
+        }
+        Report::Read(fd) => {
+            let mut buf = [0u8; 2];
+            // SAFETY: read(2) into a local buffer from our own pipe.
+            #[allow(unsafe_code)]
+            let n = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), 2) };
+            if n == 2 {
+                kind = buf[0];
+                value = i32::from(buf[1]);
+            }
+        }
+    }
+    if kind == 1 {
+        if let Ok(sig) = Signal::try_from(value) {
+            // Die of the same signal, so our parent sees what happened.
+            // SAFETY: resetting a disposition and raising are
+            // async-signal-safe.
+            #[allow(unsafe_code)]
+            unsafe {
+                let _ = signal::signal(sig, SigHandler::SigDfl);
+            }
+            let _ = signal::raise(sig);
+        }
+        exit_now(128 + value)
+    }
+    exit_now(value)
+}
+
+/// Ends this process at once, without running exit handlers (which belong
+/// to the agent we were forked from).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit(2) is async-signal-safe and never returns.
+    #[allow(unsafe_code)]
+    unsafe {
+        nix::libc::_exit(code)
+    }
+}
+
+/// Brings up `lo` in the current network namespace.
+fn loopback_up() -> io::Result<()> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let s = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is plain data, zero is a valid value for every field;
+    // the ioctls read and write only that struct; the socket is ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut ifr: nix::libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as nix::libc::c_char;
+        ifr.ifr_name[1] = b'o' as nix::libc::c_char;
+        if nix::libc::ioctl(s.as_raw_fd(), nix::libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= nix::libc::IFF_UP as nix::libc::c_short;
+        if nix::libc::ioctl(s.as_raw_fd(), nix::libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Removes the run directory of a finished workspace. Its mounts lived in
+/// the workspace's mount namespace and went with it.
+///
+/// # Errors
+/// The directory could not be removed.
+pub fn cleanup(spec: &Spec) -> io::Result<()> {
+    match std::fs::remove_dir_all(&spec.run_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
