@@ -7,7 +7,7 @@
 //!  timers  ──┤ tokio sleeps ─────▶ handle_timer()              │
 //!  /proc   ──┤ facts every 2 s ──▶ set_facts()                 │
 //!  unix sock─┤ nodes / leave ────▶ members(), leave()          │
-//!  TCP 7946 ─┤ bandwidth probes (sealed frames)                │
+//!  TCP 7946 ─┤ bandwidth probes (Noise stream)                 │
 //!            └─────────────────────────────────────────────────┘
 //! ```
 //!

@@ -122,7 +122,6 @@ impl Shell {
                 Ok(b) => tracing::debug!(cluster = %b.cluster, "beacon of another cluster"),
                 Err(e) => tracing::debug!(%from, error = %e, "undecodable beacon"),
             },
-            Ok((Kind::Bandwidth, _)) => {}
             Err(e) => log_refusal(from, &e),
         }
     }

@@ -24,6 +24,7 @@
 
 mod key;
 mod seal;
+pub mod stream;
 mod window;
 
 pub use key::{ClusterKey, KeyError};

@@ -30,8 +30,6 @@ pub enum Kind {
     Swim = 1,
     /// A discovery beacon.
     Beacon = 2,
-    /// A bandwidth probe frame.
-    Bandwidth = 3,
 }
 
 impl Kind {
@@ -39,7 +37,6 @@ impl Kind {
         match b {
             1 => Some(Self::Swim),
             2 => Some(Self::Beacon),
-            3 => Some(Self::Bandwidth),
             _ => None,
         }
     }
