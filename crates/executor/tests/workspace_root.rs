@@ -266,3 +266,69 @@ fn an_image_that_is_not_a_rootfs_is_refused() {
     let e = Plan::new(&s).unwrap_err();
     assert!(e.to_string().contains("not a root filesystem"), "{e}");
 }
+
+/// The whole file path of a task: the guest changes its tree in a
+/// workspace; the overlay's upper layer is read as a change set and applied
+/// to the submitter's tree, which then looks exactly as the guest saw it.
+#[test]
+fn a_tasks_changes_read_from_upper_and_applied_match_what_it_saw() {
+    let Some(d) = scratch("roundtrip") else {
+        return;
+    };
+    let lower = d.0.join("tree");
+    let (upper, work) = (d.0.join("upper"), d.0.join("work"));
+    for p in [&upper, &work] {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::create_dir_all(lower.join("src/old")).unwrap();
+    std::fs::write(lower.join("src/main.c"), "int main(void){return 0;}\n").unwrap();
+    std::fs::write(lower.join("src/old/a.c"), "a\n").unwrap();
+    std::fs::write(lower.join("README"), "readme\n").unwrap();
+    std::fs::write(lower.join("obsolete"), "x\n").unwrap();
+    let at = PathBuf::from("/work/proj");
+    let mut s = spec(&d.0);
+    s.tree = Some(Tree {
+        lower: lower.clone(),
+        upper: upper.clone(),
+        work,
+        at: at.clone(),
+    });
+    s.cwd = at;
+    s.uid = 0;
+    s.gid = 0;
+    let script = "set -e; echo more >> README; rm obsolete; mkdir -p build; echo obj > build/main.o; \
+                  chmod 755 build/main.o; ln -s build/main.o latest; rm -r src/old; mkdir src/old; \
+                  echo b > src/old/b.c; \
+                  find . -print | sort | while read f; do \
+                    if [ -L \"$f\" ]; then echo \"$f -> $(readlink \"$f\")\"; \
+                    elif [ -f \"$f\" ]; then echo \"$f $(stat -c %a \"$f\") $(cat \"$f\" | tr '\\n' '|')\"; \
+                    else echo \"$f/\"; fi; done";
+    let out = run(&s, script);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen_inside = text(&out.stdout);
+    for want in [
+        "./latest -> build/main.o",
+        "./build/main.o 755 obj|",
+        "./src/old/b.c 644 b|",
+        "./README 644 readme|more|",
+    ] {
+        assert!(seen_inside.contains(want), "{want} in {seen_inside}");
+    }
+    assert!(
+        !seen_inside.contains("a.c") && !seen_inside.contains("obsolete"),
+        "{seen_inside}"
+    );
+    let cs = shoal_files::ChangeSet::from_upper(&upper).unwrap();
+    assert!(
+        cs.entries
+            .iter()
+            .any(|e| e.change == shoal_files::Change::Delete),
+        "the deletion is a whiteout: {cs:?}"
+    );
+    shoal_files::apply(&lower, &cs).unwrap();
+    let mut c = Command::new("/bin/sh");
+    c.args(["-c", &script[script.find("find").unwrap()..]])
+        .current_dir(&lower);
+    let seen_outside = text(&c.output().unwrap().stdout);
+    assert_eq!(seen_outside, seen_inside);
+}
