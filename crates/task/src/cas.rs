@@ -1,0 +1,304 @@
+//! The executor's side: a content-addressed cache of file contents and the
+//! task trees built from it.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::proto::{Hash, Node, TreeEntry};
+use crate::tree::hash;
+
+/// Why the cache refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    /// Content that does not match its hash: corrupt or forged.
+    #[error("content does not match hash {0}")]
+    Mismatch(String),
+    /// A path in the manifest that would escape the task's tree.
+    #[error("unsafe path in the task's tree: {0}")]
+    UnsafePath(PathBuf),
+    /// A content the manifest names that the cache does not hold.
+    #[error("content {0} missing from the cache")]
+    Missing(String),
+    /// Disk trouble (full disk included), naming the file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CasError + '_ {
+    move |source| CasError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A directory of contents named by their hash, with a size cap.
+#[derive(Debug, Clone)]
+pub struct Cas {
+    dir: PathBuf,
+    cap_bytes: u64,
+}
+
+impl Cas {
+    /// A cache in `dir` (made if absent) holding at most `cap_bytes`.
+    ///
+    /// # Errors
+    /// The directory cannot be made.
+    pub fn open(dir: &Path, cap_bytes: u64) -> Result<Self, CasError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            cap_bytes,
+        })
+    }
+
+    fn path(&self, h: &Hash) -> PathBuf {
+        self.dir.join(hex::encode(h))
+    }
+
+    /// The hashes among `wanted` that the cache lacks (each once).
+    pub fn missing(&self, wanted: impl IntoIterator<Item = Hash>) -> Vec<Hash> {
+        let mut out: Vec<Hash> = wanted
+            .into_iter()
+            .filter(|h| !self.path(h).exists())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Stores `data` under `h` after checking that it hashes to `h`.
+    ///
+    /// # Errors
+    /// A mismatch, or the disk refused (nothing partial is left).
+    pub fn put(&self, h: &Hash, data: &[u8]) -> Result<(), CasError> {
+        if &hash(data) != h {
+            return Err(CasError::Mismatch(hex::encode(h)));
+        }
+        let p = self.path(h);
+        let tmp = self.dir.join(format!(
+            ".tmp-{}-{}",
+            hex::encode(&h[..8]),
+            std::process::id()
+        ));
+        let r = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.set_permissions(fs::Permissions::from_mode(0o644))?;
+            fs::rename(&tmp, &p)
+        })();
+        if let Err(e) = r {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&p)(e));
+        }
+        Ok(())
+    }
+
+    /// Builds the task's tree at `dest` from the cache: files hard-linked
+    /// from it, directories and links made, everything owned by `owner`
+    /// (the guest's uid and gid) so that the guest may change its files
+    /// (through the overlay; the cache itself is never reachable from the
+    /// workspace). File modes are normalised to 0644, or 0755 when any
+    /// execute bit is set: the contents are shared between tasks.
+    ///
+    /// # Errors
+    /// Unsafe paths, missing contents, disk trouble.
+    pub fn materialize(
+        &self,
+        tree: &[TreeEntry],
+        dest: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), CasError> {
+        let chown = |p: &Path| -> Result<(), CasError> {
+            if let Some((u, g)) = owner {
+                std::os::unix::fs::lchown(p, Some(u), Some(g)).map_err(io_err(p))?;
+            }
+            Ok(())
+        };
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        chown(dest)?;
+        let now = SystemTime::now();
+        for e in tree {
+            if e.path.as_os_str().is_empty()
+                || !e
+                    .path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(CasError::UnsafePath(e.path.clone()));
+            }
+            let target = dest.join(&e.path);
+            match &e.node {
+                Node::Dir { mode } => {
+                    fs::create_dir_all(&target).map_err(io_err(&target))?;
+                    fs::set_permissions(&target, fs::Permissions::from_mode(*mode | 0o700))
+                        .map_err(io_err(&target))?;
+                    chown(&target)?;
+                }
+                Node::Symlink { target: to } => {
+                    std::os::unix::fs::symlink(to, &target).map_err(io_err(&target))?;
+                    chown(&target)?;
+                }
+                Node::File { hash: h, mode, .. } => {
+                    let base = self.path(h);
+                    if !base.exists() {
+                        return Err(CasError::Missing(hex::encode(h)));
+                    }
+                    let src = if mode & 0o111 != 0 {
+                        let x = base.with_extension("x");
+                        if !x.exists() {
+                            let tmp = base.with_extension(format!("x.tmp{}", std::process::id()));
+                            fs::copy(&base, &tmp).map_err(io_err(&tmp))?;
+                            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+                                .map_err(io_err(&tmp))?;
+                            chown(&tmp)?;
+                            fs::rename(&tmp, &x).map_err(io_err(&x))?;
+                        }
+                        x
+                    } else {
+                        base
+                    };
+                    chown(&src)?;
+                    if let Ok(f) = fs::File::options().write(true).open(&src) {
+                        let _ = f.set_modified(now);
+                    }
+                    fs::hard_link(&src, &target).map_err(io_err(&target))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the least recently used contents until the cache is under
+    /// its cap. Returns the bytes freed.
+    pub fn evict(&self) -> u64 {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut files: Vec<(SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut freed = 0;
+        for (_, len, p) in files {
+            if total <= self.cap_bytes {
+                break;
+            }
+            if fs::remove_file(&p).is_ok() {
+                total -= len;
+                freed += len;
+            }
+        }
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shoal-cas-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn put_checks_hashes_and_materialize_builds_the_tree() {
+        let d = tmp("m");
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        let a = b"hello".to_vec();
+        let h = hash(&a);
+        assert_eq!(cas.missing([h, h]), vec![h]);
+        assert!(matches!(cas.put(&h, b"forged"), Err(CasError::Mismatch(_))));
+        cas.put(&h, &a).unwrap();
+        assert!(cas.missing([h]).is_empty());
+        let tree = vec![
+            TreeEntry {
+                path: "src".into(),
+                node: Node::Dir { mode: 0o755 },
+            },
+            TreeEntry {
+                path: "src/a".into(),
+                node: Node::File {
+                    hash: h,
+                    mode: 0o644,
+                    size: 5,
+                },
+            },
+            TreeEntry {
+                path: "run.sh".into(),
+                node: Node::File {
+                    hash: h,
+                    mode: 0o755,
+                    size: 5,
+                },
+            },
+            TreeEntry {
+                path: "l".into(),
+                node: Node::Symlink {
+                    target: "src/a".into(),
+                },
+            },
+        ];
+        cas.materialize(&tree, &d.join("lower"), None).unwrap();
+        assert_eq!(fs::read(d.join("lower/src/a")).unwrap(), a);
+        assert_eq!(
+            fs::metadata(d.join("lower/run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(
+            fs::read_link(d.join("lower/l")).unwrap(),
+            PathBuf::from("src/a")
+        );
+        let bad = vec![TreeEntry {
+            path: "../x".into(),
+            node: Node::Dir { mode: 0o755 },
+        }];
+        assert!(matches!(
+            cas.materialize(&bad, &d.join("l2"), None),
+            Err(CasError::UnsafePath(_))
+        ));
+        let missing = vec![TreeEntry {
+            path: "m".into(),
+            node: Node::File {
+                hash: [9; 32],
+                mode: 0o644,
+                size: 1,
+            },
+        }];
+        assert!(matches!(
+            cas.materialize(&missing, &d.join("l3"), None),
+            Err(CasError::Missing(_))
+        ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn eviction_keeps_the_cache_under_its_cap() {
+        let d = tmp("e");
+        let cas = Cas::open(&d, 10).unwrap();
+        for s in ["aaaaaa", "bbbbbb", "cccccc"] {
+            cas.put(&hash(s.as_bytes()), s.as_bytes()).unwrap();
+        }
+        assert_eq!(cas.evict(), 12);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

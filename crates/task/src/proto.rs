@@ -1,0 +1,150 @@
+//! The messages.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use shoal_files::ChangeSet;
+
+/// A content hash (SHA-256).
+pub type Hash = [u8; 32];
+
+/// One entry of the submitter's tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    /// A regular file.
+    File {
+        /// Content hash.
+        hash: Hash,
+        /// Permission bits.
+        mode: u32,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points.
+        target: PathBuf,
+    },
+}
+
+/// A path relative to the tree root and what is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    /// Relative path (no `..`).
+    pub path: PathBuf,
+    /// What it is.
+    pub node: Node,
+}
+
+/// When the task's file changes come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Commit {
+    /// Whatever the exit status.
+    Always,
+    /// Only when it exits 0 (the default).
+    Success,
+    /// Never.
+    Never,
+}
+
+/// Resource requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPUs' worth of time.
+    pub cpus: Option<f64>,
+    /// Memory limit, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Process limit.
+    pub pids: Option<u32>,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Unique id of this task.
+    pub task_id: String,
+    /// The command and its arguments (bytes: any OS string).
+    pub argv: Vec<Vec<u8>>,
+    /// Environment (already filtered by the submitter).
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The submitter's working directory: the tree root, and the working
+    /// directory inside the workspace.
+    pub cwd: PathBuf,
+    /// The tree under `cwd`.
+    pub tree: Vec<TreeEntry>,
+    /// Resource requests.
+    pub resources: Resources,
+    /// Host network instead of loopback only.
+    pub net_host: bool,
+    /// Commit policy.
+    pub commit: Commit,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Exited with a code.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+/// Submitter (or relay) to executor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToExec {
+    /// The task; the first message.
+    Start(TaskSpec),
+    /// A file's content the executor asked for.
+    Blob {
+        /// Its hash.
+        hash: Hash,
+        /// The content.
+        data: Vec<u8>,
+    },
+    /// Bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// End of stdin.
+    StdinEof,
+    /// Deliver this signal to the command.
+    Signal(i32),
+}
+
+/// Executor to submitter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromExec {
+    /// Contents the executor does not have cached (empty: none).
+    Need(Vec<Hash>),
+    /// The command started.
+    Started {
+        /// Executor node name.
+        node: String,
+    },
+    /// Output on stdout.
+    Stdout(Vec<u8>),
+    /// Output on stderr.
+    Stderr(Vec<u8>),
+    /// The task's file changes (sent before `Exit` when they are to be
+    /// committed).
+    Changes(ChangeSet),
+    /// The end.
+    Exit {
+        /// How the command ended.
+        status: Status,
+        /// The kernel OOM-killed something in the task's memory limit.
+        oom: bool,
+    },
+    /// The task could not run; the text says why. `code` is the exit status
+    /// the submitter should use (127: command not found, 2: bad request,
+    /// 125: the executor failed).
+    Failed {
+        /// Suggested exit status.
+        code: i32,
+        /// Why.
+        message: String,
+    },
+}
