@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use shoal_transport::stream::{self, StreamError, MAX_PAYLOAD};
+use shoal_transport::stream::{self, StreamError, Writer, MAX_PAYLOAD};
 use shoal_transport::ClusterKey;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::peer::Hello;
 
 /// Largest transfer a request may ask for.
 pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -22,7 +24,7 @@ pub enum BandwidthError {
     /// Connecting failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// The request did not decode.
+    /// The request did not encode.
     #[error("bad request: {0}")]
     Request(#[from] postcard::Error),
     /// The peer took too long.
@@ -30,15 +32,15 @@ pub enum BandwidthError {
     Timeout,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Request {
+/// Streams `bytes` of data back on an accepted stream.
+///
+/// # Errors
+/// The stream failed.
+pub async fn answer<S: AsyncRead + AsyncWrite + Send>(
+    mut w: Writer<S>,
     bytes: u64,
-}
-
-async fn answer(s: TcpStream, key: &ClusterKey, cluster: &str) -> Result<(), BandwidthError> {
-    let (mut r, mut w) = stream::accept(s, key, cluster).await?;
-    let req: Request = postcard::from_bytes(&r.recv().await?)?;
-    let mut left = req.bytes.min(MAX_BYTES);
+) -> Result<(), BandwidthError> {
+    let mut left = bytes.min(MAX_BYTES);
     let chunk = vec![0u8; MAX_PAYLOAD];
     while left > 0 {
         let n = (left as usize).min(MAX_PAYLOAD);
@@ -47,24 +49,6 @@ async fn answer(s: TcpStream, key: &ClusterKey, cluster: &str) -> Result<(), Ban
     }
     w.close().await?;
     Ok(())
-}
-
-/// Serves bandwidth requests until the listener fails.
-pub async fn serve(listener: TcpListener, key: ClusterKey, cluster: String) {
-    loop {
-        let Ok((s, peer)) = listener.accept().await else {
-            continue;
-        };
-        let key = key.clone();
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(30), answer(s, &key, &cluster)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "bandwidth request refused"),
-                Err(_) => tracing::debug!(%peer, "bandwidth request timed out"),
-            }
-        });
-    }
 }
 
 /// Measures the bandwidth to `peer` by asking it for `bytes`; MB/s.
@@ -83,7 +67,8 @@ pub async fn measure(
         s.set_nodelay(true)?;
         let (mut r, mut w) = stream::connect(s, key, cluster).await?;
         let start = Instant::now();
-        w.send(&postcard::to_stdvec(&Request { bytes })?).await?;
+        w.send(&postcard::to_stdvec(&Hello::Bandwidth { bytes })?)
+            .await?;
         let want = bytes.min(MAX_BYTES);
         let mut got = 0u64;
         while got < want {
@@ -99,13 +84,14 @@ pub async fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer;
 
     #[tokio::test]
     async fn loopback_measurement_and_wrong_key_refused() {
         let key = ClusterKey::from_bytes([7; 32]);
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(serve(l, key.clone(), "lab".into()));
+        tokio::spawn(peer::serve(l, key.clone(), "lab".into(), None));
         let mbps = measure(addr, &key, "lab", 4 << 20, Duration::from_secs(10))
             .await
             .unwrap();

@@ -75,6 +75,8 @@ pub struct FileConfig {
     pub facts_refresh_ms: Option<u64>,
     /// SWIM timing profile: `fast` or `memberlist`.
     pub swim_profile: Option<String>,
+    /// Size cap of the executor's content cache, bytes.
+    pub cache_bytes: Option<u64>,
 }
 
 /// `[discovery]`.
@@ -144,6 +146,8 @@ pub struct AgentConfig {
     pub facts_refresh_ms: u64,
     /// SWIM timing profile.
     pub swim_profile: SwimProfile,
+    /// Size cap of the executor's content cache, bytes.
+    pub cache_bytes: u64,
 }
 
 /// SWIM timing: how fast failures are detected against how much loss is
@@ -267,6 +271,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
     };
     Ok(AgentConfig {
         swim_profile,
+        cache_bytes: file.cache_bytes.unwrap_or(2 << 30),
         name,
         cluster,
         bind: flags

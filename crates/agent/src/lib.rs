@@ -21,6 +21,9 @@ pub mod bandwidth;
 pub mod checks;
 pub mod config;
 pub mod discovery;
+pub mod exec;
+pub mod peer;
+pub mod place;
 pub mod report;
 mod runtime;
 

@@ -14,11 +14,18 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use shoal_task::link::{FrameSink, FrameSource, Plain};
+
 use crate::checks::Verified;
 use crate::config::{AgentConfig, SwimProfile};
 use crate::discovery::{self, Beacon, Discovery};
+use crate::exec::{self, ExecEnv};
 use crate::report::{self, Snapshot};
-use crate::{bandwidth, checks};
+use crate::{bandwidth, checks, peer, place};
 
 /// Bytes moved per peer by `shoal nodes --bandwidth`.
 const BANDWIDTH_BYTES: u64 = 16 << 20;
@@ -77,6 +84,7 @@ struct Shell {
     epoch: Instant,
     verified: Verified,
     cores: u32,
+    exec: Arc<ExecEnv>,
 }
 
 impl Shell {
@@ -137,6 +145,7 @@ impl Shell {
             owner_idle_s: shoal_facts::probe::owner_idle(),
             slots_free: if self.verified.checks.ok() {
                 self.cores
+                    .saturating_sub(self.exec.running.load(Ordering::Relaxed))
             } else {
                 0
             },
@@ -239,65 +248,225 @@ fn control_socket(data_dir: &Path) -> Result<(UnixListener, PathBuf), AgentError
         addr: path.display().to_string(),
         source,
     })?;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    // Anyone on this machine may ask for nodes and run tasks (as the
+    // guest user, in a workspace); only root or the agent's user may make
+    // it leave (checked by peer credentials).
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
     Ok((l, path))
 }
 
-async fn serve_control(
-    listener: UnixListener,
-    tx: mpsc::Sender<ControlMsg>,
+/// What the control connections share.
+#[derive(Clone)]
+struct Ctx {
     key: ClusterKey,
     cluster: String,
-) {
+    exec: Arc<ExecEnv>,
+    /// Tasks this node has sent to each node and not seen end.
+    inflight: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+async fn serve_control(listener: UnixListener, tx: mpsc::Sender<ControlMsg>, ctx: Ctx) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let tx = tx.clone();
-        let key = key.clone();
-        let cluster = cluster.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = control_conn(stream, tx, key, cluster).await {
+            if let Err(e) = control_conn(stream, tx, ctx).await {
                 tracing::debug!(error = %e, "control connection");
             }
         });
     }
 }
 
+async fn write_line(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    resp: &Response,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+async fn ask_main(tx: &mpsc::Sender<ControlMsg>, req: Request) -> Response {
+    let (otx, orx) = oneshot::channel();
+    if tx.send((req, otx)).await.is_err() {
+        return Response::Error {
+            message: "the agent is shutting down".into(),
+        };
+    }
+    orx.await.unwrap_or(Response::Error {
+        message: "the agent is shutting down".into(),
+    })
+}
+
 async fn control_conn(
     stream: UnixStream,
     tx: mpsc::Sender<ControlMsg>,
-    key: ClusterKey,
-    cluster: String,
+    ctx: Ctx,
 ) -> std::io::Result<()> {
+    let peer_uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
-        },
-        Ok(req) => {
-            let want_bw = matches!(req, Request::Nodes { bandwidth: true });
-            let (otx, orx) = oneshot::channel();
-            if tx.send((req, otx)).await.is_err() {
-                return Ok(());
+    r.read_line(&mut line).await?;
+    let req = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => req,
+        Err(e) => {
+            let message = format!("bad request: {e}");
+            return write_line(&mut w, &Response::Error { message }).await;
+        }
+    };
+    let resp = match req {
+        Request::Nodes { bandwidth } => match ask_main(&tx, Request::Nodes { bandwidth }).await {
+            Response::Nodes(mut rep) if bandwidth => {
+                measure_all(&mut rep, &ctx.key, &ctx.cluster).await;
+                Response::Nodes(rep)
             }
-            match orx.await {
-                Ok(Response::Nodes(mut rep)) if want_bw => {
-                    measure_all(&mut rep, &key, &cluster).await;
-                    Response::Nodes(rep)
+            other => other,
+        },
+        Request::Leave => {
+            let me = nix::unistd::Uid::effective().as_raw();
+            if peer_uid.is_some_and(|u| u == 0 || u == me) {
+                ask_main(&tx, Request::Leave).await
+            } else {
+                Response::Error {
+                    message: "only root or the agent's user may make it leave".into(),
                 }
-                Ok(r) => r,
-                Err(_) => Response::Error {
-                    message: "the agent is shutting down".into(),
+            }
+        }
+        Request::Run {
+            node,
+            local,
+            memory_bytes,
+        } => {
+            let report = match ask_main(&tx, Request::Nodes { bandwidth: false }).await {
+                Response::Nodes(r) => r,
+                other => return write_line(&mut w, &other).await,
+            };
+            let ask = place::Ask {
+                node,
+                local,
+                memory_bytes,
+            };
+            return run_task(r, w, &ctx, &report, &ask).await;
+        }
+    };
+    write_line(&mut w, &resp).await
+}
+
+/// Places a task and then runs it here or relays it to the chosen peer.
+async fn run_task(
+    r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    report: &NodesReport,
+    ask: &place::Ask,
+) -> std::io::Result<()> {
+    let me = report
+        .nodes
+        .iter()
+        .find(|n| n.is_self)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let choice = {
+        let inflight = ctx
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        place::place(&report.nodes, &inflight, ask)
+    };
+    let (name, addr) = match choice {
+        place::Choice::Refuse(message) => {
+            return write_line(&mut w, &Response::Error { message }).await
+        }
+        place::Choice::Local { fallback } => {
+            write_line(
+                &mut w,
+                &Response::Run {
+                    node: me.clone(),
+                    fallback,
                 },
+            )
+            .await?;
+            return run_here(r, w, ctx, &me).await;
+        }
+        place::Choice::Remote { name, addr } => (name, addr),
+    };
+    let remote = match addr.parse::<SocketAddr>() {
+        Ok(a) => peer::connect_task(a, &ctx.key, &ctx.cluster).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let (mut rr, mut rw) = match remote {
+        Ok(x) => x,
+        Err(e) => {
+            let fallback = Some(format!("{name} unreachable ({e})"));
+            write_line(
+                &mut w,
+                &Response::Run {
+                    node: me.clone(),
+                    fallback,
+                },
+            )
+            .await?;
+            return run_here(r, w, ctx, &me).await;
+        }
+    };
+    write_line(
+        &mut w,
+        &Response::Run {
+            node: name.clone(),
+            fallback: None,
+        },
+    )
+    .await?;
+    bump(&ctx.inflight, &name, 1);
+    // Relay frames both ways until either side ends.
+    let mut local_r = Plain(r);
+    let mut local_w = Plain(w);
+    let up = async {
+        while let Ok(f) = local_r.recv_frame().await {
+            if rw.send_frame(&f).await.is_err() {
+                break;
             }
         }
     };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-    out.push(b'\n');
-    w.write_all(&out).await
+    let down = async {
+        while let Ok(f) = rr.recv_frame().await {
+            if local_w.send_frame(&f).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+    bump(&ctx.inflight, &name, -1);
+    Ok(())
+}
+
+async fn run_here(
+    r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: tokio::net::unix::OwnedWriteHalf,
+    ctx: &Ctx,
+    me: &str,
+) -> std::io::Result<()> {
+    bump(&ctx.inflight, me, 1);
+    let res = exec::serve(ctx.exec.clone(), Plain(r), Plain(w)).await;
+    bump(&ctx.inflight, me, -1);
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "local task link ended");
+    }
+    Ok(())
+}
+
+fn bump(m: &Mutex<HashMap<String, u32>>, name: &str, by: i32) {
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    let v = g.entry(name.to_owned()).or_insert(0);
+    *v = v.saturating_add_signed(by);
 }
 
 async fn measure_all(rep: &mut NodesReport, key: &ClusterKey, cluster: &str) {
@@ -314,6 +483,65 @@ async fn measure_all(rep: &mut NodesReport, key: &ClusterKey, cluster: &str) {
             Ok(mbps) => n.bandwidth_mbps = Some((mbps * 10.0).round() / 10.0),
             Err(e) => tracing::warn!(peer = %n.name, error = %e, "bandwidth"),
         }
+    }
+}
+
+/// The executor's environment: task directories, the content cache, and
+/// the cgroups (only when the start-up checks passed). Cleans up what a
+/// previous life of the agent left.
+async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
+    let parent: String = format!("shoal-{}", cfg.name)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cgroups = if verified.checks.ok() {
+        match shoal_executor::cgroup::open(Path::new("/sys/fs/cgroup"), &parent) {
+            Ok(m) => Some(Arc::from(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroups: this node runs no tasks");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let tasks_dir = cfg.data_dir.join("tasks");
+    let _ = std::fs::create_dir_all(&tasks_dir);
+    let cas_dir = cfg.data_dir.join("cas");
+    let (cas, cgroups) = match shoal_task::cas::Cas::open(&cas_dir, cfg.cache_bytes) {
+        Ok(c) => (c, cgroups),
+        Err(e) => {
+            tracing::warn!(error = %e, "content cache unavailable: this node runs no tasks");
+            (shoal_task::cas::Cas::at(&cas_dir, cfg.cache_bytes), None)
+        }
+    };
+    let env = ExecEnv {
+        node: cfg.name.clone(),
+        tasks_dir,
+        cas,
+        cgroups,
+        running: std::sync::atomic::AtomicU32::new(0),
+    };
+    let env = tokio::task::spawn_blocking(move || {
+        env.clean_leftovers();
+        env
+    })
+    .await;
+    match env {
+        Ok(e) => e,
+        Err(_) => ExecEnv {
+            node: cfg.name.clone(),
+            tasks_dir: cfg.data_dir.join("tasks"),
+            cas: shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
+            cgroups: None,
+            running: std::sync::atomic::AtomicU32::new(0),
+        },
     }
 }
 
@@ -414,13 +642,23 @@ async fn run_inner(
     let engine = Engine::new(id, swim, expect, seed);
     let (timer_tx, mut timer_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(64);
+    let exec_env = Arc::new(exec_env(&cfg, &verified).await);
     tokio::spawn(serve_control(
         control,
         ctl_tx,
+        Ctx {
+            key: key.clone(),
+            cluster: cfg.cluster.clone(),
+            exec: exec_env.clone(),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        },
+    ));
+    tokio::spawn(peer::serve(
+        tcp,
         key.clone(),
         cfg.cluster.clone(),
+        Some(exec_env.clone()),
     ));
-    tokio::spawn(bandwidth::serve(tcp, key.clone(), cfg.cluster.clone()));
 
     tracing::info!(
         name = %cfg.name, cluster = %cfg.cluster, addr = %me,
@@ -439,6 +677,7 @@ async fn run_inner(
         epoch: Instant::now(),
         verified,
         cores: shoal_facts::probe::cores(),
+        exec: exec_env,
     };
     sh.publish_facts();
     for j in sh.cfg.join.clone() {
@@ -498,6 +737,9 @@ async fn run_inner(
             Some((req, reply)) = ctl_rx.recv() => {
                 match req {
                     Request::Nodes { .. } => { let _ = reply.send(Response::Nodes(sh.report())); }
+                    Request::Run { .. } => {
+                        let _ = reply.send(Response::Error { message: "internal: run is not for the event loop".into() });
+                    }
                     Request::Leave => {
                         leave(&mut sh).await;
                         let _ = reply.send(Response::Ok);
@@ -522,4 +764,6 @@ async fn leave(sh: &mut Shell) {
     sh.engine.leave(now);
     sh.flush().await;
     tracing::info!("left the cluster");
+    let env = sh.exec.clone();
+    let _ = tokio::task::spawn_blocking(move || env.shutdown()).await;
 }

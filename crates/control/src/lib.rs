@@ -56,6 +56,19 @@ pub enum Request {
     },
     /// Leave the cluster gracefully and stop the agent.
     Leave,
+    /// Run a task (`shoal run`): after the answer, the connection carries
+    /// the task protocol (`shoal-task`) in length-prefixed frames.
+    Run {
+        /// Pinned node.
+        #[serde(default)]
+        node: Option<String>,
+        /// Run on this node.
+        #[serde(default)]
+        local: bool,
+        /// Memory the task asks for, bytes (for placement).
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+    },
 }
 
 /// The agent's answer.
@@ -66,6 +79,14 @@ pub enum Response {
     Nodes(NodesReport),
     /// The request was carried out.
     Ok,
+    /// Answer to [`Request::Run`]: where the task goes; the task protocol
+    /// follows on the same connection.
+    Run {
+        /// The node chosen.
+        node: String,
+        /// Why it runs here although another node was asked or better, if so.
+        fallback: Option<String>,
+    },
     /// The request failed; the text says why.
     Error {
         /// What went wrong.

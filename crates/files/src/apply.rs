@@ -13,6 +13,9 @@ use crate::changes::{check_path, Change, ChangeError, ChangeSet};
 /// Name prefix of the staging directories inside a tree.
 pub const STAGING_PREFIX: &str = ".shoal-commit-";
 const JOURNAL: &str = "journal";
+/// Held (flock) by the process committing through a staging directory, so
+/// that a concurrent `recover` leaves a live commit alone.
+const LOCK: &str = "lock";
 
 /// Why a change set was not applied. Before the journal is sealed the tree
 /// is untouched; after, [`recover`] finishes the job.
@@ -115,6 +118,9 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
     let id = u64::from_be_bytes(id);
     let stage = root.join(format!("{STAGING_PREFIX}{id:016x}"));
     fs::create_dir(&stage).map_err(io_err(&stage))?;
+    let lock_path = stage.join(LOCK);
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
     let staged = stage_all(&stage, cs, crash);
     let steps = match staged {
         Ok(steps) => steps,
@@ -300,6 +306,14 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
             continue;
         }
         let stage = e.path();
+        // A commit in progress (its lock held), or one that has not even
+        // made its lock yet, is not ours to touch.
+        let Ok(lock) = fs::File::open(stage.join(LOCK)) else {
+            continue;
+        };
+        if lock.try_lock().is_err() {
+            continue;
+        }
         let j = stage.join(JOURNAL);
         if j.exists() {
             let bytes = fs::read(&j).map_err(io_err(&j))?;
@@ -538,10 +552,28 @@ mod tests {
     }
 
     #[test]
+    fn recovery_leaves_a_live_commit_alone() {
+        let d = tmp("live");
+        let stage = d.join(format!("{STAGING_PREFIX}live"));
+        fs::create_dir_all(&stage).unwrap();
+        let lock = fs::File::create(stage.join(LOCK)).unwrap();
+        lock.lock().unwrap();
+        // Another process's recovery must not see it as abandoned; a
+        // second open file description stands in for that process.
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert!(stage.exists());
+        drop(lock);
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert!(!stage.exists(), "abandoned staging removed");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn a_corrupt_journal_is_reported_and_kept() {
         let d = tmp("corrupt");
         let stage = d.join(format!("{STAGING_PREFIX}0000"));
         fs::create_dir_all(&stage).unwrap();
+        fs::write(stage.join(LOCK), "").unwrap();
         fs::write(stage.join(JOURNAL), [0xff, 0xff, 0xff]).unwrap();
         assert!(matches!(recover(&d), Err(ApplyError::Journal(_))));
         assert!(stage.exists());

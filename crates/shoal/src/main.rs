@@ -45,6 +45,8 @@ enum Command {
     Nodes(cmd::nodes::NodesArgs),
     /// Make the local agent leave the cluster gracefully and stop.
     Leave(cmd::leave::LeaveArgs),
+    /// Run a command on the best node, as if it ran here.
+    Run(cmd::run::RunArgs),
 }
 
 /// The error and its causes, each cause only when the text so far does
@@ -80,6 +82,13 @@ fn main() -> ExitCode {
         Command::Keygen(a) => cmd::keygen::run(&a),
         Command::Nodes(a) => cmd::nodes::run(&a),
         Command::Leave(a) => cmd::leave::run(&a),
+        Command::Run(a) => match cmd::run::run(a) {
+            Ok(code) => return code,
+            Err(e) => {
+                eprintln!("shoal: {}", message(&e));
+                return ExitCode::from(125);
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,15 @@ impl Cas {
         })
     }
 
+    /// A cache handle for `dir` without touching the disk (for an executor
+    /// that will refuse tasks anyway).
+    pub fn at(dir: &Path, cap_bytes: u64) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            cap_bytes,
+        }
+    }
+
     fn path(&self, h: &Hash) -> PathBuf {
         self.dir.join(hex::encode(h))
     }

@@ -4,3 +4,4 @@ pub mod agent;
 pub mod keygen;
 pub mod leave;
 pub mod nodes;
+pub mod run;

@@ -1,0 +1,430 @@
+//! The executor: runs a task received over a link (from the local client
+//! or from another agent) in a workspace, streams its output, and returns
+//! its file changes.
+//!
+//! ```text
+//!  Start ─▶ validate ─▶ Need/Blob (fill the cache) ─▶ materialize lower
+//!        ─▶ cgroup + workspace ─▶ Started ─▶ stream ─▶ Changes? ─▶ Exit
+//!  (any failure: Failed{code, message}; always: kill, unmount, remove)
+//! ```
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_executor::cgroup::{spawn_into, CgroupManager, Limits};
+use shoal_executor::workspace::{self, Net, Plan, Root, Spec, Tree};
+use shoal_files::ChangeSet;
+use shoal_task::cas::Cas;
+use shoal_task::link::{self, FrameSink, FrameSource, LinkError};
+use shoal_task::proto::{Commit, FromExec, Node, Status, TaskSpec, ToExec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// The guest user and group (nobody/nogroup).
+pub const GUEST_ID: u32 = 65534;
+/// Default process limit of a task.
+pub const DEFAULT_PIDS: u32 = 4096;
+
+/// What the executor needs: where to work, the cache, the cgroups.
+#[derive(Debug)]
+pub struct ExecEnv {
+    /// This node's name (`SHOAL_NODE`).
+    pub node: String,
+    /// Where task directories go.
+    pub tasks_dir: PathBuf,
+    /// The content cache.
+    pub cas: Cas,
+    /// The cgroup manager; `None` when the start-up checks failed (then no
+    /// task is accepted).
+    pub cgroups: Option<Arc<dyn CgroupManager>>,
+    /// Tasks running now (published as used guest slots).
+    pub running: std::sync::atomic::AtomicU32,
+}
+
+/// Counts a running task for as long as it lives.
+struct Running<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Running<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicU32) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ExecEnv {
+    /// At shutdown: kills whatever still runs and removes every task
+    /// cgroup, this agent's parent cgroup, and the task directories.
+    pub fn shutdown(&self) {
+        if let Some(m) = &self.cgroups {
+            if let Err(e) = m.destroy() {
+                tracing::warn!(error = %e, "cgroups not fully removed");
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Removes what a previous life of the agent left: task directories
+    /// and cgroups.
+    pub fn clean_leftovers(&self) {
+        if let Some(m) = &self.cgroups {
+            for n in m.list().unwrap_or_default() {
+                match m.remove(&n) {
+                    Ok(()) => {
+                        tracing::info!(cgroup = %n, "removed a task cgroup left by a previous run")
+                    }
+                    Err(e) => {
+                        tracing::warn!(cgroup = %n, error = %e, "cannot remove leftover cgroup")
+                    }
+                }
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+                tracing::info!(dir = %e.path().display(), "removed a task directory left by a previous run");
+            }
+        }
+    }
+}
+
+/// Everything one task made on this machine, removed on drop, whatever
+/// happened.
+struct TaskGuard {
+    dir: PathBuf,
+    cgroup: Option<(Arc<dyn CgroupManager>, String)>,
+    spec: Option<Spec>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if let Some((m, name)) = &self.cgroup {
+            if let Err(e) = m.remove(name) {
+                tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
+            }
+        }
+        if let Some(s) = &self.spec {
+            let _ = workspace::cleanup(s);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn failed(code: i32, message: impl Into<String>) -> FromExec {
+    FromExec::Failed {
+        code,
+        message: message.into(),
+    }
+}
+
+fn safe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Serves one task on a link until it ends. Never panics on input; every
+/// refusal is a `Failed` message naming the cause.
+///
+/// # Errors
+/// The link broke (the task, if running, is killed and cleaned up).
+pub async fn serve<R, W>(env: Arc<ExecEnv>, mut rx: R, mut tx: W) -> Result<(), LinkError>
+where
+    R: FrameSource + 'static,
+    W: FrameSink,
+{
+    let first = tokio::time::timeout(Duration::from_secs(30), link::recv::<ToExec, _>(&mut rx))
+        .await
+        .map_err(|_| LinkError::Closed)??;
+    let ToExec::Start(spec) = first else {
+        return link::send(
+            &mut tx,
+            &failed(2, "protocol: the first message must be Start"),
+        )
+        .await;
+    };
+    if let Err(m) = validate(&env, &spec) {
+        return link::send(&mut tx, &failed(2, m)).await;
+    }
+    // Fill the cache with what it lacks.
+    let wanted = spec.tree.iter().filter_map(|e| match &e.node {
+        Node::File { hash, .. } => Some(*hash),
+        _ => None,
+    });
+    let mut missing = env.cas.missing(wanted);
+    link::send(&mut tx, &FromExec::Need(missing.clone())).await?;
+    while !missing.is_empty() {
+        match link::recv::<ToExec, _>(&mut rx).await? {
+            ToExec::Blob { hash, data } => {
+                let cas = env.cas.clone();
+                let r = tokio::task::spawn_blocking(move || cas.put(&hash, &data))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let Err(e) = r {
+                    return link::send(&mut tx, &failed(125, format!("{}: {e}", env.node))).await;
+                }
+                missing.retain(|h| h != &hash);
+            }
+            other => {
+                let m = format!("protocol: expected file contents, got {other:?}");
+                return link::send(&mut tx, &failed(2, m)).await;
+            }
+        }
+    }
+    let _running = Running::new(&env.running);
+    let dir = env.tasks_dir.join(&spec.task_id);
+    let mut guard = TaskGuard {
+        dir: dir.clone(),
+        cgroup: None,
+        spec: None,
+    };
+    let prepared = prepare(&env, &spec, &dir, &mut guard).await;
+    let (mut child, upper) = match prepared {
+        Ok(x) => x,
+        Err(f) => return link::send(&mut tx, &f).await,
+    };
+    link::send(
+        &mut tx,
+        &FromExec::Started {
+            node: env.node.clone(),
+        },
+    )
+    .await?;
+
+    // Input: a task of its own, since receiving is not cancel-safe.
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<ToExec, LinkError>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = link::recv::<ToExec, _>(&mut rx).await;
+            let end = m.is_err();
+            if in_tx.send(m).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
+    let pid = child.id();
+    let mut link_up = true;
+    let status = loop {
+        tokio::select! {
+            n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stdout = None,
+                    Ok(n) => link::send(&mut tx, &FromExec::Stdout(obuf[..n].to_vec())).await?,
+                }
+            }
+            n = async { stderr.as_mut().expect("checked").read(&mut ebuf).await }, if stderr.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stderr = None,
+                    Ok(n) => link::send(&mut tx, &FromExec::Stderr(ebuf[..n].to_vec())).await?,
+                }
+            }
+            m = in_rx.recv(), if link_up => match m {
+                Some(Ok(ToExec::Stdin(data))) => {
+                    if let Some(s) = stdin.as_mut() {
+                        if s.write_all(&data).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Some(Ok(ToExec::StdinEof)) => stdin = None,
+                Some(Ok(ToExec::Signal(sig))) => {
+                    if let (Some(p), Ok(s)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), s);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    // The submitter is gone: the task dies with it.
+                    link_up = false;
+                    tracing::info!(task = %spec.task_id, "submitter gone; killing the task");
+                    let _ = child.start_kill();
+                    if let Some((m, n)) = &guard.cgroup {
+                        let _ = m.kill_all(n);
+                    }
+                }
+            },
+            st = child.wait(), if stdout.is_none() && stderr.is_none() => break st?,
+        }
+    };
+    reader.abort();
+    if !link_up {
+        return Err(LinkError::Closed);
+    }
+    let oom = guard
+        .cgroup
+        .as_ref()
+        .and_then(|(m, n)| m.usage(n).ok())
+        .is_some_and(|u| u.oom_kills > 0);
+    let status = match (status.code(), status.signal()) {
+        (Some(c), _) => Status::Code(c),
+        (None, Some(s)) => Status::Signal(s),
+        _ => Status::Code(125),
+    };
+    let commit = match spec.commit {
+        Commit::Always => true,
+        Commit::Success => status == Status::Code(0),
+        Commit::Never => false,
+    };
+    if commit {
+        let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper(&upper))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        match cs {
+            Ok(cs) => link::send(&mut tx, &FromExec::Changes(cs)).await?,
+            Err(e) => {
+                return link::send(
+                    &mut tx,
+                    &failed(
+                        125,
+                        format!("{}: reading the task's changes: {e}", env.node),
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    link::send(&mut tx, &FromExec::Exit { status, oom }).await?;
+    drop(guard);
+    Ok(())
+}
+
+fn validate(env: &ExecEnv, spec: &TaskSpec) -> Result<(), String> {
+    if env.cgroups.is_none() {
+        return Err(format!(
+            "{} offers no guest slots (its start-up checks failed)",
+            env.node
+        ));
+    }
+    if !safe_id(&spec.task_id) {
+        return Err("invalid task id".into());
+    }
+    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+        return Err("no command given".into());
+    }
+    if !spec.cwd.is_absolute() {
+        return Err(format!(
+            "working directory {} is not absolute",
+            spec.cwd.display()
+        ));
+    }
+    limits(spec).validate().map_err(|e| e.to_string())
+}
+
+fn limits(spec: &TaskSpec) -> Limits {
+    Limits {
+        cpus: spec.resources.cpus,
+        cpu_weight: None,
+        memory_bytes: spec.resources.memory_bytes,
+        pids: Some(spec.resources.pids.unwrap_or(DEFAULT_PIDS)),
+    }
+}
+
+type Prepared = (tokio::process::Child, PathBuf);
+
+/// Builds the task's tree, cgroup and workspace, and starts the command.
+async fn prepare(
+    env: &ExecEnv,
+    spec: &TaskSpec,
+    dir: &Path,
+    guard: &mut TaskGuard,
+) -> Result<Prepared, FromExec> {
+    let err125 =
+        |what: &str, e: &dyn std::fmt::Display| failed(125, format!("{}: {what}: {e}", env.node));
+    let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
+    {
+        let cas = env.cas.clone();
+        let tree = spec.tree.clone();
+        let (lower, upper, work) = (lower.clone(), upper.clone(), work.clone());
+        let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            cas.materialize(&tree, &lower, Some((GUEST_ID, GUEST_ID)))
+                .map_err(|e| e.to_string())?;
+            for d in [&upper, &work] {
+                std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            }
+            std::os::unix::fs::chown(&upper, Some(GUEST_ID), Some(GUEST_ID))
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(err125("preparing the task's files", &e)),
+            Err(e) => return Err(err125("preparing the task's files", &e)),
+        }
+    }
+    let cg_name = format!("task-{}", spec.task_id);
+    let mgr = env
+        .cgroups
+        .clone()
+        .ok_or_else(|| failed(125, "no cgroups"))?;
+    mgr.create(&cg_name, &limits(spec))
+        .map_err(|e| err125("cgroup", &e))?;
+    guard.cgroup = Some((mgr.clone(), cg_name.clone()));
+    let ws = Spec {
+        run_dir: dir.join("run"),
+        root: Root::Host,
+        tree: Some(Tree {
+            lower,
+            upper: upper.clone(),
+            work,
+            at: spec.cwd.clone(),
+        }),
+        cwd: spec.cwd.clone(),
+        hostname: env.node.clone(),
+        uid: GUEST_ID,
+        gid: GUEST_ID,
+        net: if spec.net_host {
+            Net::Host
+        } else {
+            Net::Loopback
+        },
+    };
+    let plan = Plan::new(&ws).map_err(|e| err125("workspace", &e))?;
+    guard.spec = Some(ws);
+    let argv0 = OsString::from_vec(spec.argv[0].clone());
+    let mut cmd = std::process::Command::new(&argv0);
+    cmd.args(spec.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
+        .env_clear()
+        .envs(
+            spec.env
+                .iter()
+                .map(|(k, v)| (OsString::from_vec(k.clone()), OsString::from_vec(v.clone()))),
+        )
+        .env("SHOAL_NODE", &env.node)
+        .env("SHOAL_TASK_ID", &spec.task_id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_into(&mut cmd, mgr.as_ref(), &cg_name).map_err(|e| err125("cgroup", &e))?;
+    plan.apply(&mut cmd);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    match cmd.spawn() {
+        Ok(child) => Ok((child, upper)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(failed(
+            127,
+            format!("{}: command not found", argv0.to_string_lossy()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(failed(
+            126,
+            format!("{}: permission denied", argv0.to_string_lossy()),
+        )),
+        Err(e) => Err(err125("starting the command", &e)),
+    }
+}

@@ -1,0 +1,103 @@
+//! The agent's TCP service (on the SWIM port number): every connection is
+//! an authenticated Noise stream whose first message says what it is for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_transport::stream::{self, Reader, Writer};
+use shoal_transport::ClusterKey;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::exec::{self, ExecEnv};
+
+/// The first message on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hello {
+    /// Stream back this many bytes.
+    Bandwidth {
+        /// How many.
+        bytes: u64,
+    },
+    /// Run a task (the task protocol follows).
+    Task,
+}
+
+/// Serves connections until the listener fails. Without an executor
+/// (`None`), task requests are refused.
+pub async fn serve(
+    listener: TcpListener,
+    key: ClusterKey,
+    cluster: String,
+    exec: Option<Arc<ExecEnv>>,
+) {
+    loop {
+        let Ok((s, peer)) = listener.accept().await else {
+            continue;
+        };
+        let key = key.clone();
+        let cluster = cluster.clone();
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn(s, &key, &cluster, exec).await {
+                tracing::debug!(%peer, error = %e, "peer connection ended");
+            }
+        });
+    }
+}
+
+async fn conn(
+    s: TcpStream,
+    key: &ClusterKey,
+    cluster: &str,
+    exec: Option<Arc<ExecEnv>>,
+) -> Result<(), String> {
+    let _ = s.set_nodelay(true);
+    let (mut r, w): (Reader<TcpStream>, Writer<TcpStream>) =
+        tokio::time::timeout(Duration::from_secs(10), stream::accept(s, key, cluster))
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+    let hello: Hello = postcard::from_bytes(&r.recv().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    match hello {
+        Hello::Bandwidth { bytes } => crate::bandwidth::answer(w, bytes)
+            .await
+            .map_err(|e| e.to_string()),
+        Hello::Task => match exec {
+            Some(env) => exec::serve(env, r, w).await.map_err(|e| e.to_string()),
+            None => {
+                let mut w = w;
+                let f = shoal_task::proto::FromExec::Failed {
+                    code: 125,
+                    message: "this node runs no tasks".into(),
+                };
+                shoal_task::link::send(&mut w, &f)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+    }
+}
+
+/// Opens a task connection to the agent at `addr`.
+///
+/// # Errors
+/// Connection or handshake failure.
+pub async fn connect_task(
+    addr: std::net::SocketAddr,
+    key: &ClusterKey,
+    cluster: &str,
+) -> Result<(Reader<TcpStream>, Writer<TcpStream>), String> {
+    let s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let (r, mut w) = stream::connect(s, key, cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = postcard::to_stdvec(&Hello::Task).map_err(|e| e.to_string())?;
+    w.send(&hello).await.map_err(|e| e.to_string())?;
+    Ok((r, w))
+}
