@@ -301,6 +301,9 @@ where
     }
     link::send(&mut tx, &FromExec::Exit { status, oom }).await?;
     drop(guard);
+    // Keep the cache under its cap (running tasks keep their hard links).
+    let cas = env.cas.clone();
+    tokio::task::spawn_blocking(move || cas.evict());
     Ok(())
 }
 

@@ -39,6 +39,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CasError + '_ {
     }
 }
 
+/// A name part no other writer in this process or another uses now.
+fn unique() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 /// A directory of contents named by their hash, with a size cap.
 #[derive(Debug, Clone)]
 pub struct Cas {
@@ -92,11 +99,12 @@ impl Cas {
             return Err(CasError::Mismatch(hex::encode(h)));
         }
         let p = self.path(h);
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}",
-            hex::encode(&h[..8]),
-            std::process::id()
-        ));
+        if p.exists() {
+            return Ok(()); // another task brought the same content meanwhile
+        }
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{}", hex::encode(&h[..8]), unique()));
         let r = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -163,7 +171,7 @@ impl Cas {
                     let src = if mode & 0o111 != 0 {
                         let x = base.with_extension("x");
                         if !x.exists() {
-                            let tmp = base.with_extension(format!("x.tmp{}", std::process::id()));
+                            let tmp = base.with_extension(format!("x.tmp{}", unique()));
                             fs::copy(&base, &tmp).map_err(io_err(&tmp))?;
                             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
                                 .map_err(io_err(&tmp))?;

@@ -1,0 +1,354 @@
+//! `shoal run` on real agents in network namespaces (root; elsewhere each
+//! test prints why it skipped): behaviour as if local, files, limits,
+//! isolation, cleanup, and a distributed `make -j4`.
+
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use shoal_netns::{wait_for, Lab};
+
+/// A cluster of `n` formed hosts and a scratch tree to run from.
+fn cluster(tag: &str, subnet: u8, n: usize) -> Option<(Lab, Tree)> {
+    let mut lab = lab(tag, subnet, n)?;
+    let all: Vec<usize> = (0..n).collect();
+    start_all(&mut lab, &all, &[]);
+    wait_alive(&lab, &all, &all, Duration::from_secs(20));
+    // Facts (checks, slots) must have arrived for placement.
+    wait_for(Duration::from_secs(10), || {
+        let v = nodes(&lab, 0)?;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .all(|n| n["checks"] == "ok")
+            .then_some(())
+    })
+    .expect("facts from every node");
+    let tree = Tree::new(&lab.dir.join("tree"));
+    Some((lab, tree))
+}
+
+struct Tree(PathBuf);
+
+impl Tree {
+    fn new(p: &Path) -> Self {
+        std::fs::create_dir_all(p).unwrap();
+        Self(p.to_owned())
+    }
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.0.join(name), text).unwrap();
+    }
+    fn read(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.0.join(name)).ok()
+    }
+}
+
+/// `shoal run ARGS` from `tree`, through host 0's agent.
+fn run(lab: &Lab, tree: &Tree, args: &[&str]) -> Command {
+    let mut c = Command::new(shoal_bin());
+    c.arg("run")
+        .arg("--data-dir")
+        .arg(&lab.hosts[0].data_dir)
+        .args(args)
+        .current_dir(&tree.0)
+        .stdin(Stdio::null());
+    c
+}
+
+fn out(mut c: Command) -> Output {
+    c.output().unwrap()
+}
+
+fn s(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exit_status_streams_and_stdin_as_if_local() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run1", 20, 3) else {
+        return;
+    };
+    for code in [0, 1, 42] {
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--node", "h1", "--", "sh", "-c", &format!("exit {code}")],
+        ));
+        assert_eq!(o.status.code(), Some(code), "{}", s(&o.stderr));
+    }
+    let o = out(run(
+        &lab,
+        &tree,
+        &["--node", "h1", "--", "sh", "-c", "kill -KILL $$"],
+    ));
+    assert_eq!(
+        o.status.code(),
+        Some(137),
+        "death by SIGKILL is $? 137: {}",
+        s(&o.stderr)
+    );
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h2",
+            "--",
+            "sh",
+            "-c",
+            "echo o1; echo e1 >&2; echo o2; echo e2 >&2; echo $SHOAL_NODE",
+        ],
+    ));
+    assert_eq!(s(&o.stdout), "o1\no2\nh2\n");
+    assert_eq!(
+        s(&o.stderr),
+        "e1\ne2\n",
+        "nothing of shoal's own without -v"
+    );
+    let mut c = run(&lab, &tree, &["--node", "h1", "--", "sort", "-r"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"a\nc\nb\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(s(&o.stdout), "c\nb\na\n");
+    let o = out(run(&lab, &tree, &["--", "no-such-command-here"]));
+    assert_eq!(o.status.code(), Some(127));
+    assert!(
+        s(&o.stderr).contains("no-such-command-here: command not found"),
+        "{}",
+        s(&o.stderr)
+    );
+    let o = out(run(&lab, &tree, &["--mem", "lots", "--", "true"]));
+    assert_eq!(o.status.code(), Some(2));
+    let o = out(run(&lab, &tree, &["--node", "nowhere", "--", "true"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(s(&o.stderr).contains("unknown node"), "{}", s(&o.stderr));
+}
+
+#[test]
+fn file_changes_come_back_only_on_success() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run2", 21, 2) else {
+        return;
+    };
+    tree.write("a.txt", "one\n");
+    tree.write("gone.txt", "bye\n");
+    std::fs::create_dir_all(tree.0.join("sub")).unwrap();
+    tree.write("sub/keep.txt", "k\n");
+    let o = out(run(&lab, &tree, &["--node", "h1", "--", "sh", "-c", "echo two >> a.txt; rm gone.txt; mkdir -p out; echo built > out/x; ln -s out/x latest; cat sub/keep.txt"]));
+    assert!(o.status.success(), "{}", s(&o.stderr));
+    assert_eq!(s(&o.stdout), "k\n", "the tree was shipped");
+    assert_eq!(tree.read("a.txt").as_deref(), Some("one\ntwo\n"));
+    assert_eq!(tree.read("gone.txt"), None, "deletion propagated");
+    assert_eq!(tree.read("out/x").as_deref(), Some("built\n"));
+    assert_eq!(
+        std::fs::read_link(tree.0.join("latest")).unwrap(),
+        PathBuf::from("out/x")
+    );
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "echo no > failed.txt; rm a.txt; exit 3",
+        ],
+    ));
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(
+        tree.read("failed.txt"),
+        None,
+        "nothing applied from a failed task"
+    );
+    assert!(tree.read("a.txt").is_some());
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--commit",
+            "always",
+            "--",
+            "sh",
+            "-c",
+            "echo yes > failed.txt; exit 3",
+        ],
+    ));
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(tree.read("failed.txt").as_deref(), Some("yes\n"));
+    let leftovers: Vec<_> = std::fs::read_dir(&tree.0)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".shoal-"))
+        .collect();
+    assert!(leftovers.is_empty(), "no staging left in the tree");
+}
+
+#[test]
+fn limits_and_isolation() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run3", 22, 2) else {
+        return;
+    };
+    let o = out(run(
+        &lab,
+        &tree,
+        &["--node", "h1", "--mem", "64M", "--", "tail", "/dev/zero"],
+    ));
+    assert_eq!(o.status.code(), Some(137));
+    assert!(s(&o.stderr).contains("out of memory"), "{}", s(&o.stderr));
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--pids",
+            "24",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; wait",
+        ],
+    ));
+    assert!(
+        s(&o.stderr).to_lowercase().contains("fork"),
+        "the fork bomb hit the pids limit: {}",
+        s(&o.stderr)
+    );
+    assert!(nodes(&lab, 1).is_some(), "the executor is still there");
+    let key = lab.dir.join("cluster.key");
+    let script = format!(
+        "cat /etc/shadow | wc -c; cat {} 2>&1 | head -c 200; ls /root 2>&1 | head -1; id -u",
+        key.display()
+    );
+    let o = out(run(
+        &lab,
+        &tree,
+        &["--node", "h1", "--", "sh", "-c", &script],
+    ));
+    let t = s(&o.stdout);
+    let host_key = std::fs::read_to_string(&key).unwrap();
+    assert!(t.starts_with("0\n"), "no /etc/shadow content: {t}");
+    assert!(!t.contains(host_key.trim()), "the agent key leaked: {t}");
+    assert!(t.contains("No such file"), "{t}");
+    assert!(t.trim_end().ends_with("65534"), "{t}");
+}
+
+#[test]
+fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run4", 23, 2) else {
+        return;
+    };
+    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "300"]);
+    c.stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.contains("started on") {
+            break;
+        }
+    }
+    let tasks = lab.hosts[1].data_dir.join("tasks");
+    assert_eq!(
+        std::fs::read_dir(&tasks).unwrap().count(),
+        1,
+        "the task is running"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let clean = wait_for(Duration::from_secs(5), || {
+        let no_dirs = std::fs::read_dir(&tasks)
+            .map(|d| d.count() == 0)
+            .unwrap_or(true);
+        let cg = Path::new("/sys/fs/cgroup/pids/shoal-h1");
+        let no_cgroups = std::fs::read_dir(cg)
+            .map(|d| {
+                !d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("task-"))
+            })
+            .unwrap_or(true);
+        let no_proc = !Command::new("pgrep")
+            .args(["-x", "sleep", "-f"])
+            .arg("sleep 300")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        (no_dirs && no_cgroups && no_proc).then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "the executor kept the task's process, cgroup or files"
+    );
+}
+
+#[test]
+fn make_j4_with_shoal_run_as_cc_across_three_hosts() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if Command::new("make").arg("--version").output().is_err()
+        || Command::new("gcc").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: make and gcc are needed");
+        return;
+    }
+    let Some((lab, tree)) = cluster("run5", 24, 3) else {
+        return;
+    };
+    let mut objs = Vec::new();
+    let mut decls = String::new();
+    let mut calls = String::new();
+    for i in 0..8 {
+        tree.write(
+            &format!("f{i}.c"),
+            &format!("int f{i}(void) {{ return {}; }}\n", i * 10 + 1),
+        );
+        decls.push_str(&format!("int f{i}(void);\n"));
+        calls.push_str(&format!(" + f{i}()"));
+        objs.push(format!("f{i}.o"));
+    }
+    tree.write("main.c", &format!("#include <stdio.h>\n{decls}int main(void) {{ printf(\"%d\\n\", 0{calls}); return 0; }}\n"));
+    tree.write(
+        "Makefile",
+        &format!(
+            "prog: main.o {objs}\n\t$(CC) -o prog main.o {objs}\n%.o: %.c\n\t$(CC) -c $< -o $@\n",
+            objs = objs.join(" ")
+        ),
+    );
+    let cc = format!(
+        "{} run -v --data-dir {} --",
+        shoal_bin().display(),
+        lab.hosts[0].data_dir.display()
+    );
+    let o = Command::new("make")
+        .args(["-j4", &format!("CC={cc} gcc")])
+        .current_dir(&tree.0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", s(&o.stdout), s(&o.stderr));
+    let prog = Command::new(tree.0.join("prog")).output().unwrap();
+    let expected: i32 = (0..8).map(|i| i * 10 + 1).sum();
+    assert_eq!(s(&prog.stdout).trim(), expected.to_string());
+    let err = s(&o.stderr);
+    let mut used: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("shoal: started on "))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(
+        used.len() >= 2,
+        "the compiles were spread over the cluster: {used:?}\n{err}"
+    );
+}
