@@ -12,6 +12,15 @@ use crate::changes::{check_path, Change, ChangeError, ChangeSet};
 
 /// Name prefix of the staging directories inside a tree.
 pub const STAGING_PREFIX: &str = ".shoal-commit-";
+/// Name prefix of a staging directory still being set up (before its lock
+/// is held it is not a staging directory yet).
+const PREP_PREFIX: &str = ".shoal-prep-";
+
+/// Whether a top-level name in a tree is shoal's own bookkeeping (never
+/// shipped, never written by a change set).
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with(STAGING_PREFIX) || name.starts_with(PREP_PREFIX)
+}
 const JOURNAL: &str = "journal";
 /// Held (flock) by the process committing through a staging directory, so
 /// that a concurrent `recover` leaves a live commit alone.
@@ -103,7 +112,7 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
             .components()
             .next()
             .map(|c| c.as_os_str().to_string_lossy().into_owned());
-        if first.is_some_and(|f| f.starts_with(STAGING_PREFIX)) {
+        if first.is_some_and(|f| is_internal(&f)) {
             return Err(ChangeError::UnsafePath(e.path.clone()).into());
         }
     }
@@ -116,11 +125,16 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
         id = (t ^ u64::from(std::process::id())).to_be_bytes();
     }
     let id = u64::from_be_bytes(id);
+    // Set the directory up under another name, lock it, and only then give
+    // it the name `recover` looks at: a concurrent recovery never sees a
+    // staging directory whose lock is not held yet.
+    let prep = root.join(format!("{PREP_PREFIX}{id:016x}"));
     let stage = root.join(format!("{STAGING_PREFIX}{id:016x}"));
-    fs::create_dir(&stage).map_err(io_err(&stage))?;
-    let lock_path = stage.join(LOCK);
+    fs::create_dir(&prep).map_err(io_err(&prep))?;
+    let lock_path = prep.join(LOCK);
     let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
     lock.lock().map_err(io_err(&lock_path))?;
+    fs::rename(&prep, &stage).map_err(io_err(&stage))?;
     let staged = stage_all(&stage, cs, crash);
     let steps = match staged {
         Ok(steps) => steps,
@@ -302,6 +316,22 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
     let mut done = 0;
     for e in fs::read_dir(root).map_err(io_err(root))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREP_PREFIX) {
+            // A set-up that died before it could lock: remove it once its
+            // lock is free (or it never made one and is old).
+            let lock = fs::File::open(e.path().join(LOCK));
+            let stale = match &lock {
+                Ok(l) => l.try_lock().is_ok(),
+                Err(_) => e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|d| d.as_secs() > 600)),
+            };
+            if stale {
+                let _ = fs::remove_dir_all(e.path());
+            }
+            continue;
+        }
         if !name.starts_with(STAGING_PREFIX) {
             continue;
         }

@@ -21,5 +21,5 @@
 mod apply;
 mod changes;
 
-pub use apply::{apply, recover, ApplyError, STAGING_PREFIX};
+pub use apply::{apply, is_internal, recover, ApplyError, STAGING_PREFIX};
 pub use changes::{Change, ChangeError, ChangeSet, Entry};

@@ -62,7 +62,7 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
         .sort_by_file_path(|a, b| a.cmp(b))
         .filter_entry(|e| {
             let n = e.file_name().to_string_lossy();
-            n != ".git" && !n.starts_with(shoal_files::STAGING_PREFIX)
+            n != ".git" && !shoal_files::is_internal(&n)
         })
         .build();
     for item in walker {

@@ -287,6 +287,8 @@ async fn remote(
         };
         match msg {
             FromExec::Need(hashes) => {
+                let mut shipped = 0u64;
+                let count = hashes.len();
                 for h in hashes {
                     let Some(path) = manifest.sources.get(&h) else {
                         bail!("the executor asked for a content this tree does not have");
@@ -301,7 +303,14 @@ async fn remote(
                         );
                         return Ok(ExitCode::from(2));
                     }
+                    shipped += data.len() as u64;
                     out_tx.send(ToExec::Blob { hash: h, data }).await?;
+                }
+                if a.verbose {
+                    eprintln!(
+                        "shoal: shipped {shipped} bytes ({count} contents) of a {}-byte tree",
+                        manifest.bytes
+                    );
                 }
             }
             FromExec::Started { node } => {
