@@ -314,6 +314,7 @@ fn run(root: &Path, stage: &Path, steps: &[Step], crash: Crash) -> Result<(), Ap
 /// or a filesystem failure.
 pub fn recover(root: &Path) -> Result<usize, ApplyError> {
     let mut done = 0;
+    let mut touched = false;
     for e in fs::read_dir(root).map_err(io_err(root))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(PREP_PREFIX) {
@@ -353,8 +354,13 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
             done += 1;
         }
         fs::remove_dir_all(&stage).map_err(io_err(&stage))?;
+        touched = true;
     }
-    sync_dir(root)?;
+    // Only a recovery that changed something pays for a directory sync
+    // (this runs before every `shoal run`).
+    if touched {
+        sync_dir(root)?;
+    }
     Ok(done)
 }
 

@@ -99,7 +99,7 @@ pub(crate) fn rmdir(path: &Path) -> Result<(), CgroupError> {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) if Instant::now() < end && e.raw_os_error() == Some(nix::libc::EBUSY) => {
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_micros(200));
             }
             Err(e) => return Err(io_err(path)(e)),
         }

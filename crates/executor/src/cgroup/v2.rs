@@ -146,7 +146,7 @@ impl CgroupManager for V2 {
             if Instant::now() > end {
                 return Err(CgroupError::Busy(name.to_owned()));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
