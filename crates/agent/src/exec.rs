@@ -145,6 +145,7 @@ where
     R: FrameSource + 'static,
     W: FrameSink,
 {
+    let t0 = std::time::Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(30), link::recv::<ToExec, _>(&mut rx))
         .await
         .map_err(|_| LinkError::Closed)??;
@@ -195,6 +196,7 @@ where
         Ok(x) => x,
         Err(f) => return link::send(&mut tx, &f).await,
     };
+    let t_started = t0.elapsed();
     link::send(
         &mut tx,
         &FromExec::Started {
@@ -300,7 +302,15 @@ where
         }
     }
     link::send(&mut tx, &FromExec::Exit { status, oom }).await?;
+    let t_exit = t0.elapsed();
     drop(guard);
+    tracing::debug!(
+        task = %spec.task_id,
+        started_ms = t_started.as_secs_f64() * 1e3,
+        exit_ms = t_exit.as_secs_f64() * 1e3,
+        cleaned_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "task timings"
+    );
     // Keep the cache under its cap (running tasks keep their hard links).
     let cas = env.cas.clone();
     tokio::task::spawn_blocking(move || cas.evict());
@@ -372,6 +382,7 @@ async fn prepare(
         }
     }
     let cg_name = format!("task-{}", spec.task_id);
+    let t = std::time::Instant::now();
     let mgr = env
         .cgroups
         .clone()
@@ -418,7 +429,14 @@ async fn prepare(
     plan.apply(&mut cmd);
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
-    match cmd.spawn() {
+    let t_setup = t.elapsed();
+    let spawned = cmd.spawn();
+    tracing::debug!(
+        setup_ms = t_setup.as_secs_f64() * 1e3,
+        spawn_ms = (t.elapsed() - t_setup).as_secs_f64() * 1e3,
+        "cgroup and plan, then spawn"
+    );
+    match spawned {
         Ok(child) => Ok((child, upper)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(failed(
             127,
