@@ -1,6 +1,7 @@
 //! What a workspace costs, step by step (root): `cargo bench -p
 //! shoal-executor --bench workspace`. Medians over `SHOAL_BENCH_N` (200)
 //! runs of `/bin/true`, beside the peer: a plain fork+exec+wait.
+//! `SHOAL_BENCH_GAP_MS=20` idles between runs, as between real tasks.
 
 #![allow(clippy::unwrap_used)] // a benchmark aborts on setup failure
 
@@ -17,12 +18,19 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn time(n: usize, mut f: impl FnMut(usize)) -> Duration {
+    let gap = std::env::var("SHOAL_BENCH_GAP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
     for i in 0..5 {
         f(usize::MAX - i); // warm-up
     }
     median(
         (0..n)
             .map(|i| {
+                if let Some(g) = gap {
+                    std::thread::sleep(g);
+                }
                 let t = Instant::now();
                 f(i);
                 t.elapsed()
@@ -87,6 +95,14 @@ fn main() {
         mgr.create(&name, &limits).unwrap();
         mgr.remove(&name).unwrap();
     });
+    let attach = time(n, |i| {
+        let name = format!("a{i}");
+        mgr.create(&name, &limits).unwrap();
+        let mut c = Command::new("/bin/true");
+        spawn_into(&mut c, mgr.as_ref(), &name).unwrap();
+        assert!(c.status().unwrap().success());
+        mgr.remove(&name).unwrap();
+    });
     let full = time(n, |i| {
         let name = format!("f{i}");
         mgr.create(&name, &limits).unwrap();
@@ -114,6 +130,10 @@ fn main() {
     println!(
         "| cgroup v1/v2 set: create with cpu/memory/pids limits, remove | {:.2} ms |",
         ms(cg)
+    );
+    println!(
+        "| cgroup set + /bin/true moving itself into it before exec + removal | {:.2} ms |",
+        ms(attach)
     );
     println!(
         "| all of it: cgroup + workspace + /bin/true + removal | {:.2} ms |",
