@@ -77,6 +77,8 @@ pub struct FileConfig {
     pub swim_profile: Option<String>,
     /// Size cap of the executor's content cache, bytes.
     pub cache_bytes: Option<u64>,
+    /// Guest slots this machine lends (default: its cores).
+    pub slots: Option<u32>,
 }
 
 /// `[discovery]`.
@@ -112,6 +114,8 @@ pub struct Flags {
     pub expect: Option<u32>,
     /// `--no-discovery`.
     pub no_discovery: bool,
+    /// `--slots`.
+    pub slots: Option<u32>,
 }
 
 /// The effective configuration.
@@ -148,6 +152,8 @@ pub struct AgentConfig {
     pub swim_profile: SwimProfile,
     /// Size cap of the executor's content cache, bytes.
     pub cache_bytes: u64,
+    /// Guest slots lent (`None`: one per core).
+    pub slots: Option<u32>,
 }
 
 /// SWIM timing: how fast failures are detected against how much loss is
@@ -272,6 +278,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
     Ok(AgentConfig {
         swim_profile,
         cache_bytes: file.cache_bytes.unwrap_or(2 << 30),
+        slots: flags.slots.or(file.slots),
         name,
         cluster,
         bind: flags

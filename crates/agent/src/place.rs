@@ -14,6 +14,8 @@ pub struct Ask {
     pub local: bool,
     /// Memory limit asked, bytes.
     pub memory_bytes: Option<u64>,
+    /// Nodes not to use (an earlier attempt of this task was lost there).
+    pub exclude: Vec<String>,
 }
 
 /// Where to run.
@@ -71,6 +73,9 @@ pub fn place(nodes: &[NodeInfo], inflight: &HashMap<String, u32>, ask: &Ask) -> 
     }
     let load = |n: &NodeInfo| inflight.get(&n.name).copied().unwrap_or(0);
     if let Some(want) = &ask.node {
+        if ask.exclude.contains(want) {
+            return Choice::Refuse(format!("node {want:?} lost this task already"));
+        }
         return match nodes.iter().find(|n| &n.name == want) {
             None => Choice::Refuse(format!("unknown node {want:?} (see `shoal nodes`)")),
             Some(n) if n.is_self => Choice::Local { fallback: None },
@@ -85,6 +90,7 @@ pub fn place(nodes: &[NodeInfo], inflight: &HashMap<String, u32>, ask: &Ask) -> 
     }
     let best = nodes
         .iter()
+        .filter(|n| !ask.exclude.contains(&n.name))
         .filter_map(|n| score(n, load(n), ask).map(|s| (s, n)))
         .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.name.cmp(&a.1.name)));
     match best {
@@ -145,6 +151,14 @@ mod tests {
         let busy: HashMap<String, u32> = [("big".to_owned(), 7)].into();
         assert_eq!(
             place(&nodes, &busy, &Ask::default()),
+            Choice::Local { fallback: None }
+        );
+        let lost = Ask {
+            exclude: vec!["big".into()],
+            ..Ask::default()
+        };
+        assert_eq!(
+            place(&nodes, &none, &lost),
             Choice::Local { fallback: None }
         );
         let full: HashMap<String, u32> = [("big".to_owned(), 8), ("me".to_owned(), 2)].into();

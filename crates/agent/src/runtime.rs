@@ -144,7 +144,9 @@ impl Shell {
             load: shoal_facts::probe::load().unwrap_or([0.0; 3]),
             owner_idle_s: shoal_facts::probe::owner_idle(),
             slots_free: if self.verified.checks.ok() {
-                self.cores
+                self.cfg
+                    .slots
+                    .unwrap_or(self.cores)
                     .saturating_sub(self.exec.running.load(Ordering::Relaxed))
             } else {
                 0
@@ -340,6 +342,7 @@ async fn control_conn(
             node,
             local,
             memory_bytes,
+            exclude,
         } => {
             let report = match ask_main(&tx, Request::Nodes { bandwidth: false }).await {
                 Response::Nodes(r) => r,
@@ -349,6 +352,7 @@ async fn control_conn(
                 node,
                 local,
                 memory_bytes,
+                exclude,
             };
             return run_task(r, w, &ctx, &report, &ask).await;
         }

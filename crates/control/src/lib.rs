@@ -68,6 +68,9 @@ pub enum Request {
         /// Memory the task asks for, bytes (for placement).
         #[serde(default)]
         memory_bytes: Option<u64>,
+        /// Nodes not to use (where an earlier attempt was lost).
+        #[serde(default)]
+        exclude: Vec<String>,
     },
 }
 

@@ -352,3 +352,72 @@ fn make_j4_with_shoal_run_as_cc_across_three_hosts() {
         "the compiles were spread over the cluster: {used:?}\n{err}"
     );
 }
+
+#[test]
+fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run6", 25, 3) else {
+        return;
+    };
+    // h0 lends no slots: the task goes to h1 or h2.
+    lab.start_agent(0, &["--slots", "0"]).unwrap();
+    start_all(&mut lab, &[1, 2], &[]);
+    wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
+    wait_for(Duration::from_secs(10), || {
+        let v = nodes(&lab, 0)?;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .all(|n| n["checks"] == "ok")
+            .then_some(())
+    })
+    .expect("facts");
+    let tree = Tree::new(&lab.dir.join("tree"));
+    let mut c = run(
+        &lab,
+        &tree,
+        &[
+            "-v",
+            "--",
+            "sh",
+            "-c",
+            "echo begin; sleep 2; echo finished > done.txt; echo end",
+        ],
+    );
+    c.stderr(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 {
+        if let Some(n) = line.trim().strip_prefix("shoal: started on ") {
+            first = n.to_owned();
+            break;
+        }
+        line.clear();
+    }
+    let victim: usize = first
+        .trim_start_matches('h')
+        .parse()
+        .expect("started on h1 or h2");
+    assert_ne!(victim, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.signal(victim, nix::sys::signal::Signal::SIGKILL);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{rest}");
+    assert_eq!(
+        s(&o.stdout),
+        "begin\nend\n",
+        "output once, not repeated: {rest}"
+    );
+    assert_eq!(tree.read("done.txt").as_deref(), Some("finished\n"));
+    assert!(rest.contains("running it again elsewhere"), "{rest}");
+    let second: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("shoal: started on "))
+        .collect();
+    assert_eq!(second.len(), 1, "{rest}");
+    assert_ne!(second[0], first, "{rest}");
+}

@@ -37,6 +37,9 @@ pub struct AgentArgs {
     /// No multicast discovery (use --join only).
     #[arg(long)]
     no_discovery: bool,
+    /// Guest slots this machine lends (default: one per core; 0 lends none).
+    #[arg(long, value_name = "N")]
+    slots: Option<u32>,
 }
 
 /// Runs the agent until SIGTERM, SIGINT or `shoal leave`.
@@ -60,6 +63,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             key: a.key,
             expect: a.expect,
             no_discovery: a.no_discovery,
+            slots: a.slots,
         },
     )?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -5,12 +5,13 @@ use std::io::{IsTerminal, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use shoal_control::{Request, Response};
-use shoal_task::link::{self, FrameSink, Plain};
+use shoal_task::link::{self, Plain};
 use shoal_task::proto::{Commit, FromExec, Resources, Status, TaskSpec, ToExec};
 use shoal_task::tree;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -74,6 +75,11 @@ pub struct RunArgs {
     /// `host` gives the task this machine's network (default: loopback only).
     #[arg(long, value_name = "MODE", value_parser = ["host", "loopback"])]
     net: Option<String>,
+    /// Run again elsewhere this many times when an executor is lost
+    /// mid-task (output already shown is not repeated; files are committed
+    /// once).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    retries: u32,
     /// Say where the task runs, and why when it falls back to this node.
     #[arg(short, long)]
     verbose: bool,
@@ -179,27 +185,68 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let stream = match tokio::net::UnixStream::connect(&socket).await {
-            Ok(s) => s,
-            Err(e) => {
-                if a.verbose {
-                    eprintln!(
-                        "shoal: running locally: no agent at {} ({e})",
-                        socket.display()
-                    );
-                }
-                return run_plain(&a.command);
+        if let Err(e) = tokio::net::UnixStream::connect(&socket).await {
+            if a.verbose {
+                eprintln!(
+                    "shoal: running locally: no agent at {} ({e})",
+                    socket.display()
+                );
             }
-        };
-        remote(a, stream, &cwd).await
+            return run_plain(&a.command);
+        }
+        session(a, &socket, &cwd).await
     })
 }
 
-async fn remote(
-    a: RunArgs,
-    stream: tokio::net::UnixStream,
-    cwd: &Path,
-) -> anyhow::Result<ExitCode> {
+/// How one attempt ended.
+enum Outcome {
+    /// The task ended (or was refused): exit with this.
+    Done(ExitCode),
+    /// The executor (or the way to it) was lost before the end.
+    Lost {
+        /// Where it ran.
+        node: String,
+        /// What broke.
+        why: String,
+    },
+}
+
+/// What earlier attempts already did, so a retry neither repeats output
+/// nor commits twice.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Bytes of stdout already written here.
+    out: u64,
+    /// Bytes of stderr already written here.
+    err: u64,
+    /// Input was forwarded (it cannot be replayed).
+    stdin_sent: Arc<AtomicBool>,
+    /// The file changes were applied.
+    committed: bool,
+}
+
+/// Writes the part of `chunk` (at `offset` in its stream, in this attempt)
+/// that earlier attempts have not written yet.
+fn write_new(
+    w: &mut impl Write,
+    chunk: &[u8],
+    offset: &mut u64,
+    written: &mut u64,
+) -> std::io::Result<()> {
+    let start = *offset;
+    *offset += chunk.len() as u64;
+    if *offset > *written {
+        let skip = usize::try_from(written.saturating_sub(start))
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        w.write_all(&chunk[skip..])?;
+        w.flush()?;
+        *written = *offset;
+    }
+    Ok(())
+}
+
+async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCode> {
     let manifest = match tokio::task::spawn_blocking({
         let cwd = cwd.to_owned();
         move || tree::scan(&cwd)
@@ -212,34 +259,6 @@ async fn remote(
             return Ok(ExitCode::from(2));
         }
     };
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let req = Request::Run {
-        node: a.node.clone(),
-        local: a.local,
-        memory_bytes: a.mem,
-    };
-    let mut line = serde_json::to_vec(&req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let mut answer = String::new();
-    r.read_line(&mut answer).await?;
-    match serde_json::from_str::<Response>(&answer) {
-        Ok(Response::Run { node, fallback }) => {
-            if a.verbose {
-                match fallback {
-                    Some(why) => eprintln!("shoal: running on {node} (this node): {why}"),
-                    None => eprintln!("shoal: running on {node}"),
-                }
-            }
-        }
-        Ok(Response::Error { message }) => {
-            eprintln!("shoal: {message}");
-            return Ok(ExitCode::from(2));
-        }
-        Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
-        Err(e) => bail!("unexpected answer from the agent ({e}): {answer:?}"),
-    }
     let spec = TaskSpec {
         task_id: task_id(),
         argv: a.command.iter().map(|s| s.as_bytes().to_vec()).collect(),
@@ -261,6 +280,89 @@ async fn remote(
             CommitArg::Never => Commit::Never,
         },
     };
+    let mut progress = Progress::default();
+    let mut exclude: Vec<String> = Vec::new();
+    for attempt in 0..=a.retries {
+        let stream = match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("shoal: lost the agent at {} ({e})", socket.display());
+                return Ok(ExitCode::from(125));
+            }
+        };
+        match attempt_once(&a, stream, &spec, &manifest, cwd, &exclude, &mut progress).await? {
+            Outcome::Done(code) => return Ok(code),
+            Outcome::Lost { node, why } => {
+                if progress.committed {
+                    // Changes are sent just before the exit status; with the
+                    // default policy they mean success.
+                    if matches!(a.commit, CommitArg::Success) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    eprintln!(
+                        "shoal: lost the task on {node} after its changes were applied ({why})"
+                    );
+                    return Ok(ExitCode::from(125));
+                }
+                if progress.stdin_sent.load(Ordering::Relaxed) {
+                    eprintln!(
+                        "shoal: lost the task on {node} ({why}); its input cannot be sent again"
+                    );
+                    return Ok(ExitCode::from(125));
+                }
+                if attempt == a.retries {
+                    eprintln!("shoal: lost the task on {node} ({why}); no retries left");
+                    return Ok(ExitCode::from(125));
+                }
+                if a.verbose {
+                    eprintln!("shoal: lost the task on {node} ({why}); running it again elsewhere");
+                }
+                exclude.push(node);
+            }
+        }
+    }
+    Ok(ExitCode::from(125))
+}
+
+async fn attempt_once(
+    a: &RunArgs,
+    stream: tokio::net::UnixStream,
+    spec: &TaskSpec,
+    manifest: &tree::Manifest,
+    cwd: &Path,
+    exclude: &[String],
+    progress: &mut Progress,
+) -> anyhow::Result<Outcome> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let req = Request::Run {
+        node: a.node.clone(),
+        local: a.local,
+        memory_bytes: a.mem,
+        exclude: exclude.to_vec(),
+    };
+    let mut line = serde_json::to_vec(&req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut answer = String::new();
+    r.read_line(&mut answer).await?;
+    let node = match serde_json::from_str::<Response>(&answer) {
+        Ok(Response::Run { node, fallback }) => {
+            if a.verbose {
+                match &fallback {
+                    Some(why) => eprintln!("shoal: running on {node} (this node): {why}"),
+                    None => eprintln!("shoal: running on {node}"),
+                }
+            }
+            node
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("shoal: {message}");
+            return Ok(Outcome::Done(ExitCode::from(2)));
+        }
+        Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
+        Err(e) => bail!("unexpected answer from the agent ({e}): {answer:?}"),
+    };
     // One writer task owns the sending half.
     let (out_tx, mut out_rx) = mpsc::channel::<ToExec>(32);
     let writer = tokio::spawn(async move {
@@ -270,19 +372,21 @@ async fn remote(
                 break;
             }
         }
-        let _ = w.send_frame(&[]).await.ok();
     });
-    out_tx.send(ToExec::Start(spec)).await?;
+    out_tx.send(ToExec::Start(spec.clone())).await?;
     let mut r = Plain(r);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
+    let (mut out_at, mut err_at) = (0u64, 0u64);
     let mut started = false;
-    loop {
+    let outcome = loop {
         let msg = match link::recv::<FromExec, _>(&mut r).await {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("shoal: lost the task: {e}");
-                return Ok(ExitCode::from(125));
+                break Outcome::Lost {
+                    node: node.clone(),
+                    why: e.to_string(),
+                }
             }
         };
         match msg {
@@ -301,7 +405,8 @@ async fn remote(
                             "shoal: {} changed while it was being sent; run again",
                             path.display()
                         );
-                        return Ok(ExitCode::from(2));
+                        writer.abort();
+                        return Ok(Outcome::Done(ExitCode::from(2)));
                     }
                     shipped += data.len() as u64;
                     out_tx.send(ToExec::Blob { hash: h, data }).await?;
@@ -319,18 +424,12 @@ async fn remote(
                 }
                 if !started {
                     started = true;
-                    forward_stdin(out_tx.clone());
+                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone());
                     forward_signals(out_tx.clone());
                 }
             }
-            FromExec::Stdout(d) => {
-                stdout.write_all(&d)?;
-                stdout.flush()?;
-            }
-            FromExec::Stderr(d) => {
-                stderr.write_all(&d)?;
-                stderr.flush()?;
-            }
+            FromExec::Stdout(d) => write_new(&mut stdout, &d, &mut out_at, &mut progress.out)?,
+            FromExec::Stderr(d) => write_new(&mut stderr, &d, &mut err_at, &mut progress.err)?,
             FromExec::Changes(cs) => {
                 let root: PathBuf = cwd.to_owned();
                 let n = cs.len();
@@ -338,8 +437,9 @@ async fn remote(
                     tokio::task::spawn_blocking(move || shoal_files::apply(&root, &cs)).await?;
                 if let Err(e) = res {
                     eprintln!("shoal: the task's file changes were not applied: {e}");
-                    return Ok(ExitCode::from(125));
+                    break Outcome::Done(ExitCode::from(125));
                 }
+                progress.committed = true;
                 if a.verbose {
                     eprintln!("shoal: applied {n} change(s)");
                 }
@@ -354,22 +454,22 @@ async fn remote(
                         a.command[0].to_string_lossy()
                     );
                 }
-                writer.abort();
-                return Ok(exit_code(status));
+                break Outcome::Done(exit_code(status));
             }
             FromExec::Failed { code, message } => {
                 eprintln!("shoal: {message}");
-                writer.abort();
-                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)));
+                break Outcome::Done(ExitCode::from(u8::try_from(code).unwrap_or(125)));
             }
         }
-    }
+    };
+    writer.abort();
+    Ok(outcome)
 }
 
 /// Sends stdin to the task when it is a pipe or a file; a terminal is not
 /// read (so that `make -j` jobs do not fight over it) and the task sees
 /// end of input.
-fn forward_stdin(tx: mpsc::Sender<ToExec>) {
+fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>) {
     if std::io::stdin().is_terminal() {
         let _ = tx.try_send(ToExec::StdinEof);
         return;
@@ -384,6 +484,7 @@ fn forward_stdin(tx: mpsc::Sender<ToExec>) {
                     return;
                 }
                 Ok(n) => {
+                    sent.store(true, Ordering::Relaxed);
                     if tx.blocking_send(ToExec::Stdin(buf[..n].to_vec())).is_err() {
                         return;
                     }
@@ -412,7 +513,6 @@ fn forward_signals(tx: mpsc::Sender<ToExec>) {
             });
         }
     }
-    let _ = Duration::ZERO;
 }
 
 #[cfg(test)]
@@ -428,6 +528,20 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn retried_output_is_not_repeated() {
+        let mut written = 0u64;
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        write_new(&mut out, b"hello ", &mut at, &mut written).unwrap();
+        // The executor dies; the next attempt prints everything again.
+        let mut at = 0u64;
+        write_new(&mut out, b"hel", &mut at, &mut written).unwrap();
+        write_new(&mut out, b"lo world", &mut at, &mut written).unwrap();
+        assert_eq!(out, b"hello world");
+        assert_eq!(written, 11);
     }
 
     #[test]
