@@ -9,9 +9,10 @@
 //! The bridge lives in a namespace of its own, so nothing touches the
 //! machine's own network. Links are cut and made lossy with iptables rules
 //! inside the hosts (`tc netem` is missing on these kernels). [`Lab`]'s
-//! `Drop` kills every agent it started and deletes every namespace, also
-//! when a test panics; a new lab with the same tag first removes what a
-//! killed run left behind.
+//! `Drop` stops every agent it started (SIGTERM, then SIGKILL), removes the
+//! cgroups that killed agents leave, and deletes every namespace, also when
+//! a test panics; a new lab with the same tag first removes what a killed
+//! run left behind.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -421,12 +422,44 @@ impl Lab {
     }
 }
 
+/// Removes the (empty) cgroups that agents named `h<i>` leave when they are
+/// SIGKILLed: `shoal-h<i>` and its task groups, in every hierarchy.
+fn remove_agent_cgroups(n: usize) {
+    let Ok(roots) = fs::read_dir("/sys/fs/cgroup") else { return };
+    let mut dirs: Vec<PathBuf> = roots.flatten().map(|e| e.path()).collect();
+    dirs.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in dirs {
+        for i in 0..n {
+            let parent = root.join(format!("shoal-h{i}"));
+            if let Ok(rd) = fs::read_dir(&parent) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let _ = fs::remove_dir(e.path());
+                    }
+                }
+                let _ = fs::remove_dir(&parent);
+            }
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        // SIGTERM first: an agent that leaves removes its own cgroups and
+        // task directories. Whatever has not gone after 3 s is killed.
+        for child in self.agents.iter().flatten() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(3);
         for child in self.agents.iter_mut().flatten() {
+            while Instant::now() < end && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
+        remove_agent_cgroups(self.hosts.len());
         if std::thread::panicking() {
             for (i, h) in self.hosts.iter().enumerate() {
                 let log = self.log(i);
