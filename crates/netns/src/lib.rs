@@ -425,7 +425,9 @@ impl Lab {
 /// Removes the (empty) cgroups that agents named `h<i>` leave when they are
 /// SIGKILLed: `shoal-h<i>` and its task groups, in every hierarchy.
 fn remove_agent_cgroups(n: usize) {
-    let Ok(roots) = fs::read_dir("/sys/fs/cgroup") else { return };
+    let Ok(roots) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
     let mut dirs: Vec<PathBuf> = roots.flatten().map(|e| e.path()).collect();
     dirs.push(PathBuf::from("/sys/fs/cgroup"));
     for root in dirs {
