@@ -421,3 +421,29 @@ fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
     assert_eq!(second.len(), 1, "{rest}");
     assert_ne!(second[0], first, "{rest}");
 }
+
+#[test]
+fn ctrl_c_at_the_submitter_reaches_the_remote_task() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run7", 26, 2) else {
+        return;
+    };
+    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "30"]);
+    c.stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.contains("started on") {
+            break;
+        }
+    }
+    let t = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(130), "the task died of SIGINT: {st:?}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}

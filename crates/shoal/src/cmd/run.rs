@@ -419,13 +419,13 @@ async fn attempt_once(
                 }
             }
             FromExec::Started { node } => {
-                if a.verbose {
-                    eprintln!("shoal: started on {node}");
-                }
                 if !started {
                     started = true;
-                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone());
                     forward_signals(out_tx.clone());
+                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone());
+                }
+                if a.verbose {
+                    eprintln!("shoal: started on {node}");
                 }
             }
             FromExec::Stdout(d) => write_new(&mut stdout, &d, &mut out_at, &mut progress.out)?,
