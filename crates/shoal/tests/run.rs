@@ -61,6 +61,22 @@ fn run(lab: &Lab, tree: &Tree, args: &[&str]) -> Command {
     c
 }
 
+/// Reads the child's stderr up to "shoal: started on NODE" (`-v`) and
+/// returns the node and the rest of stderr.
+fn until_started(
+    child: &mut std::process::Child,
+) -> (String, BufReader<std::process::ChildStderr>) {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 {
+        if let Some(n) = line.trim().strip_prefix("shoal: started on ") {
+            return (n.to_owned(), err);
+        }
+        line.clear();
+    }
+    panic!("the task never started");
+}
+
 fn out(mut c: Command) -> Output {
     c.output().unwrap()
 }
@@ -255,12 +271,7 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "300"]);
     c.stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.contains("started on") {
-            break;
-        }
-    }
+    let (_node, _err) = until_started(&mut child);
     let tasks = lab.hosts[1].data_dir.join("tasks");
     assert_eq!(
         std::fs::read_dir(&tasks).unwrap().count(),
@@ -386,16 +397,7 @@ fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
     );
     c.stderr(Stdio::piped()).stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    let mut line = String::new();
-    while err.read_line(&mut line).unwrap() > 0 {
-        if let Some(n) = line.trim().strip_prefix("shoal: started on ") {
-            first = n.to_owned();
-            break;
-        }
-        line.clear();
-    }
+    let (first, mut err) = until_started(&mut child);
     let victim: usize = first
         .trim_start_matches('h')
         .parse()
@@ -431,12 +433,7 @@ fn ctrl_c_at_the_submitter_reaches_the_remote_task() {
     let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "30"]);
     c.stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    while let Some(Ok(l)) = lines.next() {
-        if l.contains("started on") {
-            break;
-        }
-    }
+    let (_node, _err) = until_started(&mut child);
     let t = std::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

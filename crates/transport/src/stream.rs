@@ -193,6 +193,25 @@ fn split<S: AsyncRead + AsyncWrite>(
     )
 }
 
+/// The handshake state for this cluster's key, as initiator or responder.
+fn handshake(
+    key: &ClusterKey,
+    cluster: &str,
+    initiator: bool,
+) -> Result<snow::HandshakeState, StreamError> {
+    let psk = psk(key, cluster);
+    let b = Builder::new(PATTERN.parse().map_err(noise_err)?)
+        .prologue(PROLOGUE)
+        .and_then(|b| b.psk(0, &psk))
+        .map_err(noise_err)?;
+    if initiator {
+        b.build_initiator()
+    } else {
+        b.build_responder()
+    }
+    .map_err(noise_err)
+}
+
 /// Opens an authenticated stream over `io` as the initiator.
 ///
 /// # Errors
@@ -202,13 +221,8 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     key: &ClusterKey,
     cluster: &str,
 ) -> Result<(Reader<S>, Writer<S>), StreamError> {
-    let psk = psk(key, cluster);
     let hs = async {
-        let mut hs = Builder::new(PATTERN.parse().map_err(noise_err)?)
-            .prologue(PROLOGUE)
-            .and_then(|b| b.psk(0, &psk))
-            .and_then(Builder::build_initiator)
-            .map_err(noise_err)?;
+        let mut hs = handshake(key, cluster, true)?;
         let mut msg = vec![0u8; MAX_MSG];
         let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
         write_msg(&mut io, &msg[..n]).await?;
@@ -238,13 +252,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     key: &ClusterKey,
     cluster: &str,
 ) -> Result<(Reader<S>, Writer<S>), StreamError> {
-    let psk = psk(key, cluster);
     let hs = async {
-        let mut hs = Builder::new(PATTERN.parse().map_err(noise_err)?)
-            .prologue(PROLOGUE)
-            .and_then(|b| b.psk(0, &psk))
-            .and_then(Builder::build_responder)
-            .map_err(noise_err)?;
+        let mut hs = handshake(key, cluster, false)?;
         let mut buf = Vec::new();
         read_msg(&mut io, &mut buf).await?;
         let mut msg = vec![0u8; MAX_MSG];
