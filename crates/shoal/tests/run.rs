@@ -77,6 +77,21 @@ fn until_started(
     panic!("the task never started");
 }
 
+/// Whether some process on this machine has exactly this command line
+/// (NUL-separated, as in /proc/PID/cmdline).
+fn any_process_with_cmdline(want: &[u8]) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+}
+
 fn out(mut c: Command) -> Output {
     c.output().unwrap()
 }
@@ -278,6 +293,10 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
         1,
         "the task is running"
     );
+    assert!(
+        any_process_with_cmdline(b"sleep\x00300\x00"),
+        "the check below can see the task's process"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let clean = wait_for(Duration::from_secs(5), || {
@@ -291,12 +310,7 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
                     .any(|e| e.file_name().to_string_lossy().starts_with("task-"))
             })
             .unwrap_or(true);
-        let no_proc = !Command::new("pgrep")
-            .args(["-x", "sleep", "-f"])
-            .arg("sleep 300")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let no_proc = !any_process_with_cmdline(b"sleep\x00300\x00");
         (no_dirs && no_cgroups && no_proc).then_some(())
     });
     assert!(
