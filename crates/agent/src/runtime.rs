@@ -386,17 +386,7 @@ async fn run_task(
         place::Choice::Refuse(message) => {
             return write_line(&mut w, &Response::Error { message }).await
         }
-        place::Choice::Local { fallback } => {
-            write_line(
-                &mut w,
-                &Response::Run {
-                    node: me.clone(),
-                    fallback,
-                },
-            )
-            .await?;
-            return run_here(r, w, ctx, &me).await;
-        }
+        place::Choice::Local { fallback } => return run_here(r, w, ctx, &me, fallback).await,
         place::Choice::Remote { name, addr } => (name, addr),
     };
     let remote = match addr.parse::<SocketAddr>() {
@@ -407,15 +397,7 @@ async fn run_task(
         Ok(x) => x,
         Err(e) => {
             let fallback = Some(format!("{name} unreachable ({e})"));
-            write_line(
-                &mut w,
-                &Response::Run {
-                    node: me.clone(),
-                    fallback,
-                },
-            )
-            .await?;
-            return run_here(r, w, ctx, &me).await;
+            return run_here(r, w, ctx, &me, fallback).await;
         }
     };
     write_line(
@@ -452,12 +434,17 @@ async fn run_task(
     Ok(())
 }
 
+/// Answers that the task runs on this node (saying why, for a fallback)
+/// and serves it here.
 async fn run_here(
     r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    w: tokio::net::unix::OwnedWriteHalf,
+    mut w: tokio::net::unix::OwnedWriteHalf,
     ctx: &Ctx,
     me: &str,
+    fallback: Option<String>,
 ) -> std::io::Result<()> {
+    let node = me.to_owned();
+    write_line(&mut w, &Response::Run { node, fallback }).await?;
     bump(&ctx.inflight, me, 1);
     let res = exec::serve(ctx.exec.clone(), Plain(r), Plain(w)).await;
     bump(&ctx.inflight, me, -1);

@@ -20,9 +20,16 @@ fn cluster(tag: &str, subnet: u8, n: usize) -> Option<(Lab, Tree)> {
     let all: Vec<usize> = (0..n).collect();
     start_all(&mut lab, &all, &[]);
     wait_alive(&lab, &all, &all, Duration::from_secs(20));
-    // Facts (checks, slots) must have arrived for placement.
+    wait_facts(&lab);
+    let tree = Tree::new(&lab.dir.join("tree"));
+    Some((lab, tree))
+}
+
+/// Waits until host 0 has every node's facts (checks, slots): placement
+/// needs them.
+fn wait_facts(lab: &Lab) {
     wait_for(Duration::from_secs(10), || {
-        let v = nodes(&lab, 0)?;
+        let v = nodes(lab, 0)?;
         v["nodes"]
             .as_array()?
             .iter()
@@ -30,8 +37,6 @@ fn cluster(tag: &str, subnet: u8, n: usize) -> Option<(Lab, Tree)> {
             .then_some(())
     })
     .expect("facts from every node");
-    let tree = Tree::new(&lab.dir.join("tree"));
-    Some((lab, tree))
 }
 
 struct Tree(PathBuf);
@@ -388,15 +393,7 @@ fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
     lab.start_agent(0, &["--slots", "0"]).unwrap();
     start_all(&mut lab, &[1, 2], &[]);
     wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
-    wait_for(Duration::from_secs(10), || {
-        let v = nodes(&lab, 0)?;
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .all(|n| n["checks"] == "ok")
-            .then_some(())
-    })
-    .expect("facts");
+    wait_facts(&lab);
     let tree = Tree::new(&lab.dir.join("tree"));
     let mut c = run(
         &lab,
