@@ -37,6 +37,14 @@ pub enum ConfigError {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// A policy expression or number that is wrong.
+    #[error("config file {path}: {source}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the key, line and column.
+        source: shoal_owner::PolicyError,
+    },
     /// A value that parses but makes no sense.
     #[error("config: {key}: {message}")]
     Invalid {
@@ -79,6 +87,11 @@ pub struct FileConfig {
     pub cache_bytes: Option<u64>,
     /// Guest slots this machine lends (default: its cores).
     pub slots: Option<u32>,
+    /// The owner's policy (`[policy]`).
+    pub policy: Option<shoal_owner::PolicyConfig>,
+    /// `policy`, compiled and checked by [`parse_file`].
+    #[serde(skip)]
+    pub compiled_policy: Option<shoal_owner::Policy>,
 }
 
 /// `[discovery]`.
@@ -116,6 +129,8 @@ pub struct Flags {
     pub no_discovery: bool,
     /// `--slots`.
     pub slots: Option<u32>,
+    /// `--config`: the file the policy is reloaded from on SIGHUP.
+    pub config_path: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -154,6 +169,11 @@ pub struct AgentConfig {
     pub cache_bytes: u64,
     /// Guest slots lent (`None`: one per core).
     pub slots: Option<u32>,
+    /// The owner's policy.
+    pub policy: shoal_owner::Policy,
+    /// The config file named on the command line (`None`: the default,
+    /// which may be absent), for reloading the policy.
+    pub config_path: Option<PathBuf>,
 }
 
 /// SWIM timing: how fast failures are detected against how much loss is
@@ -179,7 +199,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// # Errors
 /// Bad TOML, unknown keys or wrong types, with line and column.
 pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
+    let mut f: FileConfig = toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
         ConfigError::Parse {
             path: path.to_owned(),
@@ -187,7 +207,16 @@ pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
             column,
             message: e.message().trim().to_owned(),
         }
-    })
+    })?;
+    if let Some(p) = &f.policy {
+        let compiled =
+            shoal_owner::Policy::compile(p, text).map_err(|source| ConfigError::Policy {
+                path: path.to_owned(),
+                source,
+            })?;
+        f.compiled_policy = Some(compiled);
+    }
+    Ok(f)
 }
 
 /// Reads the config file. A missing file is an error only if it was named
@@ -276,6 +305,8 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
         }
     };
     Ok(AgentConfig {
+        policy: file.compiled_policy.unwrap_or_default(),
+        config_path: flags.config_path,
         swim_profile,
         cache_bytes: file.cache_bytes.unwrap_or(2 << 30),
         slots: flags.slots.or(file.slots),

@@ -44,6 +44,8 @@ pub struct ExecEnv {
     pub cgroups: Option<Arc<dyn CgroupManager>>,
     /// Tasks running now (published as used guest slots).
     pub running: std::sync::atomic::AtomicU32,
+    /// The owner's policy and every task here.
+    pub owner: Arc<crate::owner::Owner>,
 }
 
 /// Counts a running task for as long as it lives.
@@ -140,7 +142,12 @@ fn safe_id(id: &str) -> bool {
 ///
 /// # Errors
 /// The link broke (the task, if running, is killed and cleaned up).
-pub async fn serve<R, W>(env: Arc<ExecEnv>, mut rx: R, mut tx: W) -> Result<(), LinkError>
+pub async fn serve<R, W>(
+    env: Arc<ExecEnv>,
+    guest: bool,
+    mut rx: R,
+    mut tx: W,
+) -> Result<(), LinkError>
 where
     R: FrameSource + 'static,
     W: FrameSink,
@@ -184,6 +191,27 @@ where
             }
         }
     }
+    // A guest claims a slot under the owner's policy (late binding: the
+    // owner may have come back since the submitter chose this node).
+    let command = spec
+        .argv
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = match env
+        .owner
+        .claim(&spec.task_id, guest, spec.resources.cpus, command)
+    {
+        Ok(c) => c,
+        Err(r) => {
+            let m = FromExec::Evicted {
+                node: env.node.clone(),
+                reason: r.to_string(),
+            };
+            return link::send(&mut tx, &m).await;
+        }
+    };
     let _running = Running::new(&env.running);
     let dir = env.tasks_dir.join(&spec.task_id);
     let mut guard = TaskGuard {
@@ -191,11 +219,14 @@ where
         cgroup: None,
         spec: None,
     };
-    let prepared = prepare(&env, &spec, &dir, &mut guard).await;
+    let prepared = prepare(&env, &spec, &dir, guest, &mut guard).await;
     let (mut child, upper) = match prepared {
         Ok(x) => x,
         Err(f) => return link::send(&mut tx, &f).await,
     };
+    if let Some((_, cg)) = &guard.cgroup {
+        claim.attach(cg).await;
+    }
     let t_started = t0.elapsed();
     link::send(
         &mut tx,
@@ -267,6 +298,15 @@ where
     reader.abort();
     if !link_up {
         return Err(LinkError::Closed);
+    }
+    if claim.finish() == shoal_owner::Released::Evicted {
+        // Its partial changes go with the task directory.
+        tracing::info!(task = %spec.task_id, "evicted; the submitter runs it elsewhere");
+        let m = FromExec::Evicted {
+            node: env.node.clone(),
+            reason: "the owner's policy evicted it".into(),
+        };
+        return link::send(&mut tx, &m).await;
     }
     let oom = guard
         .cgroup
@@ -355,6 +395,7 @@ async fn prepare(
     env: &ExecEnv,
     spec: &TaskSpec,
     dir: &Path,
+    guest: bool,
     guard: &mut TaskGuard,
 ) -> Result<Prepared, FromExec> {
     let err125 =
@@ -408,6 +449,7 @@ async fn prepare(
         } else {
             Net::Loopback
         },
+        idle: guest,
     };
     let plan = Plan::new(&ws).map_err(|e| err125("workspace", &e))?;
     guard.spec = Some(ws);

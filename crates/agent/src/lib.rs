@@ -22,6 +22,7 @@ pub mod checks;
 pub mod config;
 pub mod discovery;
 pub mod exec;
+pub mod owner;
 pub mod peer;
 pub mod place;
 pub mod report;

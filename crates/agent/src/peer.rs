@@ -65,7 +65,9 @@ async fn conn(
             .await
             .map_err(|e| e.to_string()),
         Hello::Task => match exec {
-            Some(env) => exec::serve(env, r, w).await.map_err(|e| e.to_string()),
+            Some(env) => exec::serve(env, true, r, w)
+                .await
+                .map_err(|e| e.to_string()),
             None => {
                 let mut w = w;
                 let f = shoal_task::proto::FromExec::Failed {

@@ -126,6 +126,7 @@ mod tests {
             checks: Some("ok".into()),
             role: "member".into(),
             slots_free: Some(slots),
+            guests: None,
             is_self,
             rank: Some(0),
             checks_failed: vec![],

@@ -58,6 +58,7 @@ pub fn build(s: &Snapshot<'_>) -> NodesReport {
                 slots_free: facts
                     .as_ref()
                     .map(|f| if m.state.is_active() { f.slots_free } else { 0 }),
+                guests: facts.as_ref().map(|f| f.slot_states.summary()),
                 is_self: m.is_self,
                 rank: rank.map(|r| r as u32),
                 checks_failed: facts
@@ -163,6 +164,7 @@ mod tests {
             "checks",
             "role",
             "slots_free",
+            "guests",
         ] {
             assert!(json["nodes"][0].get(k).is_some(), "missing {k}");
         }

@@ -24,6 +24,7 @@ use crate::checks::Verified;
 use crate::config::{AgentConfig, SwimProfile};
 use crate::discovery::{self, Beacon, Discovery};
 use crate::exec::{self, ExecEnv};
+use crate::owner::Owner;
 use crate::report::{self, Snapshot};
 use crate::{bandwidth, checks, peer, place};
 
@@ -143,14 +144,19 @@ impl Shell {
             cpu_score: self.verified.cpu_score,
             load: shoal_facts::probe::load().unwrap_or([0.0; 3]),
             owner_idle_s: shoal_facts::probe::owner_idle(),
+            // Unclaimed guest slots (none while the owner is busy), less
+            // the tasks this node's own users run here.
             slots_free: if self.verified.checks.ok() {
-                self.cfg
-                    .slots
-                    .unwrap_or(self.cores)
-                    .saturating_sub(self.exec.running.load(Ordering::Relaxed))
+                let local = self
+                    .exec
+                    .running
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(self.exec.owner.guests());
+                self.exec.owner.slots_free().saturating_sub(local)
             } else {
                 0
             },
+            slot_states: self.exec.owner.slot_states(),
             checks: self.verified.checks.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -329,8 +335,7 @@ async fn control_conn(
             other => other,
         },
         Request::Leave => {
-            let me = nix::unistd::Uid::effective().as_raw();
-            if peer_uid.is_some_and(|u| u == 0 || u == me) {
+            if owner_or_root(peer_uid) {
                 ask_main(&tx, Request::Leave).await
             } else {
                 Response::Error {
@@ -338,6 +343,42 @@ async fn control_conn(
                 }
             }
         }
+        Request::Owner { force } => {
+            let force = match force.as_deref() {
+                None => None,
+                Some("busy") => Some(shoal_owner::Force::Busy),
+                Some("idle") => Some(shoal_owner::Force::Idle),
+                Some("auto") => Some(shoal_owner::Force::Auto),
+                Some(other) => {
+                    let message = format!("{other:?} is not one of busy, idle, auto");
+                    return write_line(&mut w, &Response::Error { message }).await;
+                }
+            };
+            if let Some(f) = force {
+                if !owner_or_root(peer_uid) {
+                    let message = "only root or the agent's user may set the owner's state".into();
+                    return write_line(&mut w, &Response::Error { message }).await;
+                }
+                ctx.exec.owner.set_force(f).await;
+            }
+            Response::Owner(ctx.exec.owner.report())
+        }
+        Request::Reload => {
+            if !owner_or_root(peer_uid) {
+                let message = "only root or the agent's user may reload the policy".into();
+                return write_line(&mut w, &Response::Error { message }).await;
+            }
+            match ctx.exec.owner.reload() {
+                Ok(()) => {
+                    ctx.exec.owner.tick().await;
+                    Response::Owner(ctx.exec.owner.report())
+                }
+                Err(message) => Response::Error {
+                    message: format!("policy refused, the one in force stays: {message}"),
+                },
+            }
+        }
+        Request::Ps => Response::Ps(ctx.exec.owner.ps()),
         Request::Run {
             node,
             local,
@@ -358,6 +399,12 @@ async fn control_conn(
         }
     };
     write_line(&mut w, &resp).await
+}
+
+/// Whether the client is root or the agent's own user.
+fn owner_or_root(peer_uid: Option<u32>) -> bool {
+    let me = nix::unistd::Uid::effective().as_raw();
+    peer_uid.is_some_and(|u| u == 0 || u == me)
 }
 
 /// Places a task and then runs it here or relays it to the chosen peer.
@@ -446,7 +493,7 @@ async fn run_here(
     let node = me.to_owned();
     write_line(&mut w, &Response::Run { node, fallback }).await?;
     bump(&ctx.inflight, me, 1);
-    let res = exec::serve(ctx.exec.clone(), Plain(r), Plain(w)).await;
+    let res = exec::serve(ctx.exec.clone(), false, Plain(r), Plain(w)).await;
     bump(&ctx.inflight, me, -1);
     if let Err(e) = res {
         tracing::debug!(error = %e, "local task link ended");
@@ -512,12 +559,27 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             (shoal_task::cas::Cas::at(&cas_dir, cfg.cache_bytes), None)
         }
     };
+    // A node that cannot run guests (failed checks, no cgroups, no cache)
+    // lends no slots.
+    let slots = if cgroups.is_some() {
+        cfg.slots.unwrap_or_else(shoal_facts::probe::cores) as usize
+    } else {
+        0
+    };
+    let owner = Owner::new(
+        &cfg.name,
+        slots,
+        cfg.policy.clone(),
+        cgroups.clone(),
+        cfg.config_path.clone(),
+    );
     let env = ExecEnv {
         node: cfg.name.clone(),
         tasks_dir,
         cas,
         cgroups,
         running: std::sync::atomic::AtomicU32::new(0),
+        owner: owner.clone(),
     };
     let env = tokio::task::spawn_blocking(move || {
         env.clean_leftovers();
@@ -532,6 +594,7 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             cas: shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
             cgroups: None,
             running: std::sync::atomic::AtomicU32::new(0),
+            owner,
         },
     }
 }
@@ -634,6 +697,7 @@ async fn run_inner(
     let (timer_tx, mut timer_rx) = mpsc::unbounded_channel();
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(64);
     let exec_env = Arc::new(exec_env(&cfg, &verified).await);
+    exec_env.owner.start();
     tokio::spawn(serve_control(
         control,
         ctl_tx,
@@ -728,8 +792,8 @@ async fn run_inner(
             Some((req, reply)) = ctl_rx.recv() => {
                 match req {
                     Request::Nodes { .. } => { let _ = reply.send(Response::Nodes(sh.report())); }
-                    Request::Run { .. } => {
-                        let _ = reply.send(Response::Error { message: "internal: run is not for the event loop".into() });
+                    Request::Run { .. } | Request::Owner { .. } | Request::Reload | Request::Ps => {
+                        let _ = reply.send(Response::Error { message: "internal: not a request for the event loop".into() });
                     }
                     Request::Leave => {
                         leave(&mut sh).await;

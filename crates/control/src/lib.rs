@@ -72,6 +72,17 @@ pub enum Request {
         #[serde(default)]
         exclude: Vec<String>,
     },
+    /// The owner's state and policy (`shoal owner`), after setting the
+    /// override when `force` is `busy`, `idle` or `auto`.
+    Owner {
+        /// The override to set, if any.
+        #[serde(default)]
+        force: Option<String>,
+    },
+    /// Re-read the policy from the config file (as SIGHUP does).
+    Reload,
+    /// The tasks running on this node (`shoal ps`).
+    Ps,
 }
 
 /// The agent's answer.
@@ -90,11 +101,80 @@ pub enum Response {
         /// Why it runs here although another node was asked or better, if so.
         fallback: Option<String>,
     },
+    /// Answer to [`Request::Owner`] and [`Request::Reload`].
+    Owner(OwnerReport),
+    /// Answer to [`Request::Ps`].
+    Ps(PsReport),
     /// The request failed; the text says why.
     Error {
         /// What went wrong.
         message: String,
     },
+}
+
+/// `shoal owner --json`: the owner's side of this machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerReport {
+    /// The override: `auto`, `busy` or `idle`.
+    pub force: String,
+    /// `owner` (no guests may start) or `lending` (guests may start).
+    pub state: String,
+    /// The policy's verdicts now (after the override).
+    pub verdict: VerdictInfo,
+    /// The figures the policy was last evaluated over, by variable name.
+    pub vars: std::collections::BTreeMap<String, f64>,
+    /// The expressions in force, by key, and the two numbers.
+    pub policy: std::collections::BTreeMap<String, String>,
+    /// Why the last reload was refused (the old policy stays), if it was.
+    pub reload_error: Option<String>,
+    /// How guests are kept at the idle class: `cpu.idle` or `min-weight`
+    /// (empty without cgroups).
+    pub guest_class: String,
+    /// Every guest slot: `owner`, `unclaimed`, `claimed`, `throttled`,
+    /// `suspended` or `evicting`.
+    pub slots: Vec<String>,
+}
+
+/// The policy's verdicts in [`OwnerReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictInfo {
+    /// New guests may start.
+    pub start: bool,
+    /// Running guests are capped.
+    pub throttle: bool,
+    /// Running guests are frozen.
+    pub suspend: bool,
+    /// Frozen guests may continue.
+    #[serde(rename = "continue")]
+    pub cont: bool,
+}
+
+/// `shoal ps --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PsReport {
+    /// This node's name.
+    pub node: String,
+    /// Every task running here.
+    pub tasks: Vec<TaskInfo>,
+}
+
+/// One task in [`PsReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// Task id (`SHOAL_TASK_ID`).
+    pub id: String,
+    /// `guest` (from another node, under the owner's policy) or `local`
+    /// (submitted on this node).
+    pub origin: String,
+    /// `starting`, `running`, or for guests the slot state: `claimed`,
+    /// `throttled`, `suspended`, `evicting`.
+    pub state: String,
+    /// The command line.
+    pub command: String,
+    /// Seconds since it arrived.
+    pub age_s: f64,
+    /// CPU time used so far, seconds.
+    pub cpu_s: Option<f64>,
 }
 
 /// `shoal nodes --json`.
@@ -155,6 +235,10 @@ pub struct NodeInfo {
     pub role: String,
     /// Guest slots free.
     pub slots_free: Option<u32>,
+    /// The guest slots by the owner's policy: `2 unclaimed`,
+    /// `1 suspended, 1 owner`, … (`-` without slots).
+    #[serde(default)]
+    pub guests: Option<String>,
     /// True for the node that answered.
     #[serde(rename = "self")]
     pub is_self: bool,

@@ -62,6 +62,7 @@ fn main() {
         uid: 65534,
         gid: 65534,
         net,
+        idle: false,
     };
     let mgr = cgroup::open(
         Path::new("/sys/fs/cgroup"),

@@ -199,3 +199,56 @@ fn existing_names_and_bad_input_are_refused() {
     s.mgr.remove("a").unwrap();
     s.mgr.remove("a").unwrap();
 }
+
+#[test]
+fn throttle_caps_a_running_task_and_lifting_it_lets_it_run() {
+    let Some(mut s) = scratch("throttle") else {
+        return;
+    };
+    s.mgr.create("t", &Limits::default()).unwrap();
+    spawn(&mut s, "t", "while :; do :; done");
+    let over = |s: &Scratch| {
+        let a = s.mgr.usage("t").unwrap().cpu_usec;
+        std::thread::sleep(Duration::from_millis(600));
+        s.mgr.usage("t").unwrap().cpu_usec - a
+    };
+    s.mgr.set_cpus("t", Some(0.1)).unwrap();
+    let capped = over(&s);
+    assert!(
+        capped < 150_000,
+        "used {capped} µs in 0.6 s capped at 0.1 CPU"
+    );
+    s.mgr.set_cpus("t", None).unwrap();
+    let free = over(&s);
+    assert!(
+        free > 200_000,
+        "used {free} µs in 0.6 s with the cap lifted"
+    );
+    assert!(s.mgr.set_cpus("t", Some(0.0)).is_err());
+    s.mgr.remove("t").unwrap();
+}
+
+#[test]
+fn guests_at_the_idle_class_and_their_cpu_counted_on_the_parent() {
+    let Some(mut s) = scratch("class") else {
+        return;
+    };
+    let class = s.mgr.guest_class().unwrap();
+    eprintln!("guest class here: {class:?}");
+    s.mgr.create("g", &Limits::default()).unwrap();
+    spawn(&mut s, "g", "while :; do :; done");
+    let a = s.mgr.parent_cpu_usec().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let b = s.mgr.parent_cpu_usec().unwrap();
+    assert!(b > a, "the parent counts its guests' CPU ({a} → {b})");
+    // SIGTERM reaches every process of the group.
+    s.mgr
+        .signal_all("g", nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(2);
+    while !s.mgr.pids("g").unwrap().is_empty() {
+        assert!(Instant::now() < end, "SIGTERM did not end the task");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.mgr.remove("g").unwrap();
+}

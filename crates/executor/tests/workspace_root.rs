@@ -38,6 +38,7 @@ fn spec(dir: &Path) -> Spec {
         uid: 65534,
         gid: 65534,
         net: Net::Loopback,
+        idle: false,
     }
 }
 
@@ -331,4 +332,24 @@ fn a_tasks_changes_read_from_upper_and_applied_match_what_it_saw() {
         .current_dir(&lower);
     let seen_outside = text(&c.output().unwrap().stdout);
     assert_eq!(seen_outside, seen_inside);
+}
+
+#[test]
+fn a_guest_runs_at_the_idle_cpu_and_io_class() {
+    let Some(d) = scratch("idle") else { return };
+    // Field 41 of /proc/PID/stat is the scheduling policy (5 = SCHED_IDLE);
+    // `ionice -p` prints the I/O class.
+    let script = "cut -d' ' -f41 /proc/self/stat; ionice -p $$ 2>/dev/null || echo no-ionice";
+    let mut s = spec(&d.0);
+    let plain = text(&run(&s, script).stdout);
+    assert!(
+        plain.starts_with('0'),
+        "an ordinary task is SCHED_OTHER: {plain}"
+    );
+    s.idle = true;
+    let out = run(&s, script);
+    let t = text(&out.stdout);
+    assert!(out.status.success(), "{t} {}", text(&out.stderr));
+    assert!(t.starts_with('5'), "a guest is SCHED_IDLE: {t}");
+    assert!(t.contains("idle") || t.contains("no-ionice"), "{t}");
 }

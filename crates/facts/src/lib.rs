@@ -44,6 +44,60 @@ impl Checks {
     }
 }
 
+/// How many guest slots are in each state of the owner's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotCounts {
+    /// The owner's: no guest may start.
+    pub owner: u16,
+    /// Free for a guest.
+    pub unclaimed: u16,
+    /// Running a guest.
+    pub claimed: u16,
+    /// Running a guest under a CPU cap.
+    pub throttled: u16,
+    /// Holding a frozen guest.
+    pub suspended: u16,
+    /// Evicting a guest.
+    pub evicting: u16,
+}
+
+impl SlotCounts {
+    /// Counts one slot in state `name` (as `shoal-owner` names them).
+    pub fn add(&mut self, name: &str) {
+        let c = match name {
+            "owner" => &mut self.owner,
+            "unclaimed" => &mut self.unclaimed,
+            "claimed" => &mut self.claimed,
+            "throttled" => &mut self.throttled,
+            "suspended" => &mut self.suspended,
+            "evicting" => &mut self.evicting,
+            _ => return,
+        };
+        *c = c.saturating_add(1);
+    }
+
+    /// `2 unclaimed, 1 suspended`, or `-` for a node without slots.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            ("unclaimed", self.unclaimed),
+            ("claimed", self.claimed),
+            ("throttled", self.throttled),
+            ("suspended", self.suspended),
+            ("evicting", self.evicting),
+            ("owner", self.owner),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+        if parts.is_empty() {
+            "-".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// What one node tells the others about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeFacts {
@@ -63,6 +117,8 @@ pub struct NodeFacts {
     pub owner_idle_s: Option<u64>,
     /// Guest slots this node offers now.
     pub slots_free: u32,
+    /// How many guest slots are in each state of the owner's policy.
+    pub slot_states: SlotCounts,
     /// Start-up checks.
     pub checks: Checks,
     /// Agent version.
@@ -107,6 +163,11 @@ mod tests {
             load: [1.5, 2.0, 0.25],
             owner_idle_s: Some(300),
             slots_free: 64,
+            slot_states: SlotCounts {
+                unclaimed: 63,
+                suspended: 1,
+                ..SlotCounts::default()
+            },
             checks: Checks {
                 failed: vec!["namespaces: unshare: Operation not permitted".into()],
                 cgroup: "v1".into(),
@@ -118,5 +179,7 @@ mod tests {
         assert_eq!(NodeFacts::decode(&b).unwrap(), f);
         assert!(NodeFacts::decode(&b[..b.len() / 2]).is_err());
         assert_eq!(f.checks.summary(), "namespaces");
+        assert_eq!(f.slot_states.summary(), "63 unclaimed, 1 suspended");
+        assert_eq!(SlotCounts::default().summary(), "-");
     }
 }

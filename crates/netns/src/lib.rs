@@ -130,7 +130,21 @@ pub struct Lab {
     pub dir: PathBuf,
     shoal: PathBuf,
     agents: Vec<Option<Child>>,
+    /// Each host's config file text (written at every `start_agent`),
+    /// [`LAB_CONFIG`] unless a test sets its own.
+    pub configs: Vec<String>,
 }
+
+/// The test hosts' config: they share one machine, so the owner's figures
+/// (input, CPU) are the machine's and not a host's. The lab lends its
+/// slots always; tests drive the owner's state with `shoal owner`.
+pub const LAB_CONFIG: &str = r#"[policy]
+start = "true"
+throttle = "false"
+suspend = "false"
+continue = "true"
+evict = "false"
+"#;
 
 fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
     ip(&["netns", "list"])
@@ -170,6 +184,7 @@ impl Lab {
             dir,
             shoal: shoal.to_owned(),
             agents: Vec::new(),
+            configs: Vec::new(),
         };
         lab.build(n, subnet)?;
         lab.keygen("cluster.key")?;
@@ -220,6 +235,7 @@ impl Lab {
                 log: self.dir.join(format!("h{i}.log")),
             });
             self.agents.push(None);
+            self.configs.push(LAB_CONFIG.to_owned());
         }
         Ok(())
     }
@@ -233,6 +249,11 @@ impl Lab {
         let _ = fs::remove_file(&p);
         run(Command::new(&self.shoal).arg("keygen").arg("--out").arg(&p))?;
         Ok(p)
+    }
+
+    /// Host `i`'s config file.
+    pub fn config_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("h{i}.toml"))
     }
 
     /// A command run inside host `i`'s network namespace.
@@ -264,8 +285,8 @@ impl Lab {
                 path: h.log.clone(),
                 source,
             })?;
-        let config = self.dir.join("empty.toml");
-        fs::write(&config, "").map_err(|source| LabError::Io {
+        let config = self.config_path(i);
+        fs::write(&config, &self.configs[i]).map_err(|source| LabError::Io {
             path: config.clone(),
             source,
         })?;

@@ -47,6 +47,10 @@ enum Command {
     Leave(cmd::leave::LeaveArgs),
     /// Run a command on the best node, as if it ran here.
     Run(cmd::run::RunArgs),
+    /// Show the owner's state and policy, force busy/idle, or reload it.
+    Owner(cmd::owner::OwnerArgs),
+    /// List the tasks running on this node and their states.
+    Ps(cmd::ps::PsArgs),
 }
 
 /// The error and its causes, each cause only when the text so far does
@@ -82,6 +86,8 @@ fn main() -> ExitCode {
         Command::Keygen(a) => cmd::keygen::run(&a),
         Command::Nodes(a) => cmd::nodes::run(&a),
         Command::Leave(a) => cmd::leave::run(&a),
+        Command::Owner(a) => cmd::owner::run(&a),
+        Command::Ps(a) => cmd::ps::run(&a),
         Command::Run(a) => match cmd::run::run(a) {
             Ok(code) => return code,
             Err(e) => {

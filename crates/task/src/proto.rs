@@ -147,4 +147,13 @@ pub enum FromExec {
         /// Why.
         message: String,
     },
+    /// The executor's owner wants the machine back (or it refused the
+    /// task for that reason before starting it): nothing of this attempt
+    /// stands; run the task elsewhere. Counts against no retry budget.
+    Evicted {
+        /// The executor.
+        node: String,
+        /// Why, for `--verbose`.
+        reason: String,
+    },
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::{check_name, CgroupError, CgroupManager, CgroupVersion, Limits, Usage};
+use super::{check_name, CgroupError, CgroupManager, CgroupVersion, GuestClass, Limits, Usage};
 
 /// One call made to the fake.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +19,12 @@ pub enum Call {
     Kill(String),
     /// `remove(name)`.
     Remove(String),
+    /// `set_cpus(name, cpus)`.
+    Cpus(String, Option<f64>),
+    /// `signal_all(name, signal)`.
+    Signal(String, i32),
+    /// `guest_class()`.
+    GuestClass,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +130,24 @@ impl CgroupManager for Recording {
 
     fn remove_parent(&self) -> Result<(), CgroupError> {
         Ok(())
+    }
+
+    fn set_cpus(&self, name: &str, cpus: Option<f64>) -> Result<(), CgroupError> {
+        super::check_cpus(cpus)?;
+        self.with(name, Call::Cpus(name.to_owned(), cpus), |g| g.0.cpus = cpus)
+    }
+
+    fn guest_class(&self) -> Result<GuestClass, CgroupError> {
+        self.lock().calls.push(Call::GuestClass);
+        Ok(GuestClass::CpuIdle)
+    }
+
+    fn parent_cpu_usec(&self) -> Result<u64, CgroupError> {
+        Ok(0)
+    }
+
+    fn signal_all(&self, name: &str, signal: nix::sys::signal::Signal) -> Result<(), CgroupError> {
+        self.with(name, Call::Signal(name.to_owned(), signal as i32), |_| ())
     }
 
     fn procs_files(&self, _name: &str) -> Vec<PathBuf> {

@@ -139,6 +139,20 @@ pub struct Limits {
 /// CFS period for the CPU quota.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// The CFS quota of `cpus` CPUs over [`CPU_PERIOD_US`].
+pub(crate) fn quota_us(cpus: f64) -> u64 {
+    ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000)
+}
+
+/// Checks a CPU count for [`CgroupManager::set_cpus`].
+pub(crate) fn check_cpus(cpus: Option<f64>) -> Result<(), CgroupError> {
+    Limits {
+        cpus,
+        ..Limits::default()
+    }
+    .validate()
+}
+
 impl Limits {
     /// Checks the values against what the kernel accepts.
     ///
@@ -174,8 +188,7 @@ impl Limits {
 
     /// The CFS quota for [`CPU_PERIOD_US`], if any.
     pub fn cpu_quota_us(&self) -> Option<u64> {
-        self.cpus
-            .map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000))
+        self.cpus.map(quota_us)
     }
 }
 
@@ -255,6 +268,45 @@ pub trait CgroupManager: fmt::Debug + Send + Sync {
     /// The `cgroup.procs` files a process writes `0` to in order to move
     /// itself into `name` (one per hierarchy).
     fn procs_files(&self, name: &str) -> Vec<PathBuf>;
+    /// Sets `name`'s CPU quota to `cpus` (`None`: no quota). Throttling
+    /// and its end.
+    ///
+    /// # Errors
+    /// Out of range, no such cgroup, or the kernel refused.
+    fn set_cpus(&self, name: &str, cpus: Option<f64>) -> Result<(), CgroupError>;
+    /// Puts every guest at the idle class, on the parent group (so guests
+    /// yield to everything outside it): `cpu.idle` where the kernel has
+    /// it, else the smallest weight; on v1 also a memory soft limit of 0,
+    /// so reclaim takes from guests first.
+    ///
+    /// # Errors
+    /// The parent cannot be made or written.
+    fn guest_class(&self) -> Result<GuestClass, CgroupError>;
+    /// CPU time used by every guest together (the parent group), µs.
+    ///
+    /// # Errors
+    /// The parent's counter cannot be read.
+    fn parent_cpu_usec(&self) -> Result<u64, CgroupError>;
+    /// Sends `signal` to every process in `name` (SIGTERM on eviction).
+    ///
+    /// # Errors
+    /// No such cgroup.
+    fn signal_all(&self, name: &str, signal: nix::sys::signal::Signal) -> Result<(), CgroupError> {
+        for p in self.pids(name)? {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), signal);
+        }
+        Ok(())
+    }
+}
+
+/// How guests were put at the idle class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestClass {
+    /// The parent group has `cpu.idle = 1` (SCHED_IDLE for the group).
+    CpuIdle,
+    /// No `cpu.idle` here: the parent has the smallest weight, and each
+    /// guest also runs under `SCHED_IDLE`.
+    MinWeight,
 }
 
 /// Makes `cmd`'s child move itself into cgroup `name` before it execs, so

@@ -8,8 +8,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    check_name, io_err, keyed, procs, read, rmdir, settle, write, CgroupError, CgroupManager,
-    CgroupVersion, Limits, Usage, CPU_PERIOD_US,
+    check_cpus, check_name, io_err, keyed, procs, quota_us, read, rmdir, settle, write,
+    CgroupError, CgroupManager, CgroupVersion, GuestClass, Limits, Usage, CPU_PERIOD_US,
 };
 
 /// The controllers a task's group is made in (`cpuacct` is often the same
@@ -196,6 +196,48 @@ impl CgroupManager for V1 {
             rmdir(&self.root.join(c).join(&self.parent))?;
         }
         Ok(())
+    }
+
+    fn set_cpus(&self, name: &str, cpus: Option<f64>) -> Result<(), CgroupError> {
+        check_name(name)?;
+        check_cpus(cpus)?;
+        let q = cpus.map_or_else(|| "-1".to_owned(), |c| quota_us(c).to_string());
+        let cpu = self.dir("cpu", name);
+        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        write(&cpu.join("cpu.cfs_quota_us"), &q)
+    }
+
+    fn guest_class(&self) -> Result<GuestClass, CgroupError> {
+        for c in CONTROLLERS {
+            let d = self.root.join(c).join(&self.parent);
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let cpu = self.root.join("cpu").join(&self.parent);
+        let class = if cpu.join("cpu.idle").exists() {
+            write(&cpu.join("cpu.idle"), "1")?;
+            GuestClass::CpuIdle
+        } else {
+            write(&cpu.join("cpu.shares"), "2")?;
+            GuestClass::MinWeight
+        };
+        let soft = self
+            .root
+            .join("memory")
+            .join(&self.parent)
+            .join("memory.soft_limit_in_bytes");
+        if soft.exists() {
+            write(&soft, "0")?;
+        }
+        Ok(class)
+    }
+
+    fn parent_cpu_usec(&self) -> Result<u64, CgroupError> {
+        let acct = self
+            .root
+            .join("cpuacct")
+            .join(&self.parent)
+            .join("cpuacct.usage");
+        Ok(read(&acct)?.trim().parse::<u64>().unwrap_or(0) / 1000)
     }
 
     fn procs_files(&self, name: &str) -> Vec<PathBuf> {

@@ -8,8 +8,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    check_name, io_err, keyed, procs, read, rmdir, settle, write, CgroupError, CgroupManager,
-    CgroupVersion, Limits, Usage, CPU_PERIOD_US,
+    check_cpus, check_name, io_err, keyed, procs, quota_us, read, rmdir, settle, write,
+    CgroupError, CgroupManager, CgroupVersion, GuestClass, Limits, Usage, CPU_PERIOD_US,
 };
 
 /// A cgroup v2 manager.
@@ -183,6 +183,35 @@ impl CgroupManager for V2 {
 
     fn remove_parent(&self) -> Result<(), CgroupError> {
         rmdir(&self.parent)
+    }
+
+    fn set_cpus(&self, name: &str, cpus: Option<f64>) -> Result<(), CgroupError> {
+        check_name(name)?;
+        check_cpus(cpus)?;
+        let q = cpus.map_or_else(|| "max".to_owned(), |c| quota_us(c).to_string());
+        write(
+            &self.dir(name).join("cpu.max"),
+            &format!("{q} {CPU_PERIOD_US}"),
+        )
+    }
+
+    fn guest_class(&self) -> Result<GuestClass, CgroupError> {
+        fs::create_dir_all(&self.parent).map_err(io_err(&self.parent))?;
+        let idle = self.parent.join("cpu.idle");
+        if idle.exists() {
+            write(&idle, "1")?;
+            Ok(GuestClass::CpuIdle)
+        } else {
+            write(&self.parent.join("cpu.weight"), "1")?;
+            Ok(GuestClass::MinWeight)
+        }
+    }
+
+    fn parent_cpu_usec(&self) -> Result<u64, CgroupError> {
+        Ok(read(&self.parent.join("cpu.stat"))
+            .ok()
+            .and_then(|s| keyed(&s, "usage_usec"))
+            .unwrap_or(0))
     }
 
     fn procs_files(&self, name: &str) -> Vec<PathBuf> {

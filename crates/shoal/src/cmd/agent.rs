@@ -64,6 +64,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             expect: a.expect,
             no_discovery: a.no_discovery,
             slots: a.slots,
+            config_path: a.config,
         },
     )?;
     let rt = tokio::runtime::Builder::new_current_thread()

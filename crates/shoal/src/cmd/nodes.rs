@@ -86,6 +86,7 @@ fn row(n: &NodeInfo, bw: bool) -> Vec<String> {
         n.checks.clone().unwrap_or_else(|| "-".into()),
         n.role.clone(),
         opt(n.slots_free),
+        n.guests.clone().unwrap_or_else(|| "-".into()),
     ];
     if bw {
         r.push(
@@ -111,6 +112,7 @@ fn table(rep: &NodesReport, bw: bool) -> String {
         "CHECKS",
         "ROLE",
         "SLOTS",
+        "GUESTS",
     ]
     .iter()
     .map(|s| (*s).to_owned())

@@ -209,7 +209,18 @@ enum Outcome {
         /// What broke.
         why: String,
     },
+    /// The executor's owner took the machine back: run it elsewhere.
+    Evicted {
+        /// Where it ran.
+        node: String,
+        /// Why.
+        why: String,
+    },
 }
+
+/// Evictions after which `shoal run` gives up (each one excludes a node,
+/// so this is only reached on a very large cluster of busy owners).
+const MAX_EVICTIONS: u32 = 64;
 
 /// What earlier attempts already did, so a retry neither repeats output
 /// nor commits twice.
@@ -282,7 +293,10 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
     };
     let mut progress = Progress::default();
     let mut exclude: Vec<String> = Vec::new();
-    for attempt in 0..=a.retries {
+    let mut pin = a.node.clone();
+    let mut evictions = 0u32;
+    let mut attempt = 0u32;
+    loop {
         let stream = match tokio::net::UnixStream::connect(socket).await {
             Ok(s) => s,
             Err(e) => {
@@ -290,8 +304,37 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
                 return Ok(ExitCode::from(125));
             }
         };
-        match attempt_once(&a, stream, &spec, &manifest, cwd, &exclude, &mut progress).await? {
+        let once = attempt_once(
+            &a,
+            pin.as_deref(),
+            stream,
+            &spec,
+            &manifest,
+            cwd,
+            &exclude,
+            &mut progress,
+        )
+        .await?;
+        match once {
             Outcome::Done(code) => return Ok(code),
+            Outcome::Evicted { node, why } => {
+                // Not a failure: no retry is spent, and a `--node` pin gives
+                // way (the owner of that node wants it back).
+                if progress.stdin_sent.load(Ordering::Relaxed) {
+                    eprintln!("shoal: evicted from {node} ({why}); its input cannot be sent again");
+                    return Ok(ExitCode::from(125));
+                }
+                evictions += 1;
+                if evictions > MAX_EVICTIONS {
+                    eprintln!("shoal: evicted {MAX_EVICTIONS} times; giving up");
+                    return Ok(ExitCode::from(125));
+                }
+                if a.verbose {
+                    eprintln!("shoal: evicted from {node} ({why}); running it elsewhere");
+                }
+                exclude.push(node);
+                pin = None;
+            }
             Outcome::Lost { node, why } => {
                 if progress.committed {
                     // Changes are sent just before the exit status; with the
@@ -314,6 +357,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
                     eprintln!("shoal: lost the task on {node} ({why}); no retries left");
                     return Ok(ExitCode::from(125));
                 }
+                attempt += 1;
                 if a.verbose {
                     eprintln!("shoal: lost the task on {node} ({why}); running it again elsewhere");
                 }
@@ -321,11 +365,12 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             }
         }
     }
-    Ok(ExitCode::from(125))
 }
 
+#[allow(clippy::too_many_arguments)] // one attempt's whole context
 async fn attempt_once(
     a: &RunArgs,
+    pin: Option<&str>,
     stream: tokio::net::UnixStream,
     spec: &TaskSpec,
     manifest: &tree::Manifest,
@@ -336,7 +381,7 @@ async fn attempt_once(
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let req = Request::Run {
-        node: a.node.clone(),
+        node: pin.map(str::to_owned),
         local: a.local,
         memory_bytes: a.mem,
         exclude: exclude.to_vec(),
@@ -455,6 +500,9 @@ async fn attempt_once(
                     );
                 }
                 break Outcome::Done(exit_code(status));
+            }
+            FromExec::Evicted { node, reason } => {
+                break Outcome::Evicted { node, why: reason };
             }
             FromExec::Failed { code, message } => {
                 eprintln!("shoal: {message}");

@@ -1,0 +1,588 @@
+//! The owner's side of the agent, a thin shell around `shoal-owner`: it
+//! measures the owner's activity, ticks the pure slot machine, and carries
+//! its commands out on the guests' cgroups.
+//!
+//! ```text
+//!  inotify on /dev/input, /dev/tty*, /dev/pts (reads = the owner's input) ─┐
+//!  every 250 ms: /proc/stat − guests' cgroup CPU, load, memory, clock ─────┤
+//!  `shoal owner busy|idle|auto`, SIGHUP / `shoal owner reload` ────────────┤
+//!                                                                          ▼
+//!                   Policy::verdict ─▶ Slots::tick ─▶ freeze / thaw / cap / SIGTERM / SIGKILL
+//! ```
+//!
+//! Every task the executor runs is registered here (for `shoal ps`); guest
+//! tasks (from other nodes) also claim a slot, and a slot being evicted
+//! makes the executor report the task as evicted instead of its result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shoal_control::{OwnerReport, PsReport, TaskInfo, VerdictInfo};
+use shoal_executor::cgroup::{CgroupManager, GuestClass};
+use shoal_owner::cpu::{self, Sample};
+use shoal_owner::{Command, Force, Policy, Refusal, Released, SlotState, Slots, Vars};
+use tokio::sync::Notify;
+
+/// How often the policy is evaluated without owner input.
+const TICK: Duration = Duration::from_millis(250);
+/// The window the owner's CPU share is measured over.
+const CPU_WINDOW: Duration = Duration::from_secs(1);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug)]
+struct Task {
+    guest: bool,
+    command: String,
+    since: Instant,
+    cgroup: Option<String>,
+    cpus: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    slots: Slots,
+    policy: Policy,
+    vars: Vars,
+    reload_error: Option<String>,
+    samples: Vec<(Instant, Sample)>,
+    tasks: HashMap<String, Task>,
+}
+
+/// The owner's policy in force on this machine, and every task here.
+#[derive(Debug)]
+pub struct Owner {
+    node: String,
+    inner: Mutex<Inner>,
+    cgroups: Option<Arc<dyn CgroupManager>>,
+    guest_class: Option<GuestClass>,
+    wake: Notify,
+    /// Unix ms of the latest owner input seen by inotify (0: none yet).
+    last_input_ms: AtomicU64,
+    /// One carrier of commands at a time, so a thaw never overtakes the
+    /// freeze before it.
+    apply: tokio::sync::Mutex<()>,
+    config_path: Option<PathBuf>,
+    epoch: Instant,
+    ticks_per_s: f64,
+}
+
+/// A task registered with the owner's side; releases its slot when
+/// dropped (or through [`Claim::finish`]).
+#[derive(Debug)]
+pub struct Claim {
+    owner: Arc<Owner>,
+    id: String,
+    done: bool,
+}
+
+impl Owner {
+    /// The owner's side of a node with `slots` guest slots under `policy`.
+    /// Puts the guests' parent cgroup at the idle class at once.
+    pub fn new(
+        node: &str,
+        slots: usize,
+        policy: Policy,
+        cgroups: Option<Arc<dyn CgroupManager>>,
+        config_path: Option<PathBuf>,
+    ) -> Arc<Self> {
+        let guest_class = cgroups.as_ref().and_then(|m| match m.guest_class() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "guests not at the idle CPU class");
+                None
+            }
+        });
+        let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|t| *t > 0)
+            .map_or(100.0, |t| t as f64);
+        Arc::new(Self {
+            node: node.to_owned(),
+            inner: Mutex::new(Inner {
+                slots: Slots::new(slots),
+                policy,
+                vars: Vars::default(),
+                reload_error: None,
+                samples: Vec::new(),
+                tasks: HashMap::new(),
+            }),
+            cgroups,
+            guest_class,
+            wake: Notify::new(),
+            last_input_ms: AtomicU64::new(0),
+            apply: tokio::sync::Mutex::new(()),
+            config_path,
+            epoch: Instant::now(),
+            ticks_per_s,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Starts the activity watcher, the policy loop and the SIGHUP
+    /// handler.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("owner-input".into())
+            .spawn(move || watch_input(&me))
+        {
+            tracing::warn!(error = %e, "owner input not watched (atime only)");
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.tick().await;
+                tokio::select! {
+                    () = tokio::time::sleep(TICK) => {}
+                    () = me.wake.notified() => {}
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let _ = me.reload();
+                me.wake.notify_one();
+            }
+        });
+    }
+
+    /// The machine's figures now.
+    fn measure(&self, inner: &mut Inner) -> Vars {
+        let now = Instant::now();
+        let mut v = Vars {
+            guests: inner.tasks.values().filter(|t| t.guest).count() as f64,
+            ..Vars::default()
+        };
+        // Input: the newest of inotify's last read and the devices' atimes
+        // (the kernel updates a terminal's times only every few seconds).
+        let atime_idle = shoal_facts::probe::owner_idle().map(|s| s as f64);
+        let seen = self.last_input_ms.load(Ordering::Relaxed);
+        let inotify_idle = (seen > 0).then(|| unix_ms().saturating_sub(seen) as f64 / 1000.0);
+        v.owner_idle_s = match (atime_idle, inotify_idle) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            // No input device at all: nobody can be at this machine.
+            (None, None) => 1e9,
+        };
+        if let Some((busy, total)) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| cpu::parse_proc_stat(&t))
+        {
+            let guest_s = self
+                .cgroups
+                .as_ref()
+                .and_then(|m| m.parent_cpu_usec().ok())
+                .map_or(0.0, |u| u as f64 / 1e6);
+            let s = Sample {
+                busy_s: busy as f64 / self.ticks_per_s,
+                total_s: total as f64 / self.ticks_per_s,
+                guest_s,
+            };
+            // Keep the newest sample at least a window old as the base.
+            let keep_from = inner
+                .samples
+                .iter()
+                .rposition(|(t, _)| now.duration_since(*t) >= CPU_WINDOW)
+                .unwrap_or(0);
+            inner.samples.drain(..keep_from);
+            if let Some((_, base)) = inner.samples.first() {
+                v.owner_cpu = cpu::owner_share(base, &s);
+            }
+            inner.samples.push((now, s));
+        }
+        if let Some(l) = shoal_facts::probe::load() {
+            v.load1 = f64::from(l[0]);
+        }
+        if let Some((total, avail)) = shoal_facts::probe::memory() {
+            v.mem_total_bytes = total as f64;
+            v.mem_avail_bytes = avail as f64;
+        }
+        let (hour, weekday) = local_hour_weekday();
+        v.hour = hour;
+        v.weekday = weekday;
+        v
+    }
+
+    /// Evaluates the policy now and carries out what changed.
+    pub async fn tick(&self) {
+        let cmds = {
+            let mut g = self.lock();
+            let vars = self.measure(&mut g);
+            g.vars = vars;
+            let verdict = g.policy.verdict(&vars);
+            let grace_ms = g.policy.evict_grace_s * 1000;
+            let now = self.now_ms();
+            let Inner { slots, policy, .. } = &mut *g;
+            let cmds = slots.tick(now, verdict, |_, t| policy.evict(&vars, t), grace_ms);
+            self.resolve(&g, cmds)
+        };
+        self.carry_out(cmds).await;
+    }
+
+    /// Pairs each command with the task's cgroup and quantum; commands for
+    /// a task whose cgroup is not made yet are dropped (its [`Claim::attach`]
+    /// applies the slot's state when it is).
+    fn resolve(&self, g: &Inner, cmds: Vec<Command>) -> Vec<(Command, String, Option<f64>, f64)> {
+        let cap = g.policy.throttle_cpus;
+        cmds.into_iter()
+            .filter_map(|c| {
+                let id = match &c {
+                    Command::Freeze(t)
+                    | Command::Thaw(t)
+                    | Command::Throttle(t)
+                    | Command::Unthrottle(t)
+                    | Command::Terminate(t)
+                    | Command::Kill(t) => t,
+                };
+                let t = g.tasks.get(id)?;
+                Some((c.clone(), t.cgroup.clone()?, t.cpus, cap))
+            })
+            .collect()
+    }
+
+    async fn carry_out(&self, cmds: Vec<(Command, String, Option<f64>, f64)>) {
+        if cmds.is_empty() {
+            return;
+        }
+        let Some(m) = self.cgroups.clone() else {
+            return;
+        };
+        let _one = self.apply.lock().await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for (c, cg, own, cap) in cmds {
+                let r = match &c {
+                    Command::Freeze(_) => m.set_frozen(&cg, true),
+                    Command::Thaw(_) => m.set_frozen(&cg, false),
+                    Command::Throttle(_) => m.set_cpus(&cg, Some(own.map_or(cap, |o| o.min(cap)))),
+                    Command::Unthrottle(_) => m.set_cpus(&cg, own),
+                    Command::Terminate(_) => m.signal_all(&cg, nix::sys::signal::Signal::SIGTERM),
+                    Command::Kill(_) => m.kill_all(&cg),
+                };
+                match r {
+                    Ok(()) => tracing::info!(command = ?c, "owner policy"),
+                    Err(e) => {
+                        tracing::warn!(command = ?c, error = %e, "owner policy command failed")
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Registers a task. A guest (from another node) also claims a slot,
+    /// which the owner's policy may refuse.
+    ///
+    /// # Errors
+    /// The owner is busy, or every slot is taken.
+    pub fn claim(
+        self: &Arc<Self>,
+        id: &str,
+        guest: bool,
+        cpus: Option<f64>,
+        command: String,
+    ) -> Result<Claim, Refusal> {
+        let mut g = self.lock();
+        if g.tasks.contains_key(id) {
+            return Err(Refusal::Duplicate);
+        }
+        if guest {
+            // A throttle in force is applied when the cgroup is attached.
+            let now = self.now_ms();
+            g.slots.claim(id, now)?;
+        }
+        g.tasks.insert(
+            id.to_owned(),
+            Task {
+                guest,
+                command,
+                since: Instant::now(),
+                cgroup: None,
+                cpus,
+            },
+        );
+        Ok(Claim {
+            owner: self.clone(),
+            id: id.to_owned(),
+            done: false,
+        })
+    }
+
+    fn release(&self, id: &str) -> Released {
+        let mut g = self.lock();
+        g.tasks.remove(id);
+        g.slots.release(id).unwrap_or(Released::Finished)
+    }
+
+    /// Sets the override and evaluates at once.
+    pub async fn set_force(&self, f: Force) {
+        self.lock().slots.set_force(f);
+        tracing::info!(force = f.name(), "owner override");
+        self.tick().await;
+    }
+
+    /// Re-reads the policy from the config file. A bad policy is refused
+    /// and the one in force stays.
+    ///
+    /// # Errors
+    /// The message naming what is wrong.
+    pub fn reload(&self) -> Result<(), String> {
+        let r = crate::config::load_file(self.config_path.as_deref())
+            .map(|f| f.compiled_policy.unwrap_or_default());
+        let mut g = self.lock();
+        match r {
+            Ok(p) => {
+                tracing::info!("policy reloaded");
+                g.policy = p;
+                g.reload_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                let m = e.to_string();
+                tracing::error!(error = %m, "policy refused; the one in force stays");
+                g.reload_error = Some(m.clone());
+                Err(m)
+            }
+        }
+    }
+
+    /// Guest tasks registered now.
+    pub fn guests(&self) -> u32 {
+        self.lock().tasks.values().filter(|t| t.guest).count() as u32
+    }
+
+    /// Guest slots free now (none while the owner is busy).
+    pub fn slots_free(&self) -> u32 {
+        self.lock().slots.free() as u32
+    }
+
+    /// How many slots are in each state, for `shoal nodes`.
+    pub fn slot_states(&self) -> shoal_facts::SlotCounts {
+        let mut c = shoal_facts::SlotCounts::default();
+        for s in self.lock().slots.states() {
+            c.add(s.name());
+        }
+        c
+    }
+
+    /// `shoal owner`.
+    pub fn report(&self) -> OwnerReport {
+        let g = self.lock();
+        let v = g.slots.verdict();
+        let vars = g.vars;
+        let mut policy: BTreeMap<String, String> = g
+            .policy
+            .sources()
+            .iter()
+            .map(|(k, s)| ((*k).to_owned(), (*s).to_owned()))
+            .collect();
+        policy.insert("throttle_cpus".into(), g.policy.throttle_cpus.to_string());
+        policy.insert("evict_grace_s".into(), g.policy.evict_grace_s.to_string());
+        OwnerReport {
+            force: g.slots.force().name().to_owned(),
+            state: if v.start { "lending" } else { "owner" }.to_owned(),
+            verdict: VerdictInfo {
+                start: v.start,
+                throttle: v.throttle,
+                suspend: v.suspend,
+                cont: v.cont,
+            },
+            vars: [
+                ("owner_idle_s", vars.owner_idle_s.floor()),
+                ("owner_cpu", vars.owner_cpu),
+                ("load1", vars.load1),
+                ("mem_avail_bytes", vars.mem_avail_bytes),
+                ("mem_total_bytes", vars.mem_total_bytes),
+                ("hour", vars.hour),
+                ("weekday", vars.weekday),
+                ("guests", vars.guests),
+            ]
+            .into_iter()
+            .map(|(k, x)| (k.to_owned(), x))
+            .collect(),
+            policy,
+            reload_error: g.reload_error.clone(),
+            guest_class: match self.guest_class {
+                Some(GuestClass::CpuIdle) => "cpu.idle",
+                Some(GuestClass::MinWeight) => "min-weight",
+                None => "",
+            }
+            .to_owned(),
+            slots: g
+                .slots
+                .states()
+                .iter()
+                .map(|s| s.name().to_owned())
+                .collect(),
+        }
+    }
+
+    /// `shoal ps`.
+    pub fn ps(&self) -> PsReport {
+        let g = self.lock();
+        let mut tasks: Vec<TaskInfo> = g
+            .tasks
+            .iter()
+            .map(|(id, t)| {
+                let state = if t.guest {
+                    g.slots
+                        .state_of(id)
+                        .map_or("running", SlotState::name)
+                        .to_owned()
+                } else if t.cgroup.is_some() {
+                    "running".to_owned()
+                } else {
+                    "starting".to_owned()
+                };
+                let cpu_s = t.cgroup.as_ref().and_then(|cg| {
+                    self.cgroups
+                        .as_ref()?
+                        .usage(cg)
+                        .ok()
+                        .map(|u| u.cpu_usec as f64 / 1e6)
+                });
+                TaskInfo {
+                    id: id.clone(),
+                    origin: if t.guest { "guest" } else { "local" }.to_owned(),
+                    state,
+                    command: t.command.clone(),
+                    age_s: t.since.elapsed().as_secs_f64(),
+                    cpu_s,
+                }
+            })
+            .collect();
+        tasks.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
+        PsReport {
+            node: self.node.clone(),
+            tasks,
+        }
+    }
+}
+
+impl Claim {
+    /// The task's cgroup exists now: bring it to its slot's state (a
+    /// throttle or a freeze decided while it was being set up).
+    pub async fn attach(&self, cgroup: &str) {
+        let cmds = {
+            let mut g = self.owner.lock();
+            let Some(t) = g.tasks.get_mut(&self.id) else {
+                return;
+            };
+            t.cgroup = Some(cgroup.to_owned());
+            let id = self.id.clone();
+            let cmds = match g.slots.state_of(&id) {
+                Some(SlotState::Claimed {
+                    throttled: true, ..
+                }) => vec![Command::Throttle(id)],
+                Some(SlotState::Suspended { throttled, .. }) => {
+                    let mut v = vec![Command::Freeze(id.clone())];
+                    if *throttled {
+                        v.push(Command::Throttle(id));
+                    }
+                    v
+                }
+                Some(SlotState::Evicting { killed, .. }) => {
+                    if *killed {
+                        vec![Command::Kill(id)]
+                    } else {
+                        vec![Command::Terminate(id)]
+                    }
+                }
+                _ => Vec::new(),
+            };
+            self.owner.resolve(&g, cmds)
+        };
+        self.owner.carry_out(cmds).await;
+    }
+
+    /// Whether the owner's policy is evicting this task.
+    pub fn evicting(&self) -> bool {
+        matches!(
+            self.owner.lock().slots.state_of(&self.id),
+            Some(SlotState::Evicting { .. })
+        )
+    }
+
+    /// The task ended: frees its slot and says whether it was evicted.
+    pub fn finish(mut self) -> Released {
+        self.done = true;
+        self.owner.release(&self.id)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.done {
+            self.owner.release(&self.id);
+        }
+    }
+}
+
+/// Local hour (0–23) and weekday (0 = Sunday), from the system's time zone.
+fn local_hour_weekday() -> (f64, f64) {
+    use chrono::{Datelike, Timelike};
+    let now = chrono::Local::now();
+    (
+        f64::from(now.hour()),
+        f64::from(now.weekday().num_days_from_sunday()),
+    )
+}
+
+/// Watches the owner's input devices for reads (a shell reading a key, a
+/// display server reading the mouse) and wakes the policy loop at once.
+/// Writes are not input (the agent's own log on a terminal is a write).
+fn watch_input(owner: &Arc<Owner>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let Ok(ino) = Inotify::init(InitFlags::IN_CLOEXEC) else {
+        tracing::warn!("inotify unavailable: owner input from access times only");
+        return;
+    };
+    let mut watches = HashMap::new();
+    for (dir, prefix) in shoal_facts::probe::ACTIVITY_DIRS {
+        if let Ok(wd) = ino.add_watch(Path::new(dir), AddWatchFlags::IN_ACCESS) {
+            watches.insert(wd, *prefix);
+        }
+    }
+    if watches.is_empty() {
+        return;
+    }
+    loop {
+        let Ok(events) = ino.read_events() else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let input = events.iter().any(|e| {
+            let prefix = watches.get(&e.wd).copied().unwrap_or("");
+            // `/dev/pts/ptmx` is the terminals' master side: reading it is
+            // a terminal showing output, not a person typing.
+            e.name.as_ref().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(prefix) && n != "ptmx"
+            })
+        });
+        if input {
+            owner.last_input_ms.store(unix_ms(), Ordering::Relaxed);
+            owner.wake.notify_one();
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! `shoal ps`: the tasks running on this node.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use shoal_control::{PsReport, Request, Response};
+
+use crate::AgentAddr;
+
+/// Flags of `shoal ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    agent: AgentAddr,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Lists the tasks running on this node, guests and local alike.
+pub fn run(a: &PsArgs) -> anyhow::Result<()> {
+    let rep = match shoal_control::call(&a.agent.socket(), &Request::Ps, Duration::from_secs(10))? {
+        Response::Ps(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print!("{}", table(&rep));
+    }
+    Ok(())
+}
+
+fn table(r: &PsReport) -> String {
+    let rows: Vec<[String; 6]> = r
+        .tasks
+        .iter()
+        .map(|t| {
+            [
+                t.id.clone(),
+                t.origin.clone(),
+                t.state.clone(),
+                format!("{:.0}s", t.age_s),
+                t.cpu_s.map_or_else(|| "-".into(), |c| format!("{c:.2}s")),
+                t.command.clone(),
+            ]
+        })
+        .collect();
+    let head = ["TASK", "ORIGIN", "STATE", "AGE", "CPU", "COMMAND"];
+    let mut w = head.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s += c;
+            } else {
+                s += &format!("{c:<width$}  ", width = w[i]);
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(&head.map(str::to_owned));
+    for r in &rows {
+        out += &line(r);
+    }
+    out += &format!("{}: {} task(s)\n", r.node, r.tasks.len());
+    out
+}
