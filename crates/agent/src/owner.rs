@@ -3,7 +3,7 @@
 //! its commands out on the guests' cgroups.
 //!
 //! ```text
-//!  inotify on /dev/input, /dev/tty*, /dev/pts (reads = the owner's input) ─┐
+//!  a read on a terminal (its access time) or an input device (inotify) ───┐
 //!  every 250 ms: /proc/stat − guests' cgroup CPU, load, memory, clock ─────┤
 //!  `shoal owner busy|idle|auto`, SIGHUP / `shoal owner reload` ────────────┤
 //!                                                                          ▼
@@ -548,39 +548,72 @@ fn local_hour_weekday() -> (f64, f64) {
     )
 }
 
-/// Watches the owner's input devices for reads (a shell reading a key, a
-/// display server reading the mouse) and wakes the policy loop at once.
-/// Writes are not input (the agent's own log on a terminal is a write).
-fn watch_input(owner: &Arc<Owner>) {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let Ok(ino) = Inotify::init(InitFlags::IN_CLOEXEC) else {
-        tracing::warn!("inotify unavailable: owner input from access times only");
-        return;
-    };
-    let mut watches = HashMap::new();
-    for (dir, prefix) in shoal_facts::probe::ACTIVITY_DIRS {
-        if let Ok(wd) = ino.add_watch(Path::new(dir), AddWatchFlags::IN_ACCESS) {
-            watches.insert(wd, *prefix);
+/// How often the terminals' access times are polled.
+const INPUT_POLL: Duration = Duration::from_millis(50);
+
+/// The terminals whose access time moves when the owner types: virtual
+/// consoles and serial lines (`/dev/tty*`) and pseudo-terminals
+/// (`/dev/pts/N`; `ptmx` is the masters' side, read when a terminal shows
+/// output).
+fn terminals() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for (dir, prefix) in [("/dev", "tty"), ("/dev/pts", "")] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(prefix) && n != "ptmx" {
+                    v.push(e.path());
+                }
+            }
         }
     }
-    if watches.is_empty() {
-        return;
-    }
-    loop {
-        let Ok(events) = ino.read_events() else {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        let input = events.iter().any(|e| {
-            let prefix = watches.get(&e.wd).copied().unwrap_or("");
-            // `/dev/pts/ptmx` is the terminals' master side: reading it is
-            // a terminal showing output, not a person typing.
-            e.name.as_ref().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with(prefix) && n != "ptmx"
-            })
+    v
+}
+
+/// Watches for the owner's input and wakes the policy loop at once.
+///
+/// Terminals: the kernel sends no inotify events for ttys, but a read
+/// (a shell reading a key) sets the terminal's access time, at once when
+/// the last update is more than 8 s old (finer updates are withheld, so
+/// that keystroke timing does not leak): polling the access times every
+/// 50 ms sees the owner come back within 50 ms. Writes (output, the
+/// agent's own log) move the modification time only. Input devices
+/// (`/dev/input`, read by a display server) do not update access times,
+/// but do send inotify access events.
+fn watch_input(owner: &Arc<Owner>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::unix::fs::MetadataExt;
+    let ino = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .ok()
+        .filter(|i| {
+            i.add_watch(Path::new("/dev/input"), AddWatchFlags::IN_ACCESS)
+                .is_ok()
         });
-        if input {
+    let mut ttys = terminals();
+    let mut listed = Instant::now();
+    let latest = |ttys: &[PathBuf]| {
+        ttys.iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| (m.atime(), m.atime_nsec()))
+            .max()
+    };
+    let mut last = latest(&ttys);
+    loop {
+        std::thread::sleep(INPUT_POLL);
+        if listed.elapsed() > Duration::from_secs(2) {
+            // New terminals (a login, a new window) join the watch.
+            ttys = terminals();
+            listed = Instant::now();
+            last = last.max(latest(&ttys));
+        }
+        let now = latest(&ttys);
+        let typed = now > last;
+        last = last.max(now);
+        let moved = ino
+            .as_ref()
+            .and_then(|i| i.read_events().ok())
+            .is_some_and(|ev| !ev.is_empty());
+        if typed || moved {
             owner.last_input_ms.store(unix_ms(), Ordering::Relaxed);
             owner.wake.notify_one();
         }

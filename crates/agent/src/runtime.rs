@@ -395,7 +395,7 @@ async fn control_conn(
                 memory_bytes,
                 exclude,
             };
-            return run_task(r, w, &ctx, &report, &ask).await;
+            return run_task(r, w, &ctx, &tx, &report, &ask).await;
         }
     };
     write_line(&mut w, &resp).await
@@ -412,6 +412,7 @@ async fn run_task(
     r: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut w: tokio::net::unix::OwnedWriteHalf,
     ctx: &Ctx,
+    main: &mpsc::Sender<ControlMsg>,
     report: &NodesReport,
     ask: &place::Ask,
 ) -> std::io::Result<()> {
@@ -473,9 +474,33 @@ async fn run_task(
             }
         }
     };
+    // A partitioned executor's TCP connection can stay half-open for
+    // minutes: membership says sooner. When the executor is declared down
+    // (or leaves), the relay drops both sides, so the client sees the task
+    // lost and runs it elsewhere (the stale executor's result can no longer
+    // reach it, and it kills the task when its link breaks).
+    let gone = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Response::Nodes(rep) = ask_main(main, Request::Nodes { bandwidth: false }).await
+            {
+                let state = rep
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == name)
+                    .map(|n| n.state.clone());
+                if !matches!(state.as_deref(), Some("alive" | "suspect")) {
+                    return state.unwrap_or_else(|| "gone".into());
+                }
+            }
+        }
+    };
     tokio::select! {
         () = up => {}
         () = down => {}
+        state = gone => {
+            tracing::warn!(node = %name, %state, "executor lost from the membership; dropping its task");
+        }
     }
     bump(&ctx.inflight, &name, -1);
     Ok(())

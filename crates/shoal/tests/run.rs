@@ -455,3 +455,55 @@ fn ctrl_c_at_the_submitter_reaches_the_remote_task() {
     assert_eq!(st.code(), Some(130), "the task died of SIGINT: {st:?}");
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn an_executor_cut_off_by_a_partition_is_replaced_and_the_result_lands_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run9", 27, 3) else {
+        return;
+    };
+    // h0 lends no slots: the task goes to h1 or h2.
+    lab.start_agent(0, &["--slots", "0"]).unwrap();
+    start_all(&mut lab, &[1, 2], &[]);
+    wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
+    wait_facts(&lab);
+    let tree = Tree::new(&lab.dir.join("tree"));
+    let mut c = run(
+        &lab,
+        &tree,
+        &[
+            "-v",
+            "--",
+            "sh",
+            "-c",
+            "echo begin; sleep 3; echo $SHOAL_NODE >> done.txt; echo end",
+        ],
+    );
+    c.stderr(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let (first, mut err) = until_started(&mut child);
+    let victim: usize = first
+        .trim_start_matches('h')
+        .parse()
+        .expect("started on h1 or h2");
+    assert_ne!(victim, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    // The executor's TCP connection stays half-open; only membership can
+    // tell the submitter's agent that it is gone.
+    lab.partition(&[victim]).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    lab.heal().unwrap();
+    assert!(o.status.success(), "{rest}");
+    assert_eq!(s(&o.stdout), "begin\nend\n", "{rest}");
+    assert!(rest.contains("running it again elsewhere"), "{rest}");
+    let other = if victim == 1 { "h2" } else { "h1" };
+    // The cut-off executor's attempt never commits, even after the heal.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        tree.read("done.txt").as_deref(),
+        Some(format!("{other}\n").as_str()),
+        "committed once, by the replacement: {rest}"
+    );
+}
