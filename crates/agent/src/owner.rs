@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_control::{OwnerReport, PsReport, TaskInfo, VerdictInfo};
 use shoal_executor::cgroup::{CgroupManager, GuestClass};
+use shoal_owner::activity::{self, Logind};
 use shoal_owner::cpu::{self, Sample};
 use shoal_owner::{Command, Force, Policy, Refusal, Released, SlotState, Slots, Vars};
 use tokio::sync::Notify;
@@ -64,8 +65,10 @@ pub struct Owner {
     cgroups: Option<Arc<dyn CgroupManager>>,
     guest_class: Option<GuestClass>,
     wake: Notify,
-    /// Unix ms of the latest owner input seen by inotify (0: none yet).
+    /// Unix ms of the latest owner input seen (0: none yet).
     last_input_ms: AtomicU64,
+    /// logind's view of the sessions, where a logind answers.
+    logind: Mutex<Option<Logind>>,
     /// One carrier of commands at a time, so a thaw never overtakes the
     /// freeze before it.
     apply: tokio::sync::Mutex<()>,
@@ -119,6 +122,7 @@ impl Owner {
             guest_class,
             wake: Notify::new(),
             last_input_ms: AtomicU64::new(0),
+            logind: Mutex::new(None),
             apply: tokio::sync::Mutex::new(()),
             config_path,
             epoch: Instant::now(),
@@ -155,6 +159,8 @@ impl Owner {
             }
         });
         let me = self.clone();
+        tokio::spawn(async move { watch_logind(&me).await });
+        let me = self.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -178,13 +184,9 @@ impl Owner {
         // (the kernel updates a terminal's times only every few seconds).
         let atime_idle = shoal_facts::probe::owner_idle().map(|s| s as f64);
         let seen = self.last_input_ms.load(Ordering::Relaxed);
-        let inotify_idle = (seen > 0).then(|| unix_ms().saturating_sub(seen) as f64 / 1000.0);
-        v.owner_idle_s = match (atime_idle, inotify_idle) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            // No input device at all: nobody can be at this machine.
-            (None, None) => 1e9,
-        };
+        let input_idle = (seen > 0).then(|| unix_ms().saturating_sub(seen) as f64 / 1000.0);
+        let logind = *self.logind.lock().unwrap_or_else(|e| e.into_inner());
+        v.owner_idle_s = activity::owner_idle_s(atime_idle, input_idle, logind);
         if let Some((busy, total)) = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|t| cpu::parse_proc_stat(&t))
@@ -546,6 +548,58 @@ fn local_hour_weekday() -> (f64, f64) {
         f64::from(now.hour()),
         f64::from(now.weekday().num_days_from_sunday()),
     )
+}
+
+/// Asks logind (over the system D-Bus, where one answers) every second
+/// whether the sessions are idle, and since when.
+async fn watch_logind(owner: &Owner) {
+    let bus = [
+        "/run/dbus/system_bus_socket",
+        "/var/run/dbus/system_bus_socket",
+    ];
+    if !bus.iter().any(|p| Path::new(p).exists()) {
+        tracing::debug!("no system D-Bus: owner idle time without logind");
+        return;
+    }
+    let proxy = async {
+        let conn = zbus::Connection::system().await?;
+        zbus::Proxy::new(
+            &conn,
+            "org.freedesktop.login1",
+            "/org/freedesktop/login1",
+            "org.freedesktop.login1.Manager",
+        )
+        .await
+    };
+    let proxy = match proxy.await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "no logind: owner idle time without it");
+            return;
+        }
+    };
+    loop {
+        let hint = proxy.get_property::<bool>("IdleHint").await;
+        let since = proxy.get_property::<u64>("IdleSinceHint").await;
+        let view = match (hint, since) {
+            (Ok(h), Ok(s)) => Some(activity::from_hint(h, s, unix_ms() * 1000)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "logind did not answer");
+                None
+            }
+        };
+        let changed = {
+            let mut g = owner.logind.lock().unwrap_or_else(|e| e.into_inner());
+            let was_idle = matches!(*g, Some(Logind::IdleFor(_)));
+            *g = view;
+            was_idle && view == Some(Logind::Active)
+        };
+        if changed {
+            // Someone came back: evaluate now.
+            owner.wake.notify_one();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// How often the terminals' access times are polled.

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod activity;
 pub mod cpu;
 pub mod policy;
 pub mod slots;

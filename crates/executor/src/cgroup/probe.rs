@@ -117,6 +117,14 @@ mod tests {
             fs::create_dir_all(v1.join(c)).unwrap();
         }
         assert_eq!(detect(&v1), Some(CgroupVersion::V1));
+        // Without a freezer, guests could not be stopped for their owner:
+        // no usable hierarchy, so the start-up checks fail and the node
+        // lends no slots.
+        let nofreeze = base.join("nofreeze");
+        for c in ["cpu", "memory", "pids"] {
+            fs::create_dir_all(nofreeze.join(c)).unwrap();
+        }
+        assert_eq!(detect(&nofreeze), None);
         let v2 = base.join("v2");
         fs::create_dir_all(&v2).unwrap();
         fs::write(v2.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
