@@ -557,7 +557,9 @@ async fn watch_logind(owner: &Owner) {
         "/run/dbus/system_bus_socket",
         "/var/run/dbus/system_bus_socket",
     ];
-    if !bus.iter().any(|p| Path::new(p).exists()) {
+    if std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_none()
+        && !bus.iter().any(|p| Path::new(p).exists())
+    {
         tracing::debug!("no system D-Bus: owner idle time without logind");
         return;
     }

@@ -237,6 +237,35 @@ mod tests {
     /// Over a plain directory the manager writes the files a v2 kernel
     /// would read.
     #[test]
+    fn throttle_idle_class_and_guest_cpu_land_in_the_v2_files() {
+        let base = std::env::temp_dir().join(format!("shoal-v2c-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("t")).unwrap();
+        let m = V2::at(&base);
+        let r = |f: &str| fs::read_to_string(base.join(f)).unwrap();
+        m.set_cpus("t", Some(0.5)).unwrap();
+        assert_eq!(r("t/cpu.max"), "50000 100000");
+        m.set_cpus("t", None).unwrap();
+        assert_eq!(r("t/cpu.max"), "max 100000");
+        assert!(m.set_cpus("t", Some(-1.0)).is_err());
+        // No cpu.idle file (an older kernel): the smallest weight.
+        assert_eq!(m.guest_class().unwrap(), GuestClass::MinWeight);
+        assert_eq!(r("cpu.weight"), "1");
+        fs::write(base.join("cpu.idle"), "0").unwrap();
+        assert_eq!(m.guest_class().unwrap(), GuestClass::CpuIdle);
+        assert_eq!(r("cpu.idle"), "1");
+        fs::write(
+            base.join("cpu.stat"),
+            "usage_usec 1234
+user_usec 1000
+",
+        )
+        .unwrap();
+        assert_eq!(m.parent_cpu_usec().unwrap(), 1234);
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn limits_land_in_the_v2_files() {
         let base = std::env::temp_dir().join(format!("shoal-v2-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
