@@ -8,7 +8,7 @@
 //! second result of the same attempt.
 
 /// Where a task is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TaskState {
     /// Waiting for a node.
     Queued,
@@ -59,7 +59,7 @@ pub enum Verdict {
 }
 
 /// One task's record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Task {
     /// Where it is.
     pub state: TaskState,

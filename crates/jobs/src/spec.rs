@@ -72,7 +72,7 @@ struct Many {
 }
 
 /// One checked job.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobSpec {
     /// Its name (unique among the submitter's jobs that are not finished).
     pub name: String,
