@@ -308,11 +308,12 @@ where
         };
         return link::send(&mut tx, &m).await;
     }
-    let oom = guard
+    let usage = guard
         .cgroup
         .as_ref()
         .and_then(|(m, n)| m.usage(n).ok())
-        .is_some_and(|u| u.oom_kills > 0);
+        .unwrap_or_default();
+    let oom = usage.oom_kills > 0;
     let status = match (status.code(), status.signal()) {
         (Some(c), _) => Status::Code(c),
         (None, Some(s)) => Status::Signal(s),
@@ -341,7 +342,13 @@ where
             }
         }
     }
-    link::send(&mut tx, &FromExec::Exit { status, oom }).await?;
+    let exit = FromExec::Exit {
+        status,
+        oom,
+        cpu_s: usage.cpu_usec as f64 / 1e6,
+        mem_peak_bytes: usage.memory_peak_bytes,
+    };
+    link::send(&mut tx, &exit).await?;
     let t_exit = t0.elapsed();
     drop(guard);
     tracing::debug!(

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod bandwidth;
+pub mod batch;
 pub mod checks;
 pub mod config;
 pub mod discovery;

@@ -72,7 +72,7 @@ fn unix_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-type ControlMsg = (Request, oneshot::Sender<Response>);
+pub(crate) type ControlMsg = (Request, oneshot::Sender<Response>);
 
 /// Everything the event loop owns.
 struct Shell {
@@ -271,6 +271,8 @@ struct Ctx {
     exec: Arc<ExecEnv>,
     /// Tasks this node has sent to each node and not seen end.
     inflight: Arc<Mutex<HashMap<String, u32>>>,
+    /// Batch jobs submitted here.
+    batch: Arc<crate::batch::Batch>,
 }
 
 async fn serve_control(listener: UnixListener, tx: mpsc::Sender<ControlMsg>, ctx: Ctx) {
@@ -297,7 +299,7 @@ async fn write_line(
     w.write_all(&out).await
 }
 
-async fn ask_main(tx: &mpsc::Sender<ControlMsg>, req: Request) -> Response {
+pub(crate) async fn ask_main(tx: &mpsc::Sender<ControlMsg>, req: Request) -> Response {
     let (otx, orx) = oneshot::channel();
     if tx.send((req, otx)).await.is_err() {
         return Response::Error {
@@ -379,6 +381,48 @@ async fn control_conn(
             }
         }
         Request::Ps => Response::Ps(ctx.exec.owner.ps()),
+        Request::Submit { jobs, dir, env } => {
+            let report = match ask_main(&tx, Request::Nodes { bandwidth: false }).await {
+                Response::Nodes(r) => r,
+                other => return write_line(&mut w, &other).await,
+            };
+            let Some(uid) = peer_uid else {
+                let message = "the submitting user is unknown (no peer credentials)".into();
+                return write_line(&mut w, &Response::Error { message }).await;
+            };
+            let b = ctx.batch.clone();
+            let r = tokio::task::spawn_blocking(move || b.submit(jobs, dir, env, uid, &report))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match r {
+                Ok(ids) => Response::Submitted { ids },
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::Jobs => match ctx.batch.jobs() {
+            Ok(r) => Response::Jobs(r),
+            Err(message) => Response::Error { message },
+        },
+        Request::Status { job } => {
+            let report = match ask_main(&tx, Request::Nodes { bandwidth: false }).await {
+                Response::Nodes(r) => r,
+                other => return write_line(&mut w, &other).await,
+            };
+            match ctx.batch.status(job, &report) {
+                Ok(r) => Response::Status(r),
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::Cancel { job } => match ctx.batch.cancel(job) {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        },
+        Request::Retry { job } => match ctx.batch.retry(job) {
+            Ok(n) => Response::Submitted {
+                ids: vec![n as u64],
+            },
+            Err(message) => Response::Error { message },
+        },
         Request::Run {
             node,
             local,
@@ -479,22 +523,7 @@ async fn run_task(
     // (or leaves), the relay drops both sides, so the client sees the task
     // lost and runs it elsewhere (the stale executor's result can no longer
     // reach it, and it kills the task when its link breaks).
-    let gone = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if let Response::Nodes(rep) = ask_main(main, Request::Nodes { bandwidth: false }).await
-            {
-                let state = rep
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == name)
-                    .map(|n| n.state.clone());
-                if !matches!(state.as_deref(), Some("alive" | "suspect")) {
-                    return state.unwrap_or_else(|| "gone".into());
-                }
-            }
-        }
-    };
+    let gone = crate::batch::gone(main, &name);
     tokio::select! {
         () = up => {}
         () = down => {}
@@ -723,6 +752,20 @@ async fn run_inner(
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(64);
     let exec_env = Arc::new(exec_env(&cfg, &verified).await);
     exec_env.owner.start();
+    let batch = {
+        let (path, key, cluster) = (
+            cfg.data_dir.join("jobs.redb"),
+            key.clone(),
+            cfg.cluster.clone(),
+        );
+        tokio::task::spawn_blocking(move || crate::batch::Batch::open(&path, key, &cluster))
+            .await
+            .map_err(|e| AgentError::DataDir {
+                path: cfg.data_dir.join("jobs.redb"),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    };
+    tokio::spawn(batch.clone().run(ctl_tx.clone()));
     tokio::spawn(serve_control(
         control,
         ctl_tx,
@@ -731,6 +774,7 @@ async fn run_inner(
             cluster: cfg.cluster.clone(),
             exec: exec_env.clone(),
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            batch,
         },
     ));
     tokio::spawn(peer::serve(
@@ -817,7 +861,9 @@ async fn run_inner(
             Some((req, reply)) = ctl_rx.recv() => {
                 match req {
                     Request::Nodes { .. } => { let _ = reply.send(Response::Nodes(sh.report())); }
-                    Request::Run { .. } | Request::Owner { .. } | Request::Reload | Request::Ps => {
+                    Request::Run { .. } | Request::Owner { .. } | Request::Reload | Request::Ps
+                    | Request::Submit { .. } | Request::Jobs | Request::Status { .. }
+                    | Request::Cancel { .. } | Request::Retry { .. } => {
                         let _ = reply.send(Response::Error { message: "internal: not a request for the event loop".into() });
                     }
                     Request::Leave => {

@@ -45,7 +45,7 @@ pub fn resolve_socket(
 }
 
 /// A request to the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// The cluster as this agent sees it.
@@ -83,6 +83,32 @@ pub enum Request {
     Reload,
     /// The tasks running on this node (`shoal ps`).
     Ps,
+    /// Queue jobs (`shoal submit`): journaled before the answer.
+    Submit {
+        /// The jobs, checked by the client (`shoal-jobs`), checked again.
+        jobs: Vec<shoal_jobs::JobSpec>,
+        /// Where they were submitted from.
+        dir: PathBuf,
+        /// The environment their tasks get.
+        env: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Every job this node submitted (`shoal jobs`).
+    Jobs,
+    /// One job's tasks, and why each waiting one waits (`shoal status`).
+    Status {
+        /// The job id.
+        job: u64,
+    },
+    /// Cancel a job (`shoal cancel`).
+    Cancel {
+        /// The job id.
+        job: u64,
+    },
+    /// Queue a job's failed tasks again (`shoal retry --failed`).
+    Retry {
+        /// The job id.
+        job: u64,
+    },
 }
 
 /// The agent's answer.
@@ -105,6 +131,15 @@ pub enum Response {
     Owner(OwnerReport),
     /// Answer to [`Request::Ps`].
     Ps(PsReport),
+    /// Answer to [`Request::Submit`]: the new jobs' ids, in order.
+    Submitted {
+        /// Job ids.
+        ids: Vec<u64>,
+    },
+    /// Answer to [`Request::Jobs`].
+    Jobs(JobsReport),
+    /// Answer to [`Request::Status`].
+    Status(StatusReport),
     /// The request failed; the text says why.
     Error {
         /// What went wrong.
@@ -175,6 +210,69 @@ pub struct TaskInfo {
     pub age_s: f64,
     /// CPU time used so far, seconds.
     pub cpu_s: Option<f64>,
+}
+
+/// `shoal jobs --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsReport {
+    /// Every job this node submitted, oldest first.
+    pub jobs: Vec<JobInfo>,
+}
+
+/// One job in [`JobsReport`] and [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: u64,
+    /// Job name.
+    pub name: String,
+    /// `waiting` (for another job), `queued`, `running`, `done`, `failed`
+    /// (done, some tasks failed) or `cancelled`.
+    pub state: String,
+    /// Tasks in all.
+    pub tasks: u32,
+    /// Tasks done (committed).
+    pub done: u32,
+    /// Tasks running.
+    pub running: u32,
+    /// Tasks queued.
+    pub queued: u32,
+    /// Tasks failed for good.
+    pub failed: u32,
+    /// Tasks cancelled.
+    pub cancelled: u32,
+    /// Where the outputs land (absolute).
+    pub output: PathBuf,
+    /// Submitted, Unix ms.
+    pub submitted_ms: u64,
+    /// Jobs it waits for, by id.
+    pub after: Vec<u64>,
+}
+
+/// `shoal status JOB --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The job.
+    pub job: JobInfo,
+    /// Every task.
+    pub tasks: Vec<TaskStatus>,
+}
+
+/// One task in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// `$SHOAL_TASK_INDEX`.
+    pub index: u32,
+    /// `queued`, `running`, `done`, `failed`, `cancelled`.
+    pub state: String,
+    /// Where it runs or ran last.
+    pub node: Option<String>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Last exit status.
+    pub status: Option<i32>,
+    /// For a queued task: why it waits. For others: the last error, if any.
+    pub why: Option<String>,
 }
 
 /// `shoal nodes --json`.

@@ -90,8 +90,10 @@ pub struct TaskRecord {
 pub struct NewJob {
     /// What to run.
     pub spec: JobSpec,
-    /// Dependencies, by id.
+    /// Dependencies on journaled jobs, by id.
     pub after: Vec<u64>,
+    /// Dependencies on jobs of the same submission, by position.
+    pub after_new: Vec<usize>,
     /// Submit directory.
     pub dir: PathBuf,
     /// Submitting user.
@@ -213,14 +215,17 @@ impl Journal {
                 .map_err(|e| st(&e))?
                 .map_or(1, |v| v.value());
             let empty = postcard::to_stdvec(&TaskRecord::default()).map_err(|e| st(&e))?;
+            let first = next;
             for n in new {
                 let id = next;
                 next += 1;
                 let count = n.spec.count;
+                let mut after = n.after;
+                after.extend(n.after_new.iter().map(|k| first + *k as u64));
                 let r = JobRecord {
                     id,
                     spec: n.spec,
-                    after: n.after,
+                    after,
                     dir: n.dir,
                     uid: n.uid,
                     env: n.env,
@@ -418,6 +423,7 @@ mod tests {
         NewJob {
             spec,
             after: vec![],
+            after_new: vec![],
             dir: "/tmp".into(),
             uid: 1000,
             env: vec![],

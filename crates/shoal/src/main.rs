@@ -51,6 +51,20 @@ enum Command {
     Owner(cmd::owner::OwnerArgs),
     /// List the tasks running on this node and their states.
     Ps(cmd::ps::PsArgs),
+    /// Queue a batch job (`-- CMD` or a job.toml); prints its id.
+    Submit(cmd::submit::SubmitArgs),
+    /// List the batch jobs submitted from this node.
+    Jobs(cmd::jobs::JobsArgs),
+    /// Show a job's tasks and why the waiting ones wait.
+    Status(cmd::status::StatusArgs),
+    /// Wait for a job, with a progress bar.
+    Wait(cmd::wait::WaitArgs),
+    /// Print a task's stdout (or stderr), optionally following it.
+    Logs(cmd::logs::LogsArgs),
+    /// Cancel a job.
+    Cancel(cmd::cancel::CancelArgs),
+    /// Queue a job's failed tasks again.
+    Retry(cmd::retry::RetryArgs),
 }
 
 /// The error and its causes, each cause only when the text so far does
@@ -88,6 +102,25 @@ fn main() -> ExitCode {
         Command::Leave(a) => cmd::leave::run(&a),
         Command::Owner(a) => cmd::owner::run(&a),
         Command::Ps(a) => cmd::ps::run(&a),
+        Command::Jobs(a) => cmd::jobs::run(&a),
+        Command::Status(a) => cmd::status::run(&a),
+        Command::Logs(a) => cmd::logs::run(&a),
+        Command::Cancel(a) => cmd::cancel::run(&a),
+        Command::Retry(a) => cmd::retry::run(&a),
+        Command::Submit(a) => match cmd::submit::run(&a) {
+            Ok(code) => return code,
+            Err(e) => {
+                eprintln!("shoal: {}", message(&e));
+                return ExitCode::from(1);
+            }
+        },
+        Command::Wait(a) => match cmd::wait::run(&a) {
+            Ok(code) => return code,
+            Err(e) => {
+                eprintln!("shoal: {}", message(&e));
+                return ExitCode::from(1);
+            }
+        },
         Command::Run(a) => match cmd::run::run(a) {
             Ok(code) => return code,
             Err(e) => {

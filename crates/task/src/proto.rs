@@ -137,6 +137,10 @@ pub enum FromExec {
         status: Status,
         /// The kernel OOM-killed something in the task's memory limit.
         oom: bool,
+        /// CPU seconds the task used (its cgroup).
+        cpu_s: f64,
+        /// Its peak memory, bytes, where the kernel records it.
+        mem_peak_bytes: Option<u64>,
     },
     /// The task could not run; the text says why. `code` is the exit status
     /// the submitter should use (127: command not found, 2: bad request,

@@ -34,11 +34,11 @@ pub fn run(a: &PsArgs) -> anyhow::Result<()> {
 }
 
 fn table(r: &PsReport) -> String {
-    let rows: Vec<[String; 6]> = r
+    let rows: Vec<Vec<String>> = r
         .tasks
         .iter()
         .map(|t| {
-            [
+            vec![
                 t.id.clone(),
                 t.origin.clone(),
                 t.state.clone(),
@@ -48,28 +48,7 @@ fn table(r: &PsReport) -> String {
             ]
         })
         .collect();
-    let head = ["TASK", "ORIGIN", "STATE", "AGE", "CPU", "COMMAND"];
-    let mut w = head.map(str::len);
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s += c;
-            } else {
-                s += &format!("{c:<width$}  ", width = w[i]);
-            }
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(&head.map(str::to_owned));
-    for r in &rows {
-        out += &line(r);
-    }
+    let mut out = crate::cmd::table(&["TASK", "ORIGIN", "STATE", "AGE", "CPU", "COMMAND"], &rows);
     out += &format!("{}: {} task(s)\n", r.node, r.tasks.len());
     out
 }

@@ -19,6 +19,14 @@ use tokio::sync::mpsc;
 
 use crate::AgentAddr;
 
+/// The environment a task gets: ours, minus what stays on this machine.
+pub(crate) fn forwarded_env() -> Vec<(Vec<u8>, Vec<u8>)> {
+    std::env::vars_os()
+        .filter(|(k, _)| !ENV_DENY.iter().any(|d| k.as_bytes() == d.as_bytes()))
+        .map(|(k, v)| (k.into_vec(), v.into_vec()))
+        .collect()
+}
+
 /// Environment variables that stay on the submitting machine.
 const ENV_DENY: &[&str] = &[
     "SSH_AUTH_SOCK",
@@ -273,10 +281,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
     let spec = TaskSpec {
         task_id: task_id(),
         argv: a.command.iter().map(|s| s.as_bytes().to_vec()).collect(),
-        env: std::env::vars_os()
-            .filter(|(k, _)| !ENV_DENY.iter().any(|d| k.as_bytes() == d.as_bytes()))
-            .map(|(k, v)| (k.into_vec(), v.into_vec()))
-            .collect(),
+        env: forwarded_env(),
         cwd: cwd.to_owned(),
         tree: manifest.entries.clone(),
         resources: Resources {
@@ -489,7 +494,7 @@ async fn attempt_once(
                     eprintln!("shoal: applied {n} change(s)");
                 }
             }
-            FromExec::Exit { status, oom } => {
+            FromExec::Exit { status, oom, .. } => {
                 if oom {
                     let limit = a
                         .mem

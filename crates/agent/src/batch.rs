@@ -1,0 +1,1043 @@
+//! Batch jobs on the submitting node: the journal, the runner that places
+//! queued tasks on executors, and the answers to `shoal jobs`/`status`.
+//!
+//! ```text
+//!  shoal submit ─▶ check (names, DAG, memory) ─▶ Journal::submit (durable) ─▶ job ids
+//!  runner, on every wake or 250 ms:
+//!     runnable tasks (dependencies done), fair across users then jobs
+//!       ─▶ place (free slots × CPU score, minus what is in flight, avoiding
+//!          nodes that failed or refused the task)
+//!       ─▶ Journal: start under a new fence ─▶ attempt over Noise to the executor
+//!  attempt: Start ─▶ Need/Blob ─▶ stdout/stderr into OUTPUT/.shoal-I-FENCE/
+//!       ─▶ Changes into .../files ─▶ Exit ─▶ Journal: report(fence) ─▶ Commit:
+//!          status.json, then rename to OUTPUT/I (atomic, once) | re-queue | failed
+//! ```
+//!
+//! The executor takes a task only if a guest slot is free now (late
+//! binding); a refusal or eviction re-queues it without spending a retry.
+//! An executor declared down by membership loses its attempt (re-queued,
+//! its fence dead: a late result cannot commit).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shoal_control::{
+    JobInfo, JobsReport, NodesReport, Request, Response, StatusReport, TaskStatus,
+};
+use shoal_jobs::attempt::{Outcome, TaskState, Verdict};
+use shoal_jobs::JobSpec;
+use shoal_journal::{JobRecord, Journal, NewJob, TaskRecord};
+use shoal_task::link;
+use shoal_task::proto::{Commit, FromExec, Resources, Status, TaskSpec, ToExec};
+use shoal_task::tree::{self, Manifest};
+use shoal_transport::ClusterKey;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
+
+use crate::runtime::{ask_main, ControlMsg};
+
+/// How often the runner looks at the queue without being woken.
+const TICK: Duration = Duration::from_millis(250);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A task's place in the runner's memory (the journal is the truth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mem {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+fn mem_of(s: &TaskState) -> Mem {
+    match s {
+        TaskState::Queued => Mem::Queued,
+        TaskState::Running { .. } => Mem::Running,
+        TaskState::Done { .. } => Mem::Done,
+        TaskState::Failed { .. } => Mem::Failed,
+        TaskState::Cancelled => Mem::Cancelled,
+    }
+}
+
+#[derive(Debug)]
+struct JobMem {
+    rec: Arc<JobRecord>,
+    tasks: Vec<Mem>,
+    /// Nodes a task should not go back to (it failed or was refused there).
+    avoid: HashMap<u32, Vec<String>>,
+}
+
+impl JobMem {
+    fn count(&self, m: Mem) -> u32 {
+        self.tasks.iter().filter(|t| **t == m).count() as u32
+    }
+    fn finished(&self) -> bool {
+        self.tasks.iter().all(|t| *t == Mem::Done)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: BTreeMap<u64, JobMem>,
+    /// Attempts in flight per node.
+    inflight: HashMap<String, u32>,
+    /// Each job's input manifest, scanned at its first start.
+    manifests: HashMap<u64, Arc<Manifest>>,
+    /// Nodes that refused a task for want of a free slot: not asked again
+    /// before this (their gossiped slots lag).
+    full_until: HashMap<String, std::time::Instant>,
+}
+
+/// The batch side of one agent.
+#[derive(Debug)]
+pub struct Batch {
+    journal: Result<Journal, String>,
+    state: Mutex<State>,
+    wake: Notify,
+    key: ClusterKey,
+    cluster: String,
+}
+
+/// How an attempt ended, from the runner's side.
+#[derive(Debug)]
+enum End {
+    Exit {
+        status: Status,
+        cpu_s: f64,
+        mem_peak_bytes: Option<u64>,
+        oom: bool,
+    },
+    Failed(i32, String),
+    Evicted(String),
+    Lost(String),
+}
+
+impl Batch {
+    /// Opens the journal at `path` (a corrupt one is reported and kept; the
+    /// agent then runs without batch jobs), finishes interrupted commits.
+    pub fn open(path: &Path, key: ClusterKey, cluster: &str) -> Arc<Self> {
+        let journal = match Journal::open(path) {
+            Ok((j, rec)) => {
+                if rec.jobs > 0 {
+                    tracing::info!(
+                        jobs = rec.jobs,
+                        requeued = rec.requeued,
+                        "batch journal recovered"
+                    );
+                }
+                Ok(j)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "batch jobs disabled");
+                Err(e.to_string())
+            }
+        };
+        let b = Arc::new(Self {
+            journal,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            key,
+            cluster: cluster.to_owned(),
+        });
+        if let Err(e) = b.load() {
+            tracing::error!(error = %e, "batch journal unreadable");
+        }
+        b
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn journal(&self) -> Result<&Journal, String> {
+        self.journal.as_ref().map_err(Clone::clone)
+    }
+
+    /// Mirrors the journal in memory and finishes commits a crash cut
+    /// between the journal and the rename of the outputs.
+    fn load(&self) -> Result<(), String> {
+        let j = self.journal()?;
+        let mut st = self.lock();
+        for rec in j.jobs().map_err(|e| e.to_string())? {
+            let tasks = j.tasks(rec.id).map_err(|e| e.to_string())?;
+            let out = output_dir(&rec);
+            for (i, t) in &tasks {
+                if let TaskState::Done { fence } = t.task.state {
+                    let fin = out.join(i.to_string());
+                    let stage = out.join(format!(".shoal-{i}-{fence}"));
+                    if !fin.exists() && stage.exists() {
+                        let _ = std::fs::rename(&stage, &fin);
+                    }
+                }
+            }
+            // Attempts that will never report (re-queued at open).
+            if let Ok(rd) = std::fs::read_dir(&out) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(".shoal-") {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+            st.jobs.insert(
+                rec.id,
+                JobMem {
+                    tasks: tasks.iter().map(|(_, t)| mem_of(&t.task.state)).collect(),
+                    rec: Arc::new(rec),
+                    avoid: HashMap::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// `shoal submit`: checks names, dependencies and resources against
+    /// `report`, journals the jobs, returns their ids.
+    ///
+    /// # Errors
+    /// What is wrong, naming the job and key; nothing is queued.
+    pub fn submit(
+        &self,
+        specs: Vec<JobSpec>,
+        dir: PathBuf,
+        env: Vec<(Vec<u8>, Vec<u8>)>,
+        uid: u32,
+        report: &NodesReport,
+    ) -> Result<Vec<u64>, String> {
+        let j = self.journal()?;
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        if specs.is_empty() {
+            return Err("no job to submit".into());
+        }
+        let largest = report
+            .nodes
+            .iter()
+            .filter(|n| n.state == "alive" && n.checks.as_deref() == Some("ok"))
+            .filter_map(|n| n.mem_total_bytes)
+            .max()
+            .unwrap_or(0);
+        // Names: this submission's, then the journal's (newest wins).
+        let existing: BTreeMap<String, u64> = {
+            let st = self.lock();
+            st.jobs
+                .values()
+                .filter(|m| !m.rec.cancelled)
+                .map(|m| (m.rec.spec.name.clone(), m.rec.id))
+                .collect()
+        };
+        let mut graph: BTreeMap<String, Vec<String>> =
+            existing.keys().map(|n| (n.clone(), Vec::new())).collect();
+        for s in &specs {
+            graph.insert(s.name.clone(), s.after.clone());
+        }
+        shoal_jobs::dag::order(&graph).map_err(|e| e.to_string())?;
+        let mut new = Vec::with_capacity(specs.len());
+        for s in &specs {
+            if let Some(m) = s.memory_bytes {
+                if m > largest {
+                    return Err(format!(
+                        "job {:?}: mem: no node has {} MiB of memory (the largest has {} MiB)",
+                        s.name,
+                        m >> 20,
+                        largest >> 20
+                    ));
+                }
+            }
+            let mut after = Vec::new();
+            let mut after_new = Vec::new();
+            for a in &s.after {
+                match specs.iter().position(|x| &x.name == a) {
+                    Some(k) => after_new.push(k),
+                    None => after.push(existing[a]),
+                }
+            }
+            new.push(NewJob {
+                spec: s.clone(),
+                after,
+                after_new,
+                dir: dir.clone(),
+                uid,
+                env: env.clone(),
+                submitted_ms: unix_ms(),
+            });
+        }
+        let ids = j.submit(new).map_err(|e| e.to_string())?;
+        let mut st = self.lock();
+        for id in &ids {
+            if let Ok(recs) = j.jobs() {
+                if let Some(rec) = recs.into_iter().find(|r| r.id == *id) {
+                    let n = rec.spec.count as usize;
+                    st.jobs.insert(
+                        *id,
+                        JobMem {
+                            rec: Arc::new(rec),
+                            tasks: vec![Mem::Queued; n],
+                            avoid: HashMap::new(),
+                        },
+                    );
+                }
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(ids)
+    }
+
+    /// Cancels a job (its running attempts finish but do not commit).
+    ///
+    /// # Errors
+    /// No such job, or the journal failed.
+    pub fn cancel(&self, job: u64) -> Result<(), String> {
+        self.journal()?.cancel(job).map_err(|e| e.to_string())?;
+        let mut st = self.lock();
+        if let Some(m) = st.jobs.get_mut(&job) {
+            let mut rec = (*m.rec).clone();
+            rec.cancelled = true;
+            m.rec = Arc::new(rec);
+            for t in &mut m.tasks {
+                if matches!(t, Mem::Queued | Mem::Running) {
+                    *t = Mem::Cancelled;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a job's failed tasks again; how many.
+    ///
+    /// # Errors
+    /// No such job, or the journal failed.
+    pub fn retry(&self, job: u64) -> Result<usize, String> {
+        let n = self
+            .journal()?
+            .retry_failed(job)
+            .map_err(|e| e.to_string())?;
+        let mut st = self.lock();
+        if let Some(m) = st.jobs.get_mut(&job) {
+            for t in &mut m.tasks {
+                if *t == Mem::Failed {
+                    *t = Mem::Queued;
+                }
+            }
+            m.avoid.clear();
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(n)
+    }
+
+    fn info(m: &JobMem, st: &State) -> JobInfo {
+        let waiting = m
+            .rec
+            .after
+            .iter()
+            .any(|a| st.jobs.get(a).is_none_or(|d| !d.finished()));
+        let (done, running, queued, failed, cancelled) = (
+            m.count(Mem::Done),
+            m.count(Mem::Running),
+            m.count(Mem::Queued),
+            m.count(Mem::Failed),
+            m.count(Mem::Cancelled),
+        );
+        let state = if m.rec.cancelled {
+            "cancelled"
+        } else if done == m.rec.spec.count {
+            "done"
+        } else if queued + running == 0 {
+            "failed"
+        } else if running > 0 || done > 0 || failed > 0 {
+            "running"
+        } else if waiting {
+            "waiting"
+        } else {
+            "queued"
+        };
+        JobInfo {
+            id: m.rec.id,
+            name: m.rec.spec.name.clone(),
+            state: state.to_owned(),
+            tasks: m.rec.spec.count,
+            done,
+            running,
+            queued,
+            failed,
+            cancelled,
+            output: output_dir(&m.rec),
+            submitted_ms: m.rec.submitted_ms,
+            after: m.rec.after.clone(),
+        }
+    }
+
+    /// `shoal jobs`.
+    ///
+    /// # Errors
+    /// The journal is unusable.
+    pub fn jobs(&self) -> Result<JobsReport, String> {
+        self.journal()?;
+        let st = self.lock();
+        Ok(JobsReport {
+            jobs: st.jobs.values().map(|m| Self::info(m, &st)).collect(),
+        })
+    }
+
+    /// `shoal status JOB`: every task, and for a queued one why it waits.
+    ///
+    /// # Errors
+    /// No such job, or the journal failed.
+    pub fn status(&self, job: u64, report: &NodesReport) -> Result<StatusReport, String> {
+        let tasks = self.journal()?.tasks(job).map_err(|e| e.to_string())?;
+        let st = self.lock();
+        let m = st.jobs.get(&job).ok_or_else(|| format!("no job {job}"))?;
+        let info = Self::info(m, &st);
+        let waits = why_waiting(m, &st, report);
+        Ok(StatusReport {
+            job: info,
+            tasks: tasks
+                .into_iter()
+                .map(|(i, t)| {
+                    let (state, why) = match &t.task.state {
+                        TaskState::Queued => ("queued", Some(waits.clone())),
+                        TaskState::Running { .. } => ("running", None),
+                        TaskState::Done { .. } => ("done", None),
+                        TaskState::Failed { .. } => ("failed", t.error.clone()),
+                        TaskState::Cancelled => ("cancelled", None),
+                    };
+                    TaskStatus {
+                        index: i,
+                        state: state.to_owned(),
+                        node: t.node.clone(),
+                        attempts: t.task.attempts,
+                        status: t.status,
+                        why,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// The runner: places queued tasks until the agent stops.
+    pub async fn run(self: Arc<Self>, main: mpsc::Sender<ControlMsg>) {
+        if self.journal.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = self.wake.notified() => {}
+            }
+            let report = match ask_main(&main, Request::Nodes { bandwidth: false }).await {
+                Response::Nodes(r) => r,
+                _ => continue,
+            };
+            let picks = {
+                let st = self.lock();
+                plan(&st, &report)
+            };
+            for p in picks {
+                self.clone().start(main.clone(), p).await;
+            }
+        }
+    }
+
+    async fn start(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, p: Pick) {
+        let Ok(j) = self.journal() else { return };
+        let node = p.node.clone();
+        let started = j.update(p.job, p.index, false, |t, fence| {
+            t.task.start(&node, fence).then(|| {
+                t.node = Some(node.clone());
+                fence
+            })
+        });
+        let fence = match started {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "journal: cannot start a task");
+                return;
+            }
+        };
+        let rec = {
+            let mut st = self.lock();
+            *st.inflight.entry(p.node.clone()).or_insert(0) += 1;
+            let Some(m) = st.jobs.get_mut(&p.job) else {
+                return;
+            };
+            m.tasks[p.index as usize] = Mem::Running;
+            m.rec.clone()
+        };
+        tokio::spawn(async move {
+            self.attempt(main, rec, p, fence).await;
+        });
+    }
+
+    async fn manifest(&self, rec: &JobRecord) -> Result<Arc<Manifest>, String> {
+        if let Some(m) = self.lock().manifests.get(&rec.id) {
+            return Ok(m.clone());
+        }
+        let dir = rec.dir.clone();
+        let inputs = rec.spec.inputs.clone();
+        let output = PathBuf::from(&rec.spec.output);
+        let m = tokio::task::spawn_blocking(move || scan_inputs(&dir, &inputs, &output))
+            .await
+            .map_err(|e| e.to_string())??;
+        let m = Arc::new(m);
+        self.lock().manifests.insert(rec.id, m.clone());
+        Ok(m)
+    }
+
+    async fn attempt(
+        self: Arc<Self>,
+        main: mpsc::Sender<ControlMsg>,
+        rec: Arc<JobRecord>,
+        p: Pick,
+        fence: u64,
+    ) {
+        let out = output_dir(&rec);
+        let stage = out.join(format!(".shoal-{}-{fence}", p.index));
+        let end = match self.manifest(&rec).await {
+            Err(e) => End::Failed(2, format!("inputs: {e}")),
+            Ok(man) => match prepare_stage(&stage, rec.uid) {
+                Err(e) => End::Failed(125, format!("{}: {e}", stage.display())),
+                Ok(()) => {
+                    tokio::select! {
+                        e = self.drive(&rec, &p, fence, &man, &stage) => e,
+                        state = gone(&main, &p.node) => End::Lost(format!("{} is {state}", p.node)),
+                    }
+                }
+            },
+        };
+        self.finish(&rec, &p, fence, end, &out, &stage).await;
+        {
+            let mut st = self.lock();
+            if let Some(n) = st.inflight.get_mut(&p.node) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    async fn drive(
+        &self,
+        rec: &JobRecord,
+        p: &Pick,
+        fence: u64,
+        man: &Manifest,
+        stage: &Path,
+    ) -> End {
+        let (mut rx, mut tx) =
+            match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
+                Ok(x) => x,
+                Err(e) => return End::Lost(e),
+            };
+        let mut env = rec.env.clone();
+        env.push((
+            b"SHOAL_TASK_INDEX".to_vec(),
+            p.index.to_string().into_bytes(),
+        ));
+        env.push((b"SHOAL_JOB_ID".to_vec(), rec.id.to_string().into_bytes()));
+        let spec = TaskSpec {
+            task_id: format!("j{}-{}-{fence}", rec.id, p.index),
+            argv: rec
+                .spec
+                .argv
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect(),
+            env,
+            cwd: rec.dir.clone(),
+            tree: man.entries.clone(),
+            resources: Resources {
+                cpus: rec.spec.cpus,
+                memory_bytes: rec.spec.memory_bytes,
+                pids: rec.spec.pids,
+            },
+            net_host: false,
+            commit: Commit::Success,
+        };
+        if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
+            return End::Lost(e.to_string());
+        }
+        let open = |n: &'static str| {
+            let p = stage.join(n);
+            async move {
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .await
+            }
+        };
+        let (mut so, mut se) = match (open("stdout").await, open("stderr").await) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return End::Failed(125, format!("output: {e}")),
+        };
+        loop {
+            let m = match link::recv::<FromExec, _>(&mut rx).await {
+                Ok(m) => m,
+                Err(e) => return End::Lost(e.to_string()),
+            };
+            match m {
+                FromExec::Need(hashes) => {
+                    for h in hashes {
+                        let Some(path) = man.sources.get(&h) else {
+                            return End::Failed(2, "the executor asked for unknown content".into());
+                        };
+                        let data = match tokio::fs::read(path).await {
+                            Ok(d) => d,
+                            Err(e) => return End::Failed(2, format!("{}: {e}", path.display())),
+                        };
+                        if tree::hash(&data) != h {
+                            return End::Failed(
+                                2,
+                                format!("{} changed after the job was submitted", path.display()),
+                            );
+                        }
+                        if let Err(e) = link::send(&mut tx, &ToExec::Blob { hash: h, data }).await {
+                            return End::Lost(e.to_string());
+                        }
+                    }
+                }
+                FromExec::Started { .. } => {
+                    let _ = link::send(&mut tx, &ToExec::StdinEof).await;
+                }
+                FromExec::Stdout(d) => {
+                    if let Err(e) = so.write_all(&d).await {
+                        return End::Failed(125, format!("writing stdout: {e}"));
+                    }
+                }
+                FromExec::Stderr(d) => {
+                    if let Err(e) = se.write_all(&d).await {
+                        return End::Failed(125, format!("writing stderr: {e}"));
+                    }
+                }
+                FromExec::Changes(cs) => {
+                    let files = stage.join("files");
+                    let r =
+                        tokio::task::spawn_blocking(move || shoal_files::apply(&files, &cs)).await;
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return End::Failed(125, format!("outputs: {e}")),
+                        Err(e) => return End::Failed(125, format!("outputs: {e}")),
+                    }
+                }
+                FromExec::Exit {
+                    status,
+                    oom,
+                    cpu_s,
+                    mem_peak_bytes,
+                } => {
+                    let _ = so.flush().await;
+                    let _ = se.flush().await;
+                    return End::Exit {
+                        status,
+                        cpu_s,
+                        mem_peak_bytes,
+                        oom,
+                    };
+                }
+                FromExec::Failed { code, message } => return End::Failed(code, message),
+                FromExec::Evicted { reason, .. } => return End::Evicted(reason),
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        rec: &JobRecord,
+        p: &Pick,
+        fence: u64,
+        end: End,
+        out: &Path,
+        stage: &Path,
+    ) {
+        let Ok(j) = self.journal() else { return };
+        let retries = rec.spec.retries;
+        let node = p.node.clone();
+        let (mut cpu, mut peak, mut oom) = (None, None, false);
+        let (outcome, status, error, avoid) = match &end {
+            End::Exit {
+                status,
+                cpu_s,
+                mem_peak_bytes,
+                oom: o,
+            } => {
+                cpu = Some(*cpu_s);
+                peak = *mem_peak_bytes;
+                oom = *o;
+                let code = match status {
+                    Status::Code(c) => *c,
+                    Status::Signal(s) => 128 + s,
+                };
+                let outcome = if code == 0 {
+                    Some(Outcome::Success)
+                } else {
+                    Some(Outcome::Failure(code))
+                };
+                let err = (code != 0).then(|| {
+                    if *o {
+                        format!("killed: out of memory on {node}")
+                    } else {
+                        format!("exit status {code} on {node}")
+                    }
+                });
+                (outcome, Some(code), err, code != 0)
+            }
+            End::Failed(code, m) => (
+                Some(Outcome::Failure(*code)),
+                Some(*code),
+                Some(m.clone()),
+                true,
+            ),
+            End::Evicted(why) => {
+                // Refused for want of a slot (late binding): ask it again
+                // once its slots are gossiped anew, elsewhere meanwhile.
+                // The owner took the machine back: avoid it for this task.
+                let full = why.contains("slot");
+                if full {
+                    self.lock().full_until.insert(
+                        node.clone(),
+                        std::time::Instant::now() + Duration::from_millis(500),
+                    );
+                }
+                (
+                    Some(Outcome::Evicted),
+                    None,
+                    Some(format!("{node}: {why}")),
+                    !full,
+                )
+            }
+            End::Lost(why) => (None, None, Some(format!("lost on {node}: {why}")), false),
+        };
+        let r = j.update(rec.id, p.index, true, |t: &mut TaskRecord, _| {
+            let v = match outcome {
+                Some(o) => t.task.report(fence, o, retries),
+                None => {
+                    let ours =
+                        matches!(&t.task.state, TaskState::Running { fence: f, .. } if *f == fence);
+                    if ours {
+                        t.task.node_lost(&node);
+                        Verdict::Record
+                    } else {
+                        Verdict::Stale
+                    }
+                }
+            };
+            if v != Verdict::Stale {
+                t.status = status;
+                t.error = error.clone();
+                t.node = Some(node.clone());
+                if v == Verdict::Commit {
+                    t.cpu_s = cpu;
+                }
+            }
+            (v, t.task.state.clone(), t.task.attempts)
+        });
+        let (verdict, state, attempts) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "journal: a result could not be recorded");
+                let _ = std::fs::remove_dir_all(stage);
+                return;
+            }
+        };
+        let land = verdict == Verdict::Commit
+            || (verdict == Verdict::Record && matches!(state, TaskState::Failed { .. }));
+        if land {
+            let summary = serde_json::json!({
+                "job": rec.id,
+                "index": p.index,
+                "node": node,
+                "status": status,
+                "oom": oom,
+                "cpu_s": cpu,
+                "mem_peak_bytes": peak,
+                "attempts": attempts,
+                "fence": fence,
+                "error": error,
+            });
+            let fin = out.join(p.index.to_string());
+            let r = write_summary(stage, &summary, rec.uid).and_then(|()| {
+                if fin.exists() {
+                    // A failed task landed before; `retry` made it run again.
+                    std::fs::remove_dir_all(&fin)?;
+                }
+                std::fs::rename(stage, &fin)
+            });
+            if let Err(e) = r {
+                tracing::error!(error = %e, dir = %fin.display(), "outputs not landed");
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(stage);
+        }
+        let mut st = self.lock();
+        if let Some(m) = st.jobs.get_mut(&rec.id) {
+            if verdict != Verdict::Stale {
+                m.tasks[p.index as usize] = mem_of(&state);
+            }
+            if avoid {
+                m.avoid.entry(p.index).or_default().push(p.node.clone());
+            }
+        }
+    }
+}
+
+fn output_dir(rec: &JobRecord) -> PathBuf {
+    rec.dir.join(&rec.spec.output)
+}
+
+fn prepare_stage(stage: &Path, uid: u32) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(stage);
+    std::fs::create_dir_all(stage.join("files"))?;
+    if let Some(parent) = stage.parent() {
+        let _ = std::os::unix::fs::chown(parent, Some(uid), None);
+    }
+    Ok(())
+}
+
+/// Writes `status.json`, hands every file to the submitting user and
+/// syncs, so the rename that follows lands a complete directory.
+fn write_summary(stage: &Path, v: &serde_json::Value, uid: u32) -> std::io::Result<()> {
+    let p = stage.join("status.json");
+    let mut f = std::fs::File::create(&p)?;
+    std::io::Write::write_all(&mut f, format!("{v:#}\n").as_bytes())?;
+    f.sync_all()?;
+    for e in walk(stage) {
+        let _ = std::os::unix::fs::lchown(&e, Some(uid), None);
+        if e.is_file() {
+            if let Ok(f) = std::fs::File::open(&e) {
+                let _ = f.sync_all();
+            }
+        }
+    }
+    std::fs::File::open(stage)?.sync_all()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        let d = out[i].clone();
+        i += 1;
+        if d.is_dir() && !d.is_symlink() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                out.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// The job's inputs: the listed paths under `dir`, or the whole tree when
+/// none is listed; never the job's own output directory.
+fn scan_inputs(dir: &Path, inputs: &[String], output: &Path) -> Result<Manifest, String> {
+    let mut m = tree::scan(dir).map_err(|e| e.to_string())?;
+    m.entries.retain(|e| {
+        let in_output = e.path.starts_with(output);
+        // A listed input, or a directory on the way to one.
+        let wanted = inputs.is_empty()
+            || inputs.iter().any(|i| {
+                let i = Path::new(i.trim_end_matches('/'));
+                e.path.starts_with(i) || i.starts_with(&e.path)
+            });
+        wanted && !in_output
+    });
+    for i in inputs {
+        let p = Path::new(i.trim_end_matches('/'));
+        if !m.entries.iter().any(|e| e.path.starts_with(p)) {
+            return Err(format!("{i}: no such input under {}", dir.display()));
+        }
+    }
+    Ok(m)
+}
+
+/// One task to start.
+#[derive(Debug, Clone)]
+struct Pick {
+    job: u64,
+    index: u32,
+    node: String,
+    addr: SocketAddr,
+}
+
+/// Which queued tasks start now, and where: runnable tasks (their job not
+/// cancelled, every job they wait for done), taken in turn across users
+/// then across each user's jobs (oldest first), each on the best node with
+/// a free slot once what is in flight is counted, avoiding nodes where it
+/// failed or was refused.
+fn plan(st: &State, report: &NodesReport) -> Vec<Pick> {
+    let now = std::time::Instant::now();
+    let mut free: BTreeMap<String, (i64, SocketAddr, &shoal_control::NodeInfo)> = BTreeMap::new();
+    for n in &report.nodes {
+        let Ok(addr) = n.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        if n.state != "alive" || n.checks.as_deref() != Some("ok") {
+            continue;
+        }
+        if st.full_until.get(&n.name).is_some_and(|t| *t > now) {
+            continue;
+        }
+        // Free slots as gossiped, but gossip lags behind our own starts:
+        // never more than its cores less our attempts in flight there.
+        let slots = i64::from(n.slots_free.unwrap_or(0));
+        let ours = i64::from(st.inflight.get(&n.name).copied().unwrap_or(0));
+        let cap = i64::from(n.cores.unwrap_or(1)) - ours;
+        free.insert(n.name.clone(), (slots.min(cap).max(0), addr, n));
+    }
+    // Runnable tasks per user, each user's jobs oldest first.
+    let mut per_user: BTreeMap<u32, Vec<(u64, u32, Option<u64>)>> = BTreeMap::new();
+    for m in st.jobs.values() {
+        if m.rec.cancelled {
+            continue;
+        }
+        let ready = m
+            .rec
+            .after
+            .iter()
+            .all(|a| st.jobs.get(a).is_some_and(JobMem::finished));
+        if !ready {
+            continue;
+        }
+        let q = per_user.entry(m.rec.uid).or_default();
+        for (i, t) in m.tasks.iter().enumerate() {
+            if *t == Mem::Queued {
+                q.push((m.rec.id, i as u32, m.rec.spec.memory_bytes));
+            }
+        }
+    }
+    let mut queues: Vec<std::collections::VecDeque<(u64, u32, Option<u64>)>> =
+        per_user.into_values().map(Into::into).collect();
+    let mut picks = Vec::new();
+    let total_free: i64 = free.values().map(|v| v.0).sum();
+    while (picks.len() as i64) < total_free && queues.iter().any(|q| !q.is_empty()) {
+        let mut progressed = false;
+        for q in &mut queues {
+            let Some((job, index, mem)) = q.pop_front() else {
+                continue;
+            };
+            let avoid = st
+                .jobs
+                .get(&job)
+                .and_then(|m| m.avoid.get(&index))
+                .cloned()
+                .unwrap_or_default();
+            let best = free
+                .iter()
+                .filter(|(name, v)| v.0 > 0 && !avoid.contains(name))
+                .filter(|(_, v)| mem.is_none_or(|m| v.2.mem_avail_bytes.is_none_or(|a| a >= m)))
+                .max_by(|a, b| {
+                    let s = |v: &(i64, SocketAddr, &shoal_control::NodeInfo)| {
+                        v.0 as f64 * f64::from(v.2.cpu_score.unwrap_or(1).max(1))
+                            / (1.0 + v.2.rtt_ms.unwrap_or(0.0))
+                    };
+                    s(a.1).total_cmp(&s(b.1)).then_with(|| b.0.cmp(a.0))
+                })
+                .map(|(n, v)| (n.clone(), v.1));
+            if let Some((node, addr)) = best {
+                if let Some(v) = free.get_mut(&node) {
+                    v.0 -= 1;
+                }
+                picks.push(Pick {
+                    job,
+                    index,
+                    node,
+                    addr,
+                });
+                progressed = true;
+            } else if avoid.len() >= free.len() && !avoid.is_empty() {
+                // Every node was tried: start afresh rather than starve.
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    picks
+}
+
+/// Why a job's queued tasks wait, for `shoal status`.
+fn why_waiting(m: &JobMem, st: &State, report: &NodesReport) -> String {
+    if m.rec.cancelled {
+        return "the job is cancelled".into();
+    }
+    for a in &m.rec.after {
+        match st.jobs.get(a) {
+            Some(d) if !d.finished() => {
+                return format!(
+                    "dependency pending: job {a} ({}) has {} of {} tasks done",
+                    d.rec.spec.name,
+                    d.count(Mem::Done),
+                    d.rec.spec.count
+                )
+            }
+            None => return format!("dependency pending: job {a} is not known"),
+            _ => {}
+        }
+    }
+    let up: Vec<&shoal_control::NodeInfo> = report
+        .nodes
+        .iter()
+        .filter(|n| n.state == "alive" && n.checks.as_deref() == Some("ok"))
+        .collect();
+    if up.is_empty() {
+        return "no node is up with its checks passed".into();
+    }
+    if let Some(want) = m.rec.spec.memory_bytes {
+        let most = up
+            .iter()
+            .filter_map(|n| n.mem_avail_bytes)
+            .max()
+            .unwrap_or(0);
+        if want > most {
+            return format!(
+                "no node with enough memory: asks {} MiB, the most available is {} MiB",
+                want >> 20,
+                most >> 20
+            );
+        }
+    }
+    let busy = up
+        .iter()
+        .filter(|n| {
+            n.slots_free == Some(0)
+                && n.guests
+                    .as_deref()
+                    .is_some_and(|g| g.contains("owner") || g.contains("suspended"))
+        })
+        .count();
+    if busy == up.len() {
+        return format!("owners busy on every node ({busy})");
+    }
+    if up.iter().all(|n| n.slots_free == Some(0)) {
+        return "every guest slot is taken".into();
+    }
+    "next in line".into()
+}
+
+/// Resolves when `node` is no longer alive (or suspect) in the membership.
+pub(crate) async fn gone(main: &mpsc::Sender<ControlMsg>, node: &str) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Response::Nodes(rep) = ask_main(main, Request::Nodes { bandwidth: false }).await {
+            let state = rep
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .map(|n| n.state.clone());
+            if !matches!(state.as_deref(), Some("alive" | "suspect")) {
+                return state.unwrap_or_else(|| "gone".into());
+            }
+        }
+    }
+}
