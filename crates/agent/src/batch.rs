@@ -408,7 +408,7 @@ impl Batch {
                     let (state, why) = match &t.task.state {
                         TaskState::Queued => ("queued", Some(waits.clone())),
                         TaskState::Running { .. } => ("running", None),
-                        TaskState::Done { .. } => ("done", None),
+                        TaskState::Done { .. } => ("done", t.error.clone()),
                         TaskState::Failed { .. } => ("failed", t.error.clone()),
                         TaskState::Cancelled => ("cancelled", None),
                     };
@@ -687,7 +687,11 @@ impl Batch {
                     if *o {
                         format!("killed: out of memory on {node}")
                     } else {
-                        format!("exit status {code} on {node}")
+                        // The task's own last word on it, where it said one.
+                        match last_line(&stage.join("stderr")) {
+                            Some(l) => format!("exit status {code} on {node}: {l}"),
+                            None => format!("exit status {code} on {node}"),
+                        }
                     }
                 });
                 (outcome, Some(code), err, code != 0)
@@ -734,7 +738,11 @@ impl Batch {
             };
             if v != Verdict::Stale {
                 t.status = status;
-                t.error = error.clone();
+                // The last failure stays on record after a success, for
+                // `shoal status`.
+                if error.is_some() {
+                    t.error = error.clone();
+                }
                 t.node = Some(node.clone());
                 if v == Verdict::Commit {
                     t.cpu_s = cpu;
@@ -789,6 +797,22 @@ impl Batch {
             }
         }
     }
+}
+
+/// The last non-empty line of a file (its last 4 KiB), trimmed.
+fn last_line(p: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(p).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(|l| l.chars().take(300).collect())
 }
 
 fn output_dir(rec: &JobRecord) -> PathBuf {

@@ -1,0 +1,401 @@
+//! Batch jobs on real agents in network namespaces (root; elsewhere each
+//! test prints why it skipped): a DAG in order, bad job files refused,
+//! 1,000 tasks while executors are killed and restarted, the submitting
+//! agent killed mid-batch, a partitioned executor, a full disk.
+
+#![allow(clippy::unwrap_used)] // tests panic on purpose
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use shoal_netns::{wait_for, Lab};
+
+/// Starts `n` hosts (h0 lending no slots when `h0_executes` is false),
+/// waits for the cluster and every node's facts; returns a work directory.
+fn formed(lab: &mut Lab, n: usize, h0_executes: bool) -> PathBuf {
+    let all: Vec<usize> = (0..n).collect();
+    for &i in &all {
+        let extra: &[&str] = if i == 0 && !h0_executes {
+            &["--slots", "0"]
+        } else {
+            &[]
+        };
+        lab.start_agent(i, extra).expect("starting an agent");
+    }
+    wait_alive(lab, &all, &all, Duration::from_secs(20));
+    wait_for(Duration::from_secs(10), || {
+        let v = nodes(lab, 0)?;
+        let ns = v["nodes"].as_array()?;
+        (ns.len() == n && ns.iter().all(|n| n["checks"] == "ok")).then_some(())
+    })
+    .expect("facts from every node");
+    let dir = lab.dir.join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `shoal ARGS --data-dir h0` from `dir`.
+fn shoal(lab: &Lab, dir: &Path, args: &[&str]) -> Output {
+    // The agent's address right after the subcommand: `submit` takes
+    // everything after its command as the command's.
+    Command::new(shoal_bin())
+        .arg(args[0])
+        .arg("--data-dir")
+        .arg(&lab.hosts[0].data_dir)
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn submit(lab: &Lab, dir: &Path, args: &[&str]) -> Vec<u64> {
+    let mut a = vec!["submit"];
+    a.extend_from_slice(args);
+    let o = shoal(lab, dir, &a);
+    assert!(o.status.success(), "submit: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+fn job(lab: &Lab, dir: &Path, id: u64) -> Option<Value> {
+    let o = shoal(lab, dir, &["jobs", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["jobs"]
+        .as_array()?
+        .iter()
+        .find(|j| j["id"] == id)
+        .cloned()
+}
+
+fn wait_done(lab: &Lab, dir: &Path, id: u64, timeout: Duration) -> Value {
+    wait_for(timeout, || {
+        let j = job(lab, dir, id)?;
+        matches!(j["state"].as_str(), Some("done" | "failed" | "cancelled")).then_some(j)
+    })
+    .unwrap_or_else(|| {
+        let s = shoal(lab, dir, &["status", &id.to_string()]);
+        panic!("job {id} did not end:\n{}", text(&s.stdout))
+    })
+}
+
+/// Every task's landed outputs: index → (stdout, status.json).
+fn landed(out: &Path) -> Vec<(u32, String, Value)> {
+    let mut v: Vec<(u32, String, Value)> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let i: u32 = e.file_name().to_str()?.parse().ok()?;
+            let so = std::fs::read_to_string(e.path().join("stdout")).ok()?;
+            let st =
+                serde_json::from_slice(&std::fs::read(e.path().join("status.json")).ok()?).ok()?;
+            Some((i, so, st))
+        })
+        .collect();
+    v.sort_by_key(|x| x.0);
+    v
+}
+
+fn leftovers(out: &Path) -> Vec<String> {
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".shoal-"))
+        .collect()
+}
+
+#[test]
+fn a_dag_runs_in_order_and_bad_jobs_are_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat1", 44, 2) else {
+        return;
+    };
+    let dir = formed(&mut lab, 2, true);
+    std::fs::write(
+        dir.join("dag.toml"),
+        r#"
+[[job]]
+name = "c"
+command = ["sh", "-c", "set -e; cat out/b/0/files/b > c; echo c >> c"]
+inputs = ["out"]
+output = "out/c"
+after = ["b"]
+
+[[job]]
+name = "a"
+command = ["sh", "-c", "echo a > a"]
+output = "out/a"
+
+[[job]]
+name = "b"
+command = ["sh", "-c", "set -e; cat out/a/0/files/a > b; echo b >> b"]
+output = "out/b"
+after = ["a"]
+"#,
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let ids = submit(&lab, &dir, &["dag.toml"]);
+    assert_eq!(ids.len(), 3);
+    let c = wait_done(&lab, &dir, ids[0], Duration::from_secs(60));
+    assert_eq!(c["state"], "done", "{c}");
+    // b read a's output, c read b's: they ran in order.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/c/0/files/c")).unwrap(),
+        "a\nb\nc\n"
+    );
+
+    for (file, want) in [
+        ("name = \"x\"\ncommand = [\"true\"]\ncount = \"many\"\n", "line 3, column 9"),
+        ("name = \"x\"\ncommand = [\"true\"]\ncuont = 3\n", "cuont"),
+        (
+            "[[job]]\nname = \"p\"\ncommand = [\"true\"]\nafter = [\"q\"]\n[[job]]\nname = \"q\"\ncommand = [\"true\"]\nafter = [\"p\"]\n",
+            "cycle",
+        ),
+        ("name = \"x\"\ncommand = [\"true\"]\nafter = [\"nope\"]\n", "nope"),
+        ("name = \"x\"\ncommand = [\"true\"]\nmem = \"100T\"\n", "no node has"),
+    ] {
+        std::fs::write(dir.join("bad.toml"), file).unwrap();
+        let o = shoal(&lab, &dir, &["submit", "bad.toml"]);
+        assert_eq!(o.status.code(), Some(2), "{file}");
+        assert!(text(&o.stderr).contains(want), "{file}: {}", text(&o.stderr));
+    }
+    let o = shoal(&lab, &dir, &["jobs", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["jobs"].as_array().unwrap().len(),
+        3,
+        "nothing else was queued"
+    );
+}
+
+#[test]
+fn a_thousand_tasks_land_once_while_executors_die_and_come_back() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat2", 45, 4) else {
+        return;
+    };
+    let dir = formed(&mut lab, 4, true);
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "1000",
+            "--name",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            "echo $SHOAL_TASK_INDEX; echo $SHOAL_TASK_INDEX > out",
+        ],
+    );
+    let id = ids[0];
+    let t0 = Instant::now();
+    let mut victim = 1;
+    let mut kills = 0;
+    while t0.elapsed() < Duration::from_secs(240) {
+        std::thread::sleep(Duration::from_millis(1500));
+        let j = job(&lab, &dir, id).unwrap();
+        if j["state"] == "done" {
+            break;
+        }
+        // A random executor (h1..h3) dies mid-batch and comes back.
+        victim = 1 + (victim + (t0.elapsed().as_millis() as usize % 2)) % 3;
+        lab.signal(victim, nix::sys::signal::Signal::SIGKILL);
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        lab.start_agent(victim, &[]).unwrap();
+    }
+    assert!(
+        kills >= 2,
+        "the batch ended before the executors were disturbed"
+    );
+    let j = wait_done(&lab, &dir, id, Duration::from_secs(120));
+    eprintln!(
+        "1000 tasks in {:.1} s with {kills} executor kills",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(j["state"], "done", "{j}");
+    assert_eq!(j["done"], 1000);
+    let out = dir.join("shoal-out/k");
+    let l = landed(&out);
+    assert_eq!(l.len(), 1000, "every output present");
+    for (i, so, st) in &l {
+        assert_eq!(so, &format!("{i}\n"), "task {i}'s stdout, once");
+        assert_eq!(st["status"], 0);
+        assert_eq!(
+            std::fs::read_to_string(out.join(i.to_string()).join("files/out")).unwrap(),
+            format!("{i}\n")
+        );
+    }
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}
+
+#[test]
+fn the_submitting_agent_killed_mid_batch_finishes_it_after_a_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat3", 46, 3) else {
+        return;
+    };
+    let dir = formed(&mut lab, 3, true);
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "60",
+            "--name",
+            "s",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.2; echo $SHOAL_TASK_INDEX",
+        ],
+    );
+    wait_for(Duration::from_secs(30), || {
+        let j = job(&lab, &dir, ids[0])?;
+        (j["done"].as_u64()? >= 5).then_some(())
+    })
+    .expect("the batch is under way");
+    lab.signal(0, nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent(0, &[]).unwrap();
+    let j = wait_done(&lab, &dir, ids[0], Duration::from_secs(120));
+    assert_eq!(j["state"], "done", "{j}");
+    let out = dir.join("shoal-out/s");
+    let l = landed(&out);
+    assert_eq!(l.len(), 60);
+    for (i, so, _) in &l {
+        assert_eq!(so, &format!("{i}\n"));
+    }
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}
+
+#[test]
+fn a_partitioned_executor_never_commits_twice() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat4", 47, 3) else {
+        return;
+    };
+    // Only h1 and h2 execute.
+    let dir = formed(&mut lab, 3, false);
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "4",
+            "--name",
+            "p",
+            "--",
+            "sh",
+            "-c",
+            "sleep 3; echo $SHOAL_NODE",
+        ],
+    );
+    wait_for(Duration::from_secs(20), || {
+        let j = job(&lab, &dir, ids[0])?;
+        (j["running"].as_u64()? == 4).then_some(())
+    })
+    .expect("all four running");
+    lab.partition(&[1]).unwrap();
+    let j = wait_done(&lab, &dir, ids[0], Duration::from_secs(60));
+    lab.heal().unwrap();
+    // Give the cut-off executor's attempts time to end and try to report.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(j["state"], "done", "{j}");
+    let out = dir.join("shoal-out/p");
+    let l = landed(&out);
+    assert_eq!(l.len(), 4);
+    for (_, so, st) in &l {
+        assert_eq!(so, "h2\n", "only the reachable executor's results land");
+        assert_eq!(st["node"], "h2");
+    }
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}
+
+/// A tmpfs mounted over a directory for the test's life.
+struct Tmpfs(PathBuf);
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_task_there_and_it_runs_elsewhere() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat5", 48, 3) else {
+        return;
+    };
+    // h1's data dir (its task directories) is a 4 MiB disk.
+    let d1 = lab.hosts[1].data_dir.clone();
+    std::fs::create_dir_all(&d1).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &d1,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .unwrap();
+    let _disk = Tmpfs(d1);
+    let dir = formed(&mut lab, 3, false);
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "4",
+            "--name",
+            "big",
+            "--retries",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "head -c 6000000 /dev/zero > blob && echo wrote on $SHOAL_NODE",
+        ],
+    );
+    let j = wait_done(&lab, &dir, ids[0], Duration::from_secs(60));
+    assert_eq!(j["state"], "done", "{j}");
+    let st = shoal(&lab, &dir, &["status", &ids[0].to_string(), "--json"]);
+    let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+    for t in v["tasks"].as_array().unwrap() {
+        assert_eq!(t["node"], "h2", "{t}");
+    }
+    let out = dir.join("shoal-out/big");
+    let l = landed(&out);
+    assert_eq!(l.len(), 4);
+    for (_, so, _) in &l {
+        assert_eq!(so, "wrote on h2\n");
+    }
+    // Where it failed, the reason is on record: the node and the task's
+    // own last word.
+    let tried: Vec<&Value> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["attempts"].as_u64() > Some(1))
+        .collect();
+    assert!(!tried.is_empty(), "some task was tried on h1 first: {v}");
+    for t in tried {
+        let why = t["why"].as_str().unwrap_or("");
+        assert!(
+            why.contains("on h1") && why.contains("No space left on device"),
+            "{t}"
+        );
+    }
+}
