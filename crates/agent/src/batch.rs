@@ -861,12 +861,16 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The job's inputs: the listed paths under `dir`, or the whole tree when
-/// none is listed; never the job's own output directory.
+/// The job's inputs: the listed paths under `dir`, or the whole tree
+/// (less `shoal-out/`, where jobs' outputs land by default) when none is
+/// listed; never the job's own output directory.
 fn scan_inputs(dir: &Path, inputs: &[String], output: &Path) -> Result<Manifest, String> {
     let mut m = tree::scan(dir).map_err(|e| e.to_string())?;
     m.entries.retain(|e| {
-        let in_output = e.path.starts_with(output);
+        // Its own outputs, and every job's under the default root, are
+        // not its inputs (unless listed).
+        let in_output =
+            e.path.starts_with(output) || (e.path.starts_with("shoal-out") && inputs.is_empty());
         // A listed input, or a directory on the way to one.
         let wanted = inputs.is_empty()
             || inputs.iter().any(|i| {
@@ -911,12 +915,13 @@ fn plan(st: &State, report: &NodesReport) -> Vec<Pick> {
         if st.full_until.get(&n.name).is_some_and(|t| *t > now) {
             continue;
         }
-        // Free slots as gossiped, but gossip lags behind our own starts:
-        // never more than its cores less our attempts in flight there.
-        let slots = i64::from(n.slots_free.unwrap_or(0));
+        // The slots it lends less our attempts there. Gossiped free slots
+        // lag our own starts and ends by a facts period, so they are not
+        // used; other submitters' guests show up as refusals (late
+        // binding), after which the node rests until its facts are new.
         let ours = i64::from(st.inflight.get(&n.name).copied().unwrap_or(0));
-        let cap = i64::from(n.cores.unwrap_or(1)) - ours;
-        free.insert(n.name.clone(), (slots.min(cap).max(0), addr, n));
+        let lent = i64::from(n.slots_lent.or(n.slots_free).unwrap_or(0));
+        free.insert(n.name.clone(), ((lent - ours).max(0), addr, n));
     }
     // Runnable tasks per user, each user's jobs oldest first.
     let mut per_user: BTreeMap<u32, Vec<(u64, u32, Option<u64>)>> = BTreeMap::new();

@@ -46,6 +46,8 @@ pub struct ExecEnv {
     pub running: std::sync::atomic::AtomicU32,
     /// The owner's policy and every task here.
     pub owner: Arc<crate::owner::Owner>,
+    /// Lower layers shared by tasks with the same tree.
+    pub lowers: Arc<shoal_task::cas::Lowers>,
 }
 
 /// Counts a running task for as long as it lives.
@@ -108,6 +110,7 @@ impl ExecEnv {
 /// happened.
 struct TaskGuard {
     dir: PathBuf,
+    lower: Option<shoal_task::cas::Lower>,
     cgroup: Option<(Arc<dyn CgroupManager>, String)>,
     spec: Option<Spec>,
 }
@@ -122,6 +125,8 @@ impl Drop for TaskGuard {
         if let Some(s) = &self.spec {
             let _ = workspace::cleanup(s);
         }
+        // Unmounted: its shared lower layer may go.
+        self.lower = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -216,6 +221,7 @@ where
     let dir = env.tasks_dir.join(&spec.task_id);
     let mut guard = TaskGuard {
         dir: dir.clone(),
+        lower: None,
         cgroup: None,
         spec: None,
     };
@@ -350,7 +356,9 @@ where
     };
     link::send(&mut tx, &exit).await?;
     let t_exit = t0.elapsed();
-    drop(guard);
+    // Unmounting and removing the cgroup take a while on cgroup v1: not on
+    // the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
     tracing::debug!(
         task = %spec.task_id,
         started_ms = t_started.as_secs_f64() * 1e3,
@@ -359,8 +367,11 @@ where
         "task timings"
     );
     // Keep the cache under its cap (running tasks keep their hard links).
-    let cas = env.cas.clone();
-    tokio::task::spawn_blocking(move || cas.evict());
+    let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
+    tokio::task::spawn_blocking(move || {
+        lowers.evict();
+        cas.evict();
+    });
     Ok(())
 }
 
@@ -407,28 +418,32 @@ async fn prepare(
 ) -> Result<Prepared, FromExec> {
     let err125 =
         |what: &str, e: &dyn std::fmt::Display| failed(125, format!("{}: {what}: {e}", env.node));
-    let (lower, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
-    {
-        let cas = env.cas.clone();
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    let lower = {
+        let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
         let tree = spec.tree.clone();
-        let (lower, upper, work) = (lower.clone(), upper.clone(), work.clone());
-        let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            cas.materialize(&tree, &lower, Some((GUEST_ID, GUEST_ID)))
+        let (upper, work) = (upper.clone(), work.clone());
+        let r = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let lower = lowers
+                .get(&cas, &tree, Some((GUEST_ID, GUEST_ID)))
                 .map_err(|e| e.to_string())?;
             for d in [&upper, &work] {
                 std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
             }
             std::os::unix::fs::chown(&upper, Some(GUEST_ID), Some(GUEST_ID))
                 .map_err(|e| e.to_string())?;
-            Ok(())
+            Ok(lower)
         })
         .await;
         match r {
-            Ok(Ok(())) => {}
+            Ok(Ok(l)) => l,
             Ok(Err(e)) => return Err(err125("preparing the task's files", &e)),
             Err(e) => return Err(err125("preparing the task's files", &e)),
         }
-    }
+    };
+    let lower_path = lower.path.clone();
+    guard.lower = Some(lower);
+    let lower = lower_path;
     let cg_name = format!("task-{}", spec.task_id);
     let t = std::time::Instant::now();
     let mgr = env
@@ -479,7 +494,11 @@ async fn prepare(
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
     let t_setup = t.elapsed();
-    let spawned = cmd.spawn();
+    // The fork waits for the child's exec (after its mounts): not on the
+    // runtime's threads.
+    let spawned = tokio::task::spawn_blocking(move || cmd.spawn())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
     tracing::debug!(
         setup_ms = t_setup.as_secs_f64() * 1e3,
         spawn_ms = (t.elapsed() - t_setup).as_secs_f64() * 1e3,

@@ -127,6 +127,7 @@ mod tests {
             role: "member".into(),
             slots_free: Some(slots),
             guests: None,
+            slots_lent: None,
             is_self,
             rank: Some(0),
             checks_failed: vec![],

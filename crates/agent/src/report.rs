@@ -59,6 +59,13 @@ pub fn build(s: &Snapshot<'_>) -> NodesReport {
                     .as_ref()
                     .map(|f| if m.state.is_active() { f.slots_free } else { 0 }),
                 guests: facts.as_ref().map(|f| f.slot_states.summary()),
+                slots_lent: facts.as_ref().map(|f| {
+                    if m.state.is_active() {
+                        f.slot_states.lent()
+                    } else {
+                        0
+                    }
+                }),
                 is_self: m.is_self,
                 rank: rank.map(|r| r as u32),
                 checks_failed: facts

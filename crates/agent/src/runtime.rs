@@ -634,6 +634,10 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
         cgroups,
         running: std::sync::atomic::AtomicU32::new(0),
         owner: owner.clone(),
+        lowers: Arc::new(shoal_task::cas::Lowers::new(
+            &cfg.data_dir.join("lowers"),
+            16,
+        )),
     };
     let env = tokio::task::spawn_blocking(move || {
         env.clean_leftovers();
@@ -649,6 +653,10 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             cgroups: None,
             running: std::sync::atomic::AtomicU32::new(0),
             owner,
+            lowers: Arc::new(shoal_task::cas::Lowers::new(
+                &cfg.data_dir.join("lowers"),
+                16,
+            )),
         },
     }
 }

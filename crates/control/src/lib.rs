@@ -333,6 +333,9 @@ pub struct NodeInfo {
     pub role: String,
     /// Guest slots free.
     pub slots_free: Option<u32>,
+    /// Guest slots lent now (free or holding a guest; not the owner's).
+    #[serde(default)]
+    pub slots_lent: Option<u32>,
     /// The guest slots by the owner's policy: `2 unclaimed`,
     /// `1 suspended, 1 owner`, … (`-` without slots).
     #[serde(default)]

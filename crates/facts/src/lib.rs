@@ -76,6 +76,15 @@ impl SlotCounts {
         *c = c.saturating_add(1);
     }
 
+    /// Slots lent to guests: every slot but the owner's.
+    pub fn lent(&self) -> u32 {
+        u32::from(self.unclaimed)
+            + u32::from(self.claimed)
+            + u32::from(self.throttled)
+            + u32::from(self.suspended)
+            + u32::from(self.evicting)
+    }
+
     /// `2 unclaimed, 1 suspended`, or `-` for a node without slots.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = [

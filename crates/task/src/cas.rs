@@ -222,6 +222,114 @@ impl Cas {
     }
 }
 
+/// Read-only lower layers shared by every task with the same tree: a
+/// tree is materialised once (hard links into the cache) and then mounted
+/// by as many overlays as use it, since an overlay never writes to its
+/// lower layer. A batch job's thousand tasks share one.
+#[derive(Debug)]
+pub struct Lowers {
+    dir: PathBuf,
+    keep: usize,
+    in_use: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A lower layer in use; released on drop.
+#[derive(Debug)]
+pub struct Lower {
+    lowers: std::sync::Arc<Lowers>,
+    key: String,
+    /// The directory to mount.
+    pub path: PathBuf,
+}
+
+impl Drop for Lower {
+    fn drop(&mut self) {
+        let mut g = self.lowers.lock();
+        if let Some(n) = g.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Lowers {
+    /// Lower layers under `dir` (emptied: layers from an earlier life are
+    /// not trusted), keeping at most `keep` unused ones.
+    pub fn new(dir: &Path, keep: usize) -> Self {
+        let _ = fs::remove_dir_all(dir);
+        let _ = fs::create_dir_all(dir);
+        Self {
+            dir: dir.to_owned(),
+            keep,
+            in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lower layer of `tree`, made from `cas` if no task has it yet.
+    ///
+    /// # Errors
+    /// As [`Cas::materialize`].
+    pub fn get(
+        self: &std::sync::Arc<Self>,
+        cas: &Cas,
+        tree: &[TreeEntry],
+        owner: Option<(u32, u32)>,
+    ) -> Result<Lower, CasError> {
+        let bytes = postcard::to_stdvec(tree).map_err(|e| CasError::Io {
+            path: self.dir.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let key = hex::encode(hash(&bytes));
+        *self.lock().entry(key.clone()).or_insert(0) += 1;
+        let lower = Lower {
+            lowers: self.clone(),
+            key: key.clone(),
+            path: self.dir.join(&key),
+        };
+        if !lower.path.exists() {
+            let tmp = self.dir.join(format!(".{key}.{}", unique()));
+            let r = cas.materialize(tree, &tmp, owner);
+            if let Err(e) = r {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            // Another task may have made it meanwhile: theirs is as good.
+            if fs::rename(&tmp, &lower.path).is_err() {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+        }
+        Ok(lower)
+    }
+
+    /// Removes unused layers beyond the `keep` most recently made.
+    pub fn evict(&self) {
+        // Held throughout, so that no task takes a layer being removed.
+        let in_use = self.lock();
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut idle: Vec<(SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                !n.starts_with('.') && !in_use.contains_key(&n)
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        idle.sort();
+        let n = idle.len().saturating_sub(self.keep);
+        for (_, p) in idle.into_iter().take(n) {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

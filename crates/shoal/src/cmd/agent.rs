@@ -67,7 +67,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             config_path: a.config,
         },
     )?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: task I/O, the owner's loop and the batch runner go on
+    // while one of them is busy; SWIM keeps its own task.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;

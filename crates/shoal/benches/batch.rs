@@ -1,0 +1,156 @@
+//! Batch throughput on a 3-host netns cluster (root): `cargo bench -p shoal
+//! --bench batch`. `SHOAL_BENCH_TASKS` (10000) tiny tasks (`true`) in one
+//! job, from `shoal submit` to every output committed; submit latency of a
+//! one-task job (median of 20); and, where `sbatch` is installed and a
+//! one-node Slurm answers, `sbatch --wrap true` for the same count as the
+//! peer.
+
+#![allow(clippy::unwrap_used)] // a benchmark aborts on setup failure
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_netns::{unavailable, wait_for, Lab};
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("batch: run with `cargo bench -p shoal --bench batch` (0 passed, 0 failed)");
+        return;
+    }
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let n: u32 = std::env::var("SHOAL_BENCH_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let bin = Path::new(env!("CARGO_BIN_EXE_shoal"));
+    let mut lab = Lab::new("bbat", 64, 3, bin).unwrap();
+    for i in 0..3 {
+        lab.start_agent(i, &[]).unwrap();
+    }
+    let data0 = lab.hosts[0].data_dir.clone();
+    wait_for(Duration::from_secs(30), || {
+        let o = Command::new(bin)
+            .args(["nodes", "--json", "--data-dir"])
+            .arg(&data0)
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let ns = v["nodes"].as_array()?;
+        (ns.len() == 3 && ns.iter().all(|n| n["checks"] == "ok")).then_some(())
+    })
+    .expect("cluster formed");
+    let dir = lab.dir.join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    let submit = |args: &[&str]| -> (u64, Duration) {
+        let t = Instant::now();
+        let o = Command::new(bin)
+            .arg("submit")
+            .arg("--data-dir")
+            .arg(&data0)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let d = t.elapsed();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).trim().parse().unwrap(),
+            d,
+        )
+    };
+    let state = |id: u64| -> Option<(String, u64)> {
+        let o = Command::new(bin)
+            .args(["jobs", "--json", "--data-dir"])
+            .arg(&data0)
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let j = v["jobs"]
+            .as_array()?
+            .iter()
+            .find(|j| j["id"] == id)?
+            .clone();
+        Some((j["state"].as_str()?.to_owned(), j["done"].as_u64()?))
+    };
+    // Submit latency: one-task jobs, each waited for so the queue is idle.
+    let mut lat = Vec::new();
+    for k in 0..20 {
+        let (id, d) = submit(&["--name", &format!("l{k}"), "--", "true"]);
+        lat.push(d);
+        wait_for(Duration::from_secs(30), || {
+            (state(id)?.0 == "done").then_some(())
+        })
+        .expect("one-task job done");
+    }
+    lat.sort();
+    // Throughput.
+    let t0 = Instant::now();
+    let (id, big_submit) = submit(&["--count", &n.to_string(), "--name", "tiny", "--", "true"]);
+    wait_for(Duration::from_secs(3600), || {
+        let (s, _) = state(id)?;
+        (s == "done" || s == "failed").then_some(())
+    })
+    .expect("batch done");
+    let total = t0.elapsed();
+    let (s, done) = state(id).unwrap();
+    drop(lab);
+
+    // The peer, where a one-node Slurm answers.
+    let slurm = Command::new("sbatch")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let peer = if slurm {
+        let t = Instant::now();
+        let mut ok = 0;
+        for _ in 0..n {
+            if Command::new("sbatch")
+                .args(["--wrap", "true", "-o", "/dev/null"])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                ok += 1;
+            }
+        }
+        let sub = t.elapsed();
+        while Command::new("squeue")
+            .args(["-h", "-t", "PD,R"])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let all = t.elapsed();
+        format!(
+            "{ok} jobs: {:.0} jobs/s submitted, {:.0} jobs/s to all finished",
+            f64::from(ok) / sub.as_secs_f64(),
+            f64::from(ok) / all.as_secs_f64()
+        )
+    } else {
+        "not measured: no one-node Slurm answers here (sbatch not installed)".to_owned()
+    };
+
+    println!("| measure | shoal | peer (same run) |");
+    println!("|---|---|---|");
+    println!(
+        "| {n} tiny tasks (`true`), submit to every output committed | {:.1} s: **{:.0} tasks/s** ({s}, {done} done) | Slurm `sbatch --wrap true`: {peer} |",
+        total.as_secs_f64(),
+        f64::from(n) / total.as_secs_f64()
+    );
+    println!(
+        "| submit latency, one-task job (median of 20; max) | {:.1} ms ({:.1} ms) | |",
+        lat[10].as_secs_f64() * 1e3,
+        lat[19].as_secs_f64() * 1e3
+    );
+    println!(
+        "| submit latency, the {n}-task job | {:.1} ms | |",
+        big_submit.as_secs_f64() * 1e3
+    );
+}
