@@ -1,9 +1,9 @@
 //! Batch throughput on a 3-host netns cluster (root): `cargo bench -p shoal
 //! --bench batch`. `SHOAL_BENCH_TASKS` (10000) tiny tasks (`true`) in one
 //! job, from `shoal submit` to every output committed; submit latency of a
-//! one-task job (median of 20); and, where `sbatch` is installed and a
-//! one-node Slurm answers, `sbatch --wrap true` for the same count as the
-//! peer.
+//! one-task job (median of 20); and, where a one-node Slurm answers
+//! (`scripts/slurm-peer up`), `sbatch --wrap true` for
+//! `SHOAL_BENCH_PEER_TASKS` (100) jobs as the peer.
 
 #![allow(clippy::unwrap_used)] // a benchmark aborts on setup failure
 
@@ -106,10 +106,15 @@ fn main() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    // Slurm finishes jobs far more slowly here: a smaller count.
+    let pn: u32 = std::env::var("SHOAL_BENCH_PEER_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let peer = if slurm {
         let t = Instant::now();
-        let mut ok = 0;
-        for _ in 0..n {
+        let mut ok = 0u32;
+        for _ in 0..pn {
             if Command::new("sbatch")
                 .args(["--wrap", "true", "-o", "/dev/null"])
                 .stdout(Stdio::null())
@@ -134,7 +139,7 @@ fn main() {
             f64::from(ok) / all.as_secs_f64()
         )
     } else {
-        "not measured: no one-node Slurm answers here (sbatch not installed)".to_owned()
+        "not measured: no one-node Slurm answers here (`scripts/slurm-peer up` starts one)".to_owned()
     };
 
     println!("| measure | shoal | peer (same run) |");
