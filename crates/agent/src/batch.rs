@@ -331,6 +331,8 @@ impl Batch {
             }
             m.avoid.clear();
         }
+        // Its inputs may have been fixed since: scan them again.
+        st.manifests.remove(&job);
         drop(st);
         self.wake.notify_one();
         Ok(n)
@@ -1066,6 +1068,206 @@ pub(crate) async fn gone(main: &mpsc::Sender<ControlMsg>, node: &str) -> String 
                 .map(|n| n.state.clone());
             if !matches!(state.as_deref(), Some("alive" | "suspect")) {
                 return state.unwrap_or_else(|| "gone".into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use shoal_control::{ClusterInfo, NodeInfo, RejectedInfo};
+
+    fn node(name: &str, lent: u32, mem_gib: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            addr: format!("10.0.0.{}:7946", name.len()),
+            state: "alive".into(),
+            cores: Some(lent),
+            mem_total_bytes: Some(mem_gib << 30),
+            mem_avail_bytes: Some(mem_gib << 30),
+            cpu_score: Some(300),
+            load1: None,
+            load5: None,
+            load15: None,
+            owner_idle_s: None,
+            rtt_ms: Some(0.2),
+            checks: Some("ok".into()),
+            role: "member".into(),
+            slots_free: Some(lent),
+            slots_lent: Some(lent),
+            guests: None,
+            is_self: false,
+            rank: None,
+            checks_failed: vec![],
+            version: None,
+            bandwidth_mbps: None,
+        }
+    }
+
+    fn report(nodes: Vec<NodeInfo>) -> NodesReport {
+        let mut nodes = nodes;
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.addr = format!("10.0.0.{}:7946", i + 1);
+        }
+        NodesReport {
+            cluster: ClusterInfo {
+                name: "t".into(),
+                state: "formed".into(),
+                expect: 0,
+                alive: nodes.len() as u32,
+            },
+            nodes,
+            rejected: RejectedInfo {
+                total: 0,
+                auth: 0,
+                replay: 0,
+                malformed: 0,
+                stale: 0,
+                protocol: 0,
+            },
+        }
+    }
+
+    fn job(id: u64, uid: u32, count: u32, after: Vec<u64>, mem: Option<u64>) -> JobMem {
+        let mut spec = shoal_jobs::spec::parse(
+            &format!("name = \"j{id}\"\ncommand = [\"true\"]\ncount = {count}\n"),
+            "x",
+        )
+        .unwrap()
+        .remove(0);
+        spec.memory_bytes = mem;
+        JobMem {
+            rec: Arc::new(JobRecord {
+                id,
+                spec,
+                after,
+                dir: "/tmp".into(),
+                uid,
+                env: vec![],
+                submitted_ms: 0,
+                cancelled: false,
+            }),
+            tasks: vec![Mem::Queued; count as usize],
+            avoid: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn users_take_turns_and_dependencies_wait() {
+        let mut st = State::default();
+        st.jobs.insert(1, job(1, 1000, 50, vec![], None));
+        st.jobs.insert(2, job(2, 1001, 50, vec![], None));
+        st.jobs.insert(3, job(3, 1002, 5, vec![1], None));
+        let r = report(vec![node("a", 2, 8), node("b", 2, 8)]);
+        let p = plan(&st, &r);
+        assert_eq!(p.len(), 4);
+        let by = |j| p.iter().filter(|x| x.job == j).count();
+        assert_eq!((by(1), by(2), by(3)), (2, 2, 0), "{p:?}");
+        // Job 1 done: job 3 may start.
+        for t in &mut st.jobs.get_mut(&1).unwrap().tasks {
+            *t = Mem::Done;
+        }
+        let p = plan(&st, &r);
+        let by = |j| p.iter().filter(|x| x.job == j).count();
+        assert_eq!((by(2), by(3)), (2, 2), "{p:?}");
+    }
+
+    #[test]
+    fn memory_refusals_and_in_flight_attempts_are_respected() {
+        let mut st = State::default();
+        st.jobs.insert(1, job(1, 1, 10, vec![], Some(6 << 30)));
+        let r = report(vec![node("small", 4, 4), node("big", 2, 16)]);
+        st.inflight.insert("big".into(), 1);
+        let p = plan(&st, &r);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].node, "big");
+        st.jobs
+            .get_mut(&1)
+            .unwrap()
+            .avoid
+            .insert(0, vec!["big".into()]);
+        let p = plan(&st, &r);
+        assert!(p.iter().all(|x| x.index != 0), "{p:?}");
+        st.full_until.insert(
+            "big".into(),
+            std::time::Instant::now() + Duration::from_secs(60),
+        );
+        assert!(plan(&st, &r).is_empty());
+    }
+
+    proptest! {
+        /// For any set of jobs, users, nodes, slots, tasks in flight and
+        /// avoid lists: no task is picked twice, only queued tasks of
+        /// runnable, uncancelled jobs are picked, no node gets more than
+        /// its lent slots less what is in flight, no task goes to a node it
+        /// avoids or without the memory, and users' shares differ by at
+        /// most one while each still has runnable tasks.
+        #[test]
+        fn plans_are_sound_and_fair(
+            jobs in proptest::collection::vec((0u32..3, 1u32..20, any::<bool>(), proptest::option::of(1u64..12)), 1..6),
+            nodes in proptest::collection::vec((0u32..5, 1u64..16, 0u32..3), 1..5),
+            avoid_seed in any::<u64>(),
+        ) {
+            let mut st = State::default();
+            for (i, (uid, count, dep, mem)) in jobs.iter().enumerate() {
+                let id = i as u64 + 1;
+                let after = if *dep && id > 1 { vec![id - 1] } else { vec![] };
+                let mut m = job(id, *uid, *count, after, mem.map(|g| g << 30));
+                for (k, t) in m.tasks.iter_mut().enumerate() {
+                    if (avoid_seed >> (k % 64)) & 3 == 0 { *t = Mem::Done; }
+                }
+                if avoid_seed % 7 == 0 {
+                    m.avoid.insert(0, vec!["n0".into()]);
+                }
+                st.jobs.insert(id, m);
+            }
+            let infos: Vec<NodeInfo> = nodes.iter().enumerate()
+                .map(|(i, (lent, mem, _))| node(&format!("n{i}"), *lent, *mem)).collect();
+            for (i, (_, _, fl)) in nodes.iter().enumerate() {
+                st.inflight.insert(format!("n{i}"), *fl);
+            }
+            let r = report(infos);
+            let p = plan(&st, &r);
+            let mut seen = std::collections::HashSet::new();
+            let mut per_node: HashMap<String, u32> = HashMap::new();
+            let mut per_user: BTreeMap<u32, u32> = BTreeMap::new();
+            for x in &p {
+                prop_assert!(seen.insert((x.job, x.index)), "picked twice");
+                let m = &st.jobs[&x.job];
+                prop_assert_eq!(m.tasks[x.index as usize], Mem::Queued);
+                prop_assert!(m.rec.after.iter().all(|a| st.jobs[a].finished()));
+                let avoid = m.avoid.get(&x.index).cloned().unwrap_or_default();
+                prop_assert!(!avoid.contains(&x.node));
+                let n = r.nodes.iter().find(|n| n.name == x.node).unwrap();
+                if let Some(want) = m.rec.spec.memory_bytes {
+                    prop_assert!(n.mem_avail_bytes.unwrap() >= want);
+                }
+                *per_node.entry(x.node.clone()).or_insert(0) += 1;
+                *per_user.entry(m.rec.uid).or_insert(0) += 1;
+            }
+            for n in &r.nodes {
+                let lent = n.slots_lent.unwrap();
+                let fl = st.inflight[&n.name];
+                prop_assert!(per_node.get(&n.name).copied().unwrap_or(0) <= lent.saturating_sub(fl));
+            }
+            // Fairness: with no memory limits or avoid lists, users who
+            // still have runnable tasks get picks within one of each other.
+            let simple = st.jobs.values().all(|m| m.rec.spec.memory_bytes.is_none() && m.avoid.is_empty());
+            if simple {
+                let runnable = |uid: u32| st.jobs.values().filter(|m| m.rec.uid == uid
+                    && m.rec.after.iter().all(|a| st.jobs[a].finished()))
+                    .map(|m| m.count(Mem::Queued)).sum::<u32>();
+                let users: Vec<u32> = per_user.keys().copied().collect();
+                for a in &users {
+                    for b in &users {
+                        let (pa, pb) = (per_user[a], per_user[b]);
+                        if pa > pb + 1 {
+                            prop_assert!(runnable(*b) == pb, "user {} got {} and {} got {}", a, pa, b, pb);
+                        }
+                    }
+                }
             }
         }
     }

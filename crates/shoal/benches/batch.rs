@@ -139,7 +139,8 @@ fn main() {
             f64::from(ok) / all.as_secs_f64()
         )
     } else {
-        "not measured: no one-node Slurm answers here (`scripts/slurm-peer up` starts one)".to_owned()
+        "not measured: no one-node Slurm answers here (`scripts/slurm-peer up` starts one)"
+            .to_owned()
     };
 
     println!("| measure | shoal | peer (same run) |");

@@ -399,3 +399,107 @@ fn a_full_disk_fails_the_task_there_and_it_runs_elsewhere() {
         );
     }
 }
+
+#[test]
+fn wait_logs_retry_cancel_and_a_corrupt_journal() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat6", 49, 2) else {
+        return;
+    };
+    let dir = formed(&mut lab, 2, true);
+    // Task 1 fails until the file `fixed` exists; no retries.
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "3",
+            "--retries",
+            "0",
+            "--name",
+            "w",
+            "--",
+            "sh",
+            "-c",
+            "echo one $SHOAL_TASK_INDEX; sleep 0.3; echo two; \
+             [ $SHOAL_TASK_INDEX != 1 ] || [ -f fixed ] || { echo broken >&2; exit 3; }",
+        ],
+    );
+    let id = ids[0].to_string();
+    let w = shoal(&lab, &dir, &["wait", &id]);
+    assert_eq!(w.status.code(), Some(1), "{}", text(&w.stderr));
+    assert!(text(&w.stderr).contains("failed"), "{}", text(&w.stderr));
+    let l = shoal(&lab, &dir, &["logs", &format!("{id}.2")]);
+    assert_eq!(text(&l.stdout), "one 2\ntwo\n");
+    let all = shoal(&lab, &dir, &["logs", &id]);
+    assert_eq!(text(&all.stdout), "one 0\ntwo\none 1\ntwo\none 2\ntwo\n");
+    let e = shoal(&lab, &dir, &["logs", &format!("{id}.1"), "--stderr"]);
+    assert_eq!(text(&e.stdout), "broken\n");
+    let st = shoal(&lab, &dir, &["status", &id, "--json"]);
+    let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let t1 = &v["tasks"][1];
+    assert_eq!(t1["state"], "failed");
+    assert!(
+        t1["why"].as_str().unwrap().contains("exit status 3")
+            && t1["why"].as_str().unwrap().contains("broken"),
+        "{t1}"
+    );
+    // Fixed: `retry --failed` runs task 1 again, and only it.
+    std::fs::write(dir.join("fixed"), "").unwrap();
+    let r = shoal(&lab, &dir, &["retry", &id, "--failed"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let w = shoal(&lab, &dir, &["wait", &id]);
+    assert_eq!(w.status.code(), Some(0), "{}", text(&w.stderr));
+    let l = landed(&dir.join("shoal-out/w"));
+    assert_eq!(l.len(), 3);
+    assert_eq!(l[0].2["attempts"], 1);
+    assert_eq!(l[1].2["attempts"], 2);
+    assert_eq!(l[1].2["status"], 0);
+
+    // --follow prints as the task prints, and ends with it.
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--name",
+            "f",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo $i; sleep 0.4; done",
+        ],
+    );
+    let f = shoal(&lab, &dir, &["logs", &format!("{}.0", ids[0]), "--follow"]);
+    assert_eq!(text(&f.stdout), "1\n2\n3\n");
+
+    // Cancel: nothing more starts, nothing of it lands.
+    let ids = submit(
+        &lab,
+        &dir,
+        &["--count", "30", "--name", "c", "--", "sleep", "1"],
+    );
+    let c = shoal(&lab, &dir, &["cancel", &ids[0].to_string()]);
+    assert!(c.status.success(), "{}", text(&c.stderr));
+    let w = shoal(&lab, &dir, &["wait", &ids[0].to_string()]);
+    assert_eq!(w.status.code(), Some(1));
+    std::thread::sleep(Duration::from_secs(2));
+    let out = dir.join("shoal-out/c");
+    let n = std::fs::read_dir(&out).map_or(0, |r| r.count());
+    assert_eq!(n, 0, "a cancelled job lands nothing");
+
+    // A corrupt journal is reported at start-up and kept as it is.
+    lab.signal(0, nix::sys::signal::Signal::SIGKILL);
+    let j = lab.hosts[0].data_dir.join("jobs.redb");
+    std::fs::write(&j, vec![0x42; 16384]).unwrap();
+    lab.start_agent(0, &[]).unwrap();
+    wait_for(Duration::from_secs(10), || nodes(&lab, 0)).expect("agent up");
+    let o = shoal(&lab, &dir, &["jobs"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("jobs.redb") && e.contains("corrupt"), "{e}");
+    assert_eq!(
+        std::fs::read(&j).unwrap(),
+        vec![0x42; 16384],
+        "kept as it was"
+    );
+}
