@@ -565,6 +565,7 @@ impl Batch {
             },
             net_host: false,
             commit: Commit::Success,
+            tty: None,
         };
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());

@@ -138,6 +138,14 @@ fn failed(code: i32, message: impl Into<String>) -> FromExec {
     }
 }
 
+/// The submitter's `TERM` if it sent one, else a safe default.
+fn term_of(spec: &TaskSpec) -> OsString {
+    spec.env.iter().find(|(k, _)| k == b"TERM").map_or_else(
+        || OsString::from("xterm"),
+        |(_, v)| OsString::from_vec(v.clone()),
+    )
+}
+
 fn safe_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -226,7 +234,7 @@ where
         spec: None,
     };
     let prepared = prepare(&env, &spec, &dir, guest, &mut guard).await;
-    let (mut child, upper) = match prepared {
+    let (mut child, upper, master) = match prepared {
         Ok(x) => x,
         Err(f) => return link::send(&mut tx, &f).await,
     };
@@ -253,9 +261,29 @@ where
             }
         }
     });
-    let mut stdin = child.stdin.take();
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    type In = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+    type Out = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+    let (mut stdin, mut stdout, mut stderr, winfd): (Option<In>, Option<Out>, Option<Out>, _) =
+        match master {
+            Some(m) => {
+                let w = m.try_clone()?;
+                let size = m.try_clone()?;
+                let reader = tokio::fs::File::from_std(std::fs::File::from(m));
+                let writer = tokio::fs::File::from_std(std::fs::File::from(w));
+                (
+                    Some(Box::new(writer)),
+                    Some(Box::new(reader)),
+                    None,
+                    Some(size),
+                )
+            }
+            None => (
+                child.stdin.take().map(|s| Box::new(s) as In),
+                child.stdout.take().map(|s| Box::new(s) as Out),
+                child.stderr.take().map(|s| Box::new(s) as Out),
+                None,
+            ),
+        };
     let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
     let pid = child.id();
     let mut link_up = true;
@@ -282,6 +310,17 @@ where
                     }
                 }
                 Some(Ok(ToExec::StdinEof)) => stdin = None,
+                Some(Ok(ToExec::Resize(rows, cols))) => {
+                    if let Some(fd) = &winfd {
+                        let ws = rustix::termios::Winsize {
+                            ws_row: rows,
+                            ws_col: cols,
+                            ws_xpixel: 0,
+                            ws_ypixel: 0,
+                        };
+                        let _ = rustix::termios::tcsetwinsize(fd, ws);
+                    }
+                }
                 Some(Ok(ToExec::Signal(sig))) => {
                     if let (Some(p), Ok(s)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
                         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), s);
@@ -406,7 +445,7 @@ fn limits(spec: &TaskSpec) -> Limits {
     }
 }
 
-type Prepared = (tokio::process::Child, PathBuf);
+type Prepared = (tokio::process::Child, PathBuf, Option<std::os::fd::OwnedFd>);
 
 /// Builds the task's tree, cgroup and workspace, and starts the command.
 async fn prepare(
@@ -472,6 +511,7 @@ async fn prepare(
             Net::Loopback
         },
         idle: guest,
+        tty: spec.tty.is_some(),
     };
     let plan = Plan::new(&ws).map_err(|e| err125("workspace", &e))?;
     guard.spec = Some(ws);
@@ -485,10 +525,31 @@ async fn prepare(
                 .map(|(k, v)| (OsString::from_vec(k.clone()), OsString::from_vec(v.clone()))),
         )
         .env("SHOAL_NODE", &env.node)
-        .env("SHOAL_TASK_ID", &spec.task_id)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("SHOAL_TASK_ID", &spec.task_id);
+    // `-t`: one pseudo-terminal for all three; the master stays here.
+    let master = match spec.tty {
+        Some((rows, cols)) => {
+            let ws = nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| err125("pty", &e))?;
+            let dup = |f: &std::os::fd::OwnedFd| f.try_clone().map_err(|e| err125("pty", &e));
+            cmd.stdin(Stdio::from(dup(&pty.slave)?))
+                .stdout(Stdio::from(dup(&pty.slave)?))
+                .stderr(Stdio::from(pty.slave));
+            cmd.env("TERM", term_of(spec));
+            Some(pty.master)
+        }
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+    };
     spawn_into(&mut cmd, mgr.as_ref(), &cg_name).map_err(|e| err125("cgroup", &e))?;
     plan.apply(&mut cmd);
     let mut cmd = tokio::process::Command::from(cmd);
@@ -505,7 +566,7 @@ async fn prepare(
         "cgroup and plan, then spawn"
     );
     match spawned {
-        Ok(child) => Ok((child, upper)),
+        Ok(child) => Ok((child, upper, master)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(failed(
             127,
             format!("{}: command not found", argv0.to_string_lossy()),

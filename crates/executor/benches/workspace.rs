@@ -63,6 +63,7 @@ fn main() {
         gid: 65534,
         net,
         idle: false,
+        tty: false,
     };
     let mgr = cgroup::open(
         Path::new("/sys/fs/cgroup"),

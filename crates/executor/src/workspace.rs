@@ -110,6 +110,9 @@ pub struct Spec {
     /// A guest: `SCHED_IDLE` and the idle I/O class, inherited by every
     /// process of the task (the owner's work always comes first).
     pub idle: bool,
+    /// The command's stdin is a terminal: it becomes the controlling
+    /// terminal of a new session led by the command.
+    pub tty: bool,
 }
 
 /// The secrets of `/etc` that a guest never sees: shadow files, the agent's
@@ -153,6 +156,7 @@ pub struct Plan {
     flags: CloneFlags,
     net: Net,
     idle: bool,
+    tty: bool,
 }
 
 fn c(p: impl AsRef<OsStr>) -> Result<CString, WorkspaceError> {
@@ -330,6 +334,7 @@ impl Plan {
             flags,
             net: spec.net,
             idle: spec.idle,
+            tty: spec.tty,
         })
     }
 
@@ -382,9 +387,27 @@ impl Plan {
             }
             ForkResult::Child => {
                 drop(status_w);
-                // Its own process group, so that a forwarded Ctrl-C reaches
-                // the command's children as it would at a terminal.
-                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+                if self.tty {
+                    // A session of its own with the terminal as its
+                    // controlling tty: Ctrl-C, job control and window
+                    // sizes work as at a local terminal.
+                    nix::unistd::setsid()?;
+                    // SAFETY: TIOCSCTTY takes an integer argument (0: do
+                    // not steal); fd 0 is the pty slave set up by the
+                    // parent; no memory of ours is passed.
+                    #[allow(unsafe_code)]
+                    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else {
+                    // Its own process group, so that a forwarded Ctrl-C
+                    // reaches the command's children as it would at a
+                    // terminal.
+                    nix::unistd::setpgid(
+                        nix::unistd::Pid::from_raw(0),
+                        nix::unistd::Pid::from_raw(0),
+                    )?;
+                }
                 Ok(())
             }
         }

@@ -39,6 +39,7 @@ fn spec(dir: &Path) -> Spec {
         gid: 65534,
         net: Net::Loopback,
         idle: false,
+        tty: false,
     }
 }
 

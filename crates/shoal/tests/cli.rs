@@ -39,8 +39,24 @@ fn free_port() -> u16 {
 struct Agent(Child);
 impl Drop for Agent {
     fn drop(&mut self) {
+        // SIGTERM first: the agent removes its cgroups as it leaves.
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // What a killed agent could not remove (its guests' parent group).
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in rd.flatten() {
+                let _ = std::fs::remove_dir(c.path().join("shoal-solo"));
+            }
+        }
     }
 }
 

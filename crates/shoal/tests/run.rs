@@ -507,3 +507,74 @@ fn an_executor_cut_off_by_a_partition_is_replaced_and_the_result_lands_once() {
         "committed once, by the replacement: {rest}"
     );
 }
+
+#[test]
+fn dash_t_gives_the_command_a_terminal_of_this_size_and_forwards_keystrokes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run10", 28, 2) else {
+        return;
+    };
+    use std::io::Read;
+    let ws = nix::pty::Winsize {
+        ws_row: 30,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave = |f: &std::os::fd::OwnedFd| Stdio::from(f.try_clone().unwrap());
+    let mut c = run(
+        &lab,
+        &tree,
+        &[
+            "-t",
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && echo isatty; stty size; read x; echo got:$x; exit 7",
+        ],
+    );
+    c.stdin(slave(&pty.slave))
+        .stdout(slave(&pty.slave))
+        .stderr(slave(&pty.slave));
+    let mut child = c.spawn().unwrap();
+    // Only the client may hold the terminal's slave side now: its end is
+    // the end of the output.
+    drop(c);
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    // A keystroke line, typed at this terminal (raw here, cooked there).
+    std::io::Write::write_all(&mut master, b"hello\r").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(out);
+    });
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("shoal run -t did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let o = s(&out);
+    eprintln!("terminal showed: {o:?}");
+    assert_eq!(st.code(), Some(7), "{o}");
+    assert!(o.contains("isatty"), "{o}");
+    assert!(o.contains("30 100"), "the terminal's size: {o}");
+    assert!(o.contains("got:hello"), "keystrokes reach the command: {o}");
+}

@@ -83,6 +83,9 @@ pub struct TaskSpec {
     pub net_host: bool,
     /// Commit policy.
     pub commit: Commit,
+    /// A pseudo-terminal of this size (rows, columns) for the command's
+    /// stdin, stdout and stderr (`shoal run -t`); `None`: pipes.
+    pub tty: Option<(u16, u16)>,
 }
 
 /// How the command ended.
@@ -112,6 +115,8 @@ pub enum ToExec {
     StdinEof,
     /// Deliver this signal to the command.
     Signal(i32),
+    /// The submitter's terminal changed size (rows, columns).
+    Resize(u16, u16),
 }
 
 /// Executor to submitter.

@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// Say where the task runs, and why when it falls back to this node.
     #[arg(short, long)]
     verbose: bool,
+    /// Give the command a pseudo-terminal (as `ssh -t`): this terminal
+    /// goes raw, every keystroke (Ctrl-C included) reaches the command,
+    /// and window size changes follow. stdout and stderr are one stream.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -242,6 +247,48 @@ struct Progress {
     stdin_sent: Arc<AtomicBool>,
     /// The file changes were applied.
     committed: bool,
+    /// This terminal in raw mode for `-t` (restored on drop).
+    raw: Option<RawMode>,
+}
+
+/// The terminal on stdin in raw mode, as it was before restored on drop.
+struct RawMode(rustix::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        use rustix::termios::{tcgetattr, tcsetattr, OptionalActions};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        tcsetattr(&stdin, OptionalActions::Now, &raw).ok()?;
+        Some(Self(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
+    }
+}
+
+impl std::fmt::Debug for RawMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawMode")
+    }
+}
+
+/// The size of the terminal on stdout (or stdin), rows and columns.
+fn window() -> Option<(u16, u16)> {
+    rustix::termios::tcgetwinsize(std::io::stdout())
+        .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
+        .ok()
+        .filter(|w| w.ws_row > 0 && w.ws_col > 0)
+        .map(|w| (w.ws_row, w.ws_col))
 }
 
 /// Writes the part of `chunk` (at `offset` in its stream, in this attempt)
@@ -290,6 +337,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             pids: a.pids,
         },
         net_host: a.net.as_deref() == Some("host"),
+        tty: a.tty.then(|| window().unwrap_or((24, 80))),
         commit: match a.commit {
             CommitArg::Always => Commit::Always,
             CommitArg::Success => Commit::Success,
@@ -471,8 +519,11 @@ async fn attempt_once(
             FromExec::Started { node } => {
                 if !started {
                     started = true;
-                    forward_signals(out_tx.clone());
-                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone());
+                    forward_signals(out_tx.clone(), a.tty);
+                    if a.tty && std::io::stdin().is_terminal() {
+                        progress.raw = RawMode::enter();
+                    }
+                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone(), a.tty);
                 }
                 if a.verbose {
                     eprintln!("shoal: started on {node}");
@@ -522,8 +573,8 @@ async fn attempt_once(
 /// Sends stdin to the task when it is a pipe or a file; a terminal is not
 /// read (so that `make -j` jobs do not fight over it) and the task sees
 /// end of input.
-fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>) {
-    if std::io::stdin().is_terminal() {
+fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, tty: bool) {
+    if std::io::stdin().is_terminal() && !tty {
         let _ = tx.try_send(ToExec::StdinEof);
         return;
     }
@@ -547,9 +598,24 @@ fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>) {
     });
 }
 
-/// Forwards SIGINT, SIGTERM and SIGHUP to the task.
-fn forward_signals(tx: mpsc::Sender<ToExec>) {
+/// Forwards SIGINT, SIGTERM and SIGHUP to the task, and with `-t` the
+/// terminal's size changes.
+fn forward_signals(tx: mpsc::Sender<ToExec>, tty: bool) {
     use tokio::signal::unix::{signal, SignalKind};
+    if tty {
+        if let Ok(mut s) = signal(SignalKind::window_change()) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    if let Some((r, c)) = window() {
+                        if tx.send(ToExec::Resize(r, c)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
     for (kind, n) in [
         (SignalKind::interrupt(), 2),
         (SignalKind::terminate(), 15),
