@@ -578,3 +578,82 @@ fn dash_t_gives_the_command_a_terminal_of_this_size_and_forwards_keystrokes() {
     assert!(o.contains("30 100"), "the terminal's size: {o}");
     assert!(o.contains("got:hello"), "keystrokes reach the command: {o}");
 }
+
+/// A tmpfs mounted over a directory for the test's life.
+struct Tmpfs(PathBuf);
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn an_unreadable_tree_and_a_full_executor_disk_are_one_clear_line_each() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run11", 29, 2) else {
+        return;
+    };
+    // h1's data dir (cache and task directories) is a 4 MiB disk.
+    let d1 = lab.hosts[1].data_dir.clone();
+    std::fs::create_dir_all(&d1).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &d1,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .unwrap();
+    let _disk = Tmpfs(d1);
+    start_all(&mut lab, &[0, 1], &[]);
+    wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
+    wait_facts(&lab);
+
+    // An unreadable file in the tree: exit 2, the file named, nothing run.
+    let tree = Tree::new(&lab.dir.join("locked"));
+    tree.write("ok.txt", "fine");
+    tree.write("secret.txt", "no");
+    std::os::unix::fs::chown(&tree.0, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(
+        tree.0.join("secret.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(shoal_bin())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(&lab.hosts[0].data_dir)
+        .args(["--", "touch", "ran"])
+        .current_dir(&tree.0)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = s(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("secret.txt") && e.lines().count() == 1, "{e}");
+    assert!(tree.read("ran").is_none());
+
+    // A tree bigger than the executor's disk: one line naming the node and
+    // the cause, exit 125, nothing applied here.
+    let big = Tree::new(&lab.dir.join("big"));
+    let data: Vec<u8> = (0..6_000_000u32).map(|i| i.wrapping_mul(2_654_435_761) as u8).collect();
+    std::fs::write(big.0.join("blob.bin"), &data).unwrap();
+    let o = out(run(&lab, &big, &["--node", "h1", "--", "sh", "-c", "echo x > made"]));
+    let e = s(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{e}");
+    assert!(e.contains("h1") && e.contains("No space left on device"), "{e}");
+    assert!(big.read("made").is_none(), "nothing half-applied");
+    // A task that fills the executor's disk itself fails as it would here.
+    let small = Tree::new(&lab.dir.join("small"));
+    let o = out(run(
+        &lab,
+        &small,
+        &["--node", "h1", "--", "sh", "-c", "head -c 6000000 /dev/zero > f && echo x > made"],
+    ));
+    let e = s(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{e}");
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(small.read("f").is_none() && small.read("made").is_none());
+}
