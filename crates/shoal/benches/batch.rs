@@ -99,18 +99,19 @@ fn main() {
     let (s, done) = state(id).unwrap();
     drop(lab);
 
-    // The peer, where a one-node Slurm answers.
-    let slurm = Command::new("sbatch")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
     // Slurm finishes jobs far more slowly here: a smaller count.
     let pn: u32 = std::env::var("SHOAL_BENCH_PEER_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    // The peer, where a one-node Slurm answers.
+    let slurm = pn > 0
+        && Command::new("sinfo")
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
     let peer = if slurm {
         let t = Instant::now();
         let mut ok = 0u32;

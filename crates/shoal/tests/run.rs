@@ -638,19 +638,35 @@ fn an_unreadable_tree_and_a_full_executor_disk_are_one_clear_line_each() {
     // A tree bigger than the executor's disk: one line naming the node and
     // the cause, exit 125, nothing applied here.
     let big = Tree::new(&lab.dir.join("big"));
-    let data: Vec<u8> = (0..6_000_000u32).map(|i| i.wrapping_mul(2_654_435_761) as u8).collect();
+    let data: Vec<u8> = (0..6_000_000u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+        .collect();
     std::fs::write(big.0.join("blob.bin"), &data).unwrap();
-    let o = out(run(&lab, &big, &["--node", "h1", "--", "sh", "-c", "echo x > made"]));
+    let o = out(run(
+        &lab,
+        &big,
+        &["--node", "h1", "--", "sh", "-c", "echo x > made"],
+    ));
     let e = s(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{e}");
-    assert!(e.contains("h1") && e.contains("No space left on device"), "{e}");
+    assert!(
+        e.contains("h1") && e.contains("No space left on device"),
+        "{e}"
+    );
     assert!(big.read("made").is_none(), "nothing half-applied");
     // A task that fills the executor's disk itself fails as it would here.
     let small = Tree::new(&lab.dir.join("small"));
     let o = out(run(
         &lab,
         &small,
-        &["--node", "h1", "--", "sh", "-c", "head -c 6000000 /dev/zero > f && echo x > made"],
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "head -c 6000000 /dev/zero > f && echo x > made",
+        ],
     ));
     let e = s(&o.stderr);
     assert_ne!(o.status.code(), Some(0), "{e}");

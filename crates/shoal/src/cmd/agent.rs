@@ -67,10 +67,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<()> {
             config_path: a.config,
         },
     )?;
-    // Two workers: task I/O, the owner's loop and the batch runner go on
-    // while one of them is busy; SWIM keeps its own task.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the event loop and every task's I/O (the lowest
+    // latency per message); what blocks (forks, mounts, cleanup, the
+    // journal's large writes) goes to the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
