@@ -74,14 +74,59 @@ struct JobMem {
     tasks: Vec<Mem>,
     /// Nodes a task should not go back to (it failed or was refused there).
     avoid: HashMap<u32, Vec<String>>,
+    /// The queued tasks, in index order (placement reads only these).
+    queued: std::collections::BTreeSet<u32>,
+    /// Tasks per state, in `Mem` order.
+    counts: [u32; 5],
+}
+
+fn slot(m: Mem) -> usize {
+    match m {
+        Mem::Queued => 0,
+        Mem::Running => 1,
+        Mem::Done => 2,
+        Mem::Failed => 3,
+        Mem::Cancelled => 4,
+    }
 }
 
 impl JobMem {
+    fn new(rec: Arc<JobRecord>, tasks: Vec<Mem>) -> Self {
+        let mut counts = [0u32; 5];
+        let mut queued = std::collections::BTreeSet::new();
+        for (i, t) in tasks.iter().enumerate() {
+            counts[slot(*t)] += 1;
+            if *t == Mem::Queued {
+                queued.insert(i as u32);
+            }
+        }
+        Self {
+            rec,
+            tasks,
+            avoid: HashMap::new(),
+            queued,
+            counts,
+        }
+    }
+    /// Moves task `i` to `m`, keeping the index and counts.
+    fn set(&mut self, i: u32, m: Mem) {
+        let Some(t) = self.tasks.get_mut(i as usize) else {
+            return;
+        };
+        self.counts[slot(*t)] -= 1;
+        self.counts[slot(m)] += 1;
+        *t = m;
+        if m == Mem::Queued {
+            self.queued.insert(i);
+        } else {
+            self.queued.remove(&i);
+        }
+    }
     fn count(&self, m: Mem) -> u32 {
-        self.tasks.iter().filter(|t| **t == m).count() as u32
+        self.counts[slot(m)]
     }
     fn finished(&self) -> bool {
-        self.tasks.iter().all(|t| *t == Mem::Done)
+        self.count(Mem::Done) as usize == self.tasks.len()
     }
 }
 
@@ -187,13 +232,13 @@ impl Batch {
                     }
                 }
             }
+            let id = rec.id;
             st.jobs.insert(
-                rec.id,
-                JobMem {
-                    tasks: tasks.iter().map(|(_, t)| mem_of(&t.task.state)).collect(),
-                    rec: Arc::new(rec),
-                    avoid: HashMap::new(),
-                },
+                id,
+                JobMem::new(
+                    Arc::new(rec),
+                    tasks.iter().map(|(_, t)| mem_of(&t.task.state)).collect(),
+                ),
             );
         }
         Ok(())
@@ -277,14 +322,8 @@ impl Batch {
             if let Ok(recs) = j.jobs() {
                 if let Some(rec) = recs.into_iter().find(|r| r.id == *id) {
                     let n = rec.spec.count as usize;
-                    st.jobs.insert(
-                        *id,
-                        JobMem {
-                            rec: Arc::new(rec),
-                            tasks: vec![Mem::Queued; n],
-                            avoid: HashMap::new(),
-                        },
-                    );
+                    st.jobs
+                        .insert(*id, JobMem::new(Arc::new(rec), vec![Mem::Queued; n]));
                 }
             }
         }
@@ -304,9 +343,9 @@ impl Batch {
             let mut rec = (*m.rec).clone();
             rec.cancelled = true;
             m.rec = Arc::new(rec);
-            for t in &mut m.tasks {
-                if matches!(t, Mem::Queued | Mem::Running) {
-                    *t = Mem::Cancelled;
+            for i in 0..m.tasks.len() as u32 {
+                if matches!(m.tasks[i as usize], Mem::Queued | Mem::Running) {
+                    m.set(i, Mem::Cancelled);
                 }
             }
         }
@@ -324,9 +363,9 @@ impl Batch {
             .map_err(|e| e.to_string())?;
         let mut st = self.lock();
         if let Some(m) = st.jobs.get_mut(&job) {
-            for t in &mut m.tasks {
-                if *t == Mem::Failed {
-                    *t = Mem::Queued;
+            for i in 0..m.tasks.len() as u32 {
+                if m.tasks[i as usize] == Mem::Failed {
+                    m.set(i, Mem::Queued);
                 }
             }
             m.avoid.clear();
@@ -474,7 +513,7 @@ impl Batch {
             let Some(m) = st.jobs.get_mut(&p.job) else {
                 return;
             };
-            m.tasks[p.index as usize] = Mem::Running;
+            m.set(p.index, Mem::Running);
             m.rec.clone()
         };
         tokio::spawn(async move {
@@ -793,7 +832,7 @@ impl Batch {
         let mut st = self.lock();
         if let Some(m) = st.jobs.get_mut(&rec.id) {
             if verdict != Verdict::Stale {
-                m.tasks[p.index as usize] = mem_of(&state);
+                m.set(p.index, mem_of(&state));
             }
             if avoid {
                 m.avoid.entry(p.index).or_default().push(p.node.clone());
@@ -926,6 +965,7 @@ fn plan(st: &State, report: &NodesReport) -> Vec<Pick> {
         let lent = i64::from(n.slots_lent.or(n.slots_free).unwrap_or(0));
         free.insert(n.name.clone(), ((lent - ours).max(0), addr, n));
     }
+    let total_free: i64 = free.values().map(|v| v.0).sum();
     // Runnable tasks per user, each user's jobs oldest first.
     let mut per_user: BTreeMap<u32, Vec<(u64, u32, Option<u64>)>> = BTreeMap::new();
     for m in st.jobs.values() {
@@ -940,17 +980,16 @@ fn plan(st: &State, report: &NodesReport) -> Vec<Pick> {
         if !ready {
             continue;
         }
+        // No user can get more than every free slot: look no further.
         let q = per_user.entry(m.rec.uid).or_default();
-        for (i, t) in m.tasks.iter().enumerate() {
-            if *t == Mem::Queued {
-                q.push((m.rec.id, i as u32, m.rec.spec.memory_bytes));
-            }
+        let room = (total_free.max(0) as usize).saturating_sub(q.len());
+        for i in m.queued.iter().take(room) {
+            q.push((m.rec.id, *i, m.rec.spec.memory_bytes));
         }
     }
     let mut queues: Vec<std::collections::VecDeque<(u64, u32, Option<u64>)>> =
         per_user.into_values().map(Into::into).collect();
     let mut picks = Vec::new();
-    let total_free: i64 = free.values().map(|v| v.0).sum();
     while (picks.len() as i64) < total_free && queues.iter().any(|q| !q.is_empty()) {
         let mut progressed = false;
         for q in &mut queues {
@@ -1139,8 +1178,8 @@ mod tests {
         .unwrap()
         .remove(0);
         spec.memory_bytes = mem;
-        JobMem {
-            rec: Arc::new(JobRecord {
+        JobMem::new(
+            Arc::new(JobRecord {
                 id,
                 spec,
                 after,
@@ -1150,9 +1189,8 @@ mod tests {
                 submitted_ms: 0,
                 cancelled: false,
             }),
-            tasks: vec![Mem::Queued; count as usize],
-            avoid: HashMap::new(),
-        }
+            vec![Mem::Queued; count as usize],
+        )
     }
 
     #[test]
@@ -1167,8 +1205,9 @@ mod tests {
         let by = |j| p.iter().filter(|x| x.job == j).count();
         assert_eq!((by(1), by(2), by(3)), (2, 2, 0), "{p:?}");
         // Job 1 done: job 3 may start.
-        for t in &mut st.jobs.get_mut(&1).unwrap().tasks {
-            *t = Mem::Done;
+        let j1 = st.jobs.get_mut(&1).unwrap();
+        for i in 0..50 {
+            j1.set(i, Mem::Done);
         }
         let p = plan(&st, &r);
         let by = |j| p.iter().filter(|x| x.job == j).count();
@@ -1216,8 +1255,8 @@ mod tests {
                 let id = i as u64 + 1;
                 let after = if *dep && id > 1 { vec![id - 1] } else { vec![] };
                 let mut m = job(id, *uid, *count, after, mem.map(|g| g << 30));
-                for (k, t) in m.tasks.iter_mut().enumerate() {
-                    if (avoid_seed >> (k % 64)) & 3 == 0 { *t = Mem::Done; }
+                for k in 0..*count {
+                    if (avoid_seed >> (k % 64)) & 3 == 0 { m.set(k, Mem::Done); }
                 }
                 if avoid_seed % 7 == 0 {
                     m.avoid.insert(0, vec!["n0".into()]);
