@@ -58,7 +58,13 @@ pub fn build(s: &Snapshot<'_>) -> NodesReport {
                 slots_free: facts
                     .as_ref()
                     .map(|f| if m.state.is_active() { f.slots_free } else { 0 }),
-                guests: facts.as_ref().map(|f| f.slot_states.summary()),
+                guests: facts.as_ref().map(|f| {
+                    if m.state.is_active() {
+                        f.slot_states.summary()
+                    } else {
+                        "-".to_owned()
+                    }
+                }),
                 slots_lent: facts.as_ref().map(|f| {
                     if m.state.is_active() {
                         f.slot_states.lent()

@@ -47,8 +47,20 @@ fn current(out: &Path, index: u32, name: &str) -> Option<PathBuf> {
         .map(|(_, p)| p.join(name))
 }
 
-/// Prints the logs.
+/// Prints the logs. A reader that stops early (`| head`) is not an error.
 pub fn run(a: &LogsArgs) -> anyhow::Result<()> {
+    match print(a) {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn print(a: &LogsArgs) -> anyhow::Result<()> {
     let (job, index) = match a.which.split_once('.') {
         Some((j, i)) => (
             j.parse::<u64>().context("JOB.INDEX")?,
