@@ -259,3 +259,58 @@ fn a_bad_policy_is_refused_and_the_old_one_stays() {
         "{se}"
     );
 }
+
+#[test]
+fn a_throttled_guest_is_held_to_its_cap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("own4", 43, 2) else {
+        return;
+    };
+    // h1 throttles while its override says so: `idle` lifts it.
+    lab.configs[1] = LAB_CONFIG.replace(
+        "throttle = \"false\"",
+        "throttle = \"true\"\nthrottle_cpus = 0.2",
+    );
+    let tree = formed(&mut lab, 2);
+    let mut spin = run(
+        &lab,
+        &tree,
+        &["--node", "h1", "--", "sh", "-c", "while :; do :; done"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_for(Duration::from_secs(15), || {
+        task(&lab, 1).filter(|(state, cpu)| state == "throttled" && *cpu > 0.01)
+    })
+    .expect("the guest runs, throttled, on h1");
+    let (_, a) = task(&lab, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_, b) = task(&lab, 1).unwrap();
+    assert!(
+        b - a < 0.35,
+        "a guest capped at 0.2 CPU used {:.3} s in 1 s",
+        b - a
+    );
+    // The override `idle` means no throttle: the cap goes.
+    owner(&lab, 1, "idle");
+    let (state, c) = task(&lab, 1).unwrap();
+    assert_eq!(state, "claimed");
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_, d) = task(&lab, 1).unwrap();
+    assert!(
+        d - c > 0.5,
+        "an unthrottled guest used only {:.3} s in 1 s",
+        d - c
+    );
+    let _ = spin.kill();
+    let _ = spin.wait();
+    wait_for(Duration::from_secs(10), || {
+        json(&lab, 1, &["ps"])?["tasks"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    })
+    .expect("the guest is gone once its submitter is");
+}
