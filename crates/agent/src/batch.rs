@@ -316,16 +316,13 @@ impl Batch {
                 submitted_ms: unix_ms(),
             });
         }
-        let ids = j.submit(new).map_err(|e| e.to_string())?;
+        let recs = j.submit(new).map_err(|e| e.to_string())?;
+        let ids = recs.iter().map(|r| r.id).collect();
         let mut st = self.lock();
-        for id in &ids {
-            if let Ok(recs) = j.jobs() {
-                if let Some(rec) = recs.into_iter().find(|r| r.id == *id) {
-                    let n = rec.spec.count as usize;
-                    st.jobs
-                        .insert(*id, JobMem::new(Arc::new(rec), vec![Mem::Queued; n]));
-                }
-            }
+        for rec in recs {
+            let n = rec.spec.count as usize;
+            st.jobs
+                .insert(rec.id, JobMem::new(Arc::new(rec), vec![Mem::Queued; n]));
         }
         drop(st);
         self.wake.notify_one();

@@ -198,14 +198,14 @@ impl Journal {
     }
 
     /// Adds jobs and all their tasks (queued) in one transaction, durable
-    /// before it returns; their ids, in order.
+    /// before it returns; the records written (with their ids), in order.
     ///
     /// # Errors
     /// A storage failure (nothing was added).
-    pub fn submit(&self, new: Vec<NewJob>) -> Result<Vec<u64>, JournalError> {
+    pub fn submit(&self, new: Vec<NewJob>) -> Result<Vec<JobRecord>, JournalError> {
         let st = self.storage();
         let w = self.db.begin_write().map_err(|e| st(&e))?;
-        let mut ids = Vec::with_capacity(new.len());
+        let mut written = Vec::with_capacity(new.len());
         {
             let mut meta = w.open_table(META).map_err(|e| st(&e))?;
             let mut jobs = w.open_table(JOBS).map_err(|e| st(&e))?;
@@ -239,12 +239,12 @@ impl Journal {
                         .insert((id, i), empty.as_slice())
                         .map_err(|e| st(&e))?;
                 }
-                ids.push(id);
+                written.push(r);
             }
             meta.insert("next_job", next).map_err(|e| st(&e))?;
         }
         w.commit().map_err(|e| st(&e))?;
-        Ok(ids)
+        Ok(written)
     }
 
     /// Every job, by id.
@@ -438,8 +438,10 @@ mod tests {
         {
             let (j, rec) = Journal::open(&p).unwrap();
             assert_eq!(rec, Recovered::default());
-            let ids = j.submit(vec![job("a", 3), job("b", 2)]).unwrap();
+            let recs = j.submit(vec![job("a", 3), job("b", 2)]).unwrap();
+            let ids: Vec<u64> = recs.iter().map(|r| r.id).collect();
             assert_eq!(ids, vec![1, 2]);
+            assert_eq!(recs[1].spec.name, "b");
             let f = j.update(1, 0, false, |t, fence| {
                 assert!(t.task.start("h1", fence));
                 fence
