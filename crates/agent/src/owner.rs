@@ -67,6 +67,9 @@ pub struct Owner {
     wake: Notify,
     /// Unix ms of the latest owner input seen (0: none yet).
     last_input_ms: AtomicU64,
+    /// The terminals' newest access time, Unix seconds, as the input
+    /// watcher last read it (0: no watcher, or no terminal).
+    newest_atime_s: AtomicU64,
     /// logind's view of the sessions, where a logind answers.
     logind: Mutex<Option<Logind>>,
     /// One carrier of commands at a time, so a thaw never overtakes the
@@ -122,6 +125,7 @@ impl Owner {
             guest_class,
             wake: Notify::new(),
             last_input_ms: AtomicU64::new(0),
+            newest_atime_s: AtomicU64::new(0),
             logind: Mutex::new(None),
             apply: tokio::sync::Mutex::new(()),
             config_path,
@@ -180,9 +184,16 @@ impl Owner {
             guests: inner.tasks.values().filter(|t| t.guest).count() as f64,
             ..Vars::default()
         };
-        // Input: the newest of inotify's last read and the devices' atimes
-        // (the kernel updates a terminal's times only every few seconds).
-        let atime_idle = shoal_facts::probe::owner_idle().map(|s| s as f64);
+        // Input: the terminals' newest access time as the watcher last saw
+        // it (the kernel moves it at most every 8 s: coarse, but it covers
+        // input before this agent started), and the last input the watcher
+        // saw happen. Without a watcher, the devices are read here.
+        let newest = self.newest_atime_s.load(Ordering::Relaxed);
+        let atime_idle = if newest > 0 {
+            Some((unix_ms() / 1000).saturating_sub(newest) as f64)
+        } else {
+            shoal_facts::probe::owner_idle().map(|s| s as f64)
+        };
         let seen = self.last_input_ms.load(Ordering::Relaxed);
         let input_idle = (seen > 0).then(|| unix_ms().saturating_sub(seen) as f64 / 1000.0);
         let logind = *self.logind.lock().unwrap_or_else(|e| e.into_inner());
@@ -665,6 +676,11 @@ fn watch_input(owner: &Arc<Owner>) {
         let now = latest(&ttys);
         let typed = now > last;
         last = last.max(now);
+        if let Some((secs, _)) = last {
+            owner
+                .newest_atime_s
+                .store(u64::try_from(secs).unwrap_or(0), Ordering::Relaxed);
+        }
         let moved = ino
             .as_ref()
             .and_then(|i| i.read_events().ok())
