@@ -367,6 +367,29 @@ impl Lab {
         })
     }
 
+    /// `shoal nodes --json` as host `i` sees the cluster, if it answers.
+    pub fn nodes_json(&self, i: usize) -> Option<serde_json::Value> {
+        let out = self.shoal(i, &["nodes", "--json"]).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until host `i` sees `n` nodes, every one alive with its facts
+    /// and start-up checks passed (placement needs them); `None` on timeout.
+    pub fn wait_ready(&self, i: usize, n: usize, timeout: Duration) -> Option<()> {
+        wait_for(timeout, || {
+            let v = self.nodes_json(i)?;
+            let ns = v["nodes"].as_array()?;
+            (ns.len() == n
+                && ns
+                    .iter()
+                    .all(|x| x["checks"] == "ok" && x["state"] == "alive"))
+            .then_some(())
+        })
+    }
+
     fn iptables(&self, i: usize, args: &[&str]) -> Result<(), LabError> {
         run(self.cmd(i, "iptables").arg("-w").args(args)).map(|_| ())
     }
@@ -500,6 +523,45 @@ impl Drop for Lab {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Whether benchmark `name` is to run now: only under `cargo bench` (which
+/// passes `--bench`; `cargo test --all-targets` runs bench targets too, and
+/// a measurement takes minutes), and only where the test hosts can be made
+/// (else it says why it skipped).
+pub fn bench_gate(name: &str) -> bool {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{name}: run with `cargo bench -p shoal --bench {name}` (0 passed, 0 failed)");
+        return false;
+    }
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return false;
+    }
+    true
+}
+
+/// The number in environment variable `key`, else `default` (benchmark
+/// sizes such as `SHOAL_BENCH_N`).
+pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (the upper one of an even count), for benchmarks.
+///
+/// # Panics
+/// On an empty `v`.
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// `d` in milliseconds, for benchmark tables.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or `timeout` passes.

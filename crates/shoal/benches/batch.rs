@@ -11,38 +11,21 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_netns::{unavailable, wait_for, Lab};
+use shoal_netns::{bench_gate, env_or, wait_for, Lab};
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("batch: run with `cargo bench -p shoal --bench batch` (0 passed, 0 failed)");
+    if !bench_gate("batch") {
         return;
     }
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let n: u32 = std::env::var("SHOAL_BENCH_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let n: u32 = env_or("SHOAL_BENCH_TASKS", 10_000);
     let bin = Path::new(env!("CARGO_BIN_EXE_shoal"));
     let mut lab = Lab::new("bbat", 64, 3, bin).unwrap();
     for i in 0..3 {
         lab.start_agent(i, &[]).unwrap();
     }
     let data0 = lab.hosts[0].data_dir.clone();
-    wait_for(Duration::from_secs(30), || {
-        let o = Command::new(bin)
-            .args(["nodes", "--json", "--data-dir"])
-            .arg(&data0)
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-        let ns = v["nodes"].as_array()?;
-        (ns.len() == 3 && ns.iter().all(|n| n["checks"] == "ok")).then_some(())
-    })
-    .expect("cluster formed");
+    lab.wait_ready(0, 3, Duration::from_secs(30))
+        .expect("cluster formed");
     let dir = lab.dir.join("work");
     std::fs::create_dir_all(&dir).unwrap();
     let submit = |args: &[&str]| -> (u64, Duration) {
@@ -100,10 +83,7 @@ fn main() {
     drop(lab);
 
     // Slurm finishes jobs far more slowly here: a smaller count.
-    let pn: u32 = std::env::var("SHOAL_BENCH_PEER_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let pn: u32 = env_or("SHOAL_BENCH_PEER_TASKS", 100);
     // The peer, where a one-node Slurm answers.
     let slurm = pn > 0
         && Command::new("sinfo")

@@ -15,16 +15,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use shoal_control::{Request, Response};
-use shoal_netns::{unavailable, wait_for, Lab};
+use shoal_netns::{bench_gate, env_or, wait_for, Lab};
 
 const HOSTS: usize = 5;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// name → state seen by host `i`, straight over the control socket.
 fn states(lab: &Lab, i: usize) -> Vec<(String, String)> {
@@ -112,20 +105,11 @@ fn run_profile(profile: &str, subnet: u8, trials: u64, loss_s: u64) -> (Vec<f64>
 }
 
 fn main() {
-    // `cargo test --all-targets` runs bench targets too, without --bench:
-    // the measurement takes minutes, so only `cargo bench` runs it.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "detection: run with `cargo bench -p shoal --bench detection` (0 passed, 0 failed)"
-        );
+    if !bench_gate("detection") {
         return;
     }
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let trials = env_or("SHOAL_BENCH_TRIALS", 10);
-    let loss_s = env_or("SHOAL_BENCH_LOSS_S", 60);
+    let trials = env_or("SHOAL_BENCH_TRIALS", 10u64);
+    let loss_s = env_or("SHOAL_BENCH_LOSS_S", 60u64);
     println!("| SWIM profile | trials | detection median | detection max | false downs, 10 % loss for {loss_s} s |");
     println!("|---|---|---|---|---|");
     let only = std::env::var("SHOAL_BENCH_PROFILES").unwrap_or_default();

@@ -18,16 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_netns::{unavailable, wait_for, Lab, LAB_CONFIG};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use shoal_netns::{bench_gate, env_or, median, ms, wait_for, Lab, LAB_CONFIG};
 
 /// The owner's workload: `threads` threads, each a fixed amount of integer
 /// work; returns the wall time.
@@ -113,18 +104,10 @@ fn wait_frozen(name: &str, want: bool, timeout: Duration) -> Option<Duration> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("owner: run with `cargo bench -p shoal --bench owner` (0 passed, 0 failed)");
+    if !bench_gate("owner") {
         return;
     }
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let n: usize = std::env::var("SHOAL_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let n: usize = env_or("SHOAL_BENCH_N", 7);
     let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
     let bin = Path::new(env!("CARGO_BIN_EXE_shoal"));
     let mut lab = Lab::new("bown", 63, 2, bin).unwrap();
@@ -139,17 +122,8 @@ fn main() {
     }
     let data0 = lab.hosts[0].data_dir.clone();
     let data1 = lab.hosts[1].data_dir.clone();
-    wait_for(Duration::from_secs(30), || {
-        let o = Command::new(bin)
-            .args(["nodes", "--json", "--data-dir"])
-            .arg(&data0)
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-        let ns = v["nodes"].as_array()?;
-        (ns.len() == 2 && ns.iter().all(|n| n["checks"] == "ok")).then_some(())
-    })
-    .expect("cluster formed");
+    lab.wait_ready(0, 2, Duration::from_secs(30))
+        .expect("cluster formed");
     let dir = lab.dir.join("tree");
     std::fs::create_dir_all(&dir).unwrap();
     let guests = |k: usize| -> Vec<Child> {

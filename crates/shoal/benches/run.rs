@@ -12,51 +12,21 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_netns::{unavailable, wait_for, Lab};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use shoal_netns::{bench_gate, env_or, median, ms, Lab};
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("run: run with `cargo bench -p shoal --bench run` (0 passed, 0 failed)");
+    if !bench_gate("run") {
         return;
     }
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let n: usize = std::env::var("SHOAL_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let n: usize = env_or("SHOAL_BENCH_N", 200);
     let bin = Path::new(env!("CARGO_BIN_EXE_shoal"));
     let mut lab = Lab::new("brun", 62, 3, bin).unwrap();
     for i in 0..3 {
         lab.start_agent(i, &[]).unwrap();
     }
     let data0 = lab.hosts[0].data_dir.clone();
-    wait_for(Duration::from_secs(30), || {
-        let o = Command::new(bin)
-            .args(["nodes", "--json", "--data-dir"])
-            .arg(&data0)
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-        let ns = v["nodes"].as_array()?;
-        (ns.len() == 3
-            && ns
-                .iter()
-                .all(|n| n["checks"] == "ok" && n["state"] == "alive"))
-        .then_some(())
-    })
-    .expect("cluster formed");
+    lab.wait_ready(0, 3, Duration::from_secs(30))
+        .expect("cluster formed");
     let shoal_run = |dir: &Path, args: &[&str]| {
         let mut c = Command::new(bin);
         c.arg("run")

@@ -28,12 +28,8 @@ fn formed(lab: &mut Lab, n: usize, h0_executes: bool) -> PathBuf {
         lab.start_agent(i, extra).expect("starting an agent");
     }
     wait_alive(lab, &all, &all, Duration::from_secs(20));
-    wait_for(Duration::from_secs(10), || {
-        let v = nodes(lab, 0)?;
-        let ns = v["nodes"].as_array()?;
-        (ns.len() == n && ns.iter().all(|n| n["checks"] == "ok")).then_some(())
-    })
-    .expect("facts from every node");
+    lab.wait_ready(0, n, Duration::from_secs(10))
+        .expect("facts from every node");
     let dir = lab.dir.join("work");
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -326,14 +322,6 @@ fn a_partitioned_executor_never_commits_twice() {
     assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
 }
 
-/// A tmpfs mounted over a directory for the test's life.
-struct Tmpfs(PathBuf);
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 #[test]
 fn a_full_disk_fails_the_task_there_and_it_runs_elsewhere() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -341,17 +329,7 @@ fn a_full_disk_fails_the_task_there_and_it_runs_elsewhere() {
         return;
     };
     // h1's data dir (its task directories) is a 4 MiB disk.
-    let d1 = lab.hosts[1].data_dir.clone();
-    std::fs::create_dir_all(&d1).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &d1,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
-    let _disk = Tmpfs(d1);
+    let _disk = Tmpfs::mount(&lab.hosts[1].data_dir, "4m");
     let dir = formed(&mut lab, 3, false);
     let ids = submit(
         &lab,

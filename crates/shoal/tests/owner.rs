@@ -63,6 +63,32 @@ fn task(lab: &Lab, i: usize) -> Option<(String, f64)> {
     Some((t["state"].as_str()?.to_owned(), t["cpu_s"].as_f64()?))
 }
 
+/// A CPU-bound guest sent from h0 to h1.
+fn spin_on_h1(lab: &Lab, tree: &Path) -> std::process::Child {
+    run(
+        lab,
+        tree,
+        &["--node", "h1", "--", "sh", "-c", "while :; do :; done"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap()
+}
+
+/// Kills the guest's submitter; the guest must be gone from h1 soon after.
+fn end_spin(lab: &Lab, mut spin: std::process::Child) {
+    let _ = spin.kill();
+    let _ = spin.wait();
+    wait_for(Duration::from_secs(10), || {
+        json(lab, 1, &["ps"])?["tasks"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    })
+    .expect("the guest is gone once its submitter is");
+}
+
 fn owner(lab: &Lab, i: usize, action: &str) -> Value {
     json(lab, i, &["owner", action]).unwrap_or_else(|| panic!("shoal owner {action} on h{i}"))
 }
@@ -74,15 +100,7 @@ fn busy_freezes_guests_idle_thaws_them_and_a_busy_owner_gets_no_new_guests() {
         return;
     };
     let tree = formed(&mut lab, 2);
-    let mut spin = run(
-        &lab,
-        &tree,
-        &["--node", "h1", "--", "sh", "-c", "while :; do :; done"],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let spin = spin_on_h1(&lab, &tree);
     wait_for(Duration::from_secs(15), || {
         task(&lab, 1).filter(|(_, cpu)| *cpu > 0.05)
     })
@@ -132,15 +150,7 @@ fn busy_freezes_guests_idle_thaws_them_and_a_busy_owner_gets_no_new_guests() {
     );
     owner(&lab, 1, "auto");
 
-    let _ = spin.kill();
-    let _ = spin.wait();
-    wait_for(Duration::from_secs(10), || {
-        json(&lab, 1, &["ps"])?["tasks"]
-            .as_array()?
-            .is_empty()
-            .then_some(())
-    })
-    .expect("the guest is gone once its submitter is");
+    end_spin(&lab, spin);
 }
 
 #[test]
@@ -272,15 +282,7 @@ fn a_throttled_guest_is_held_to_its_cap() {
         "throttle = \"true\"\nthrottle_cpus = 0.2",
     );
     let tree = formed(&mut lab, 2);
-    let mut spin = run(
-        &lab,
-        &tree,
-        &["--node", "h1", "--", "sh", "-c", "while :; do :; done"],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let spin = spin_on_h1(&lab, &tree);
     wait_for(Duration::from_secs(15), || {
         task(&lab, 1).filter(|(state, cpu)| state == "throttled" && *cpu > 0.01)
     })
@@ -304,13 +306,5 @@ fn a_throttled_guest_is_held_to_its_cap() {
         "an unthrottled guest used only {:.3} s in 1 s",
         d - c
     );
-    let _ = spin.kill();
-    let _ = spin.wait();
-    wait_for(Duration::from_secs(10), || {
-        json(&lab, 1, &["ps"])?["tasks"]
-            .as_array()?
-            .is_empty()
-            .then_some(())
-    })
-    .expect("the guest is gone once its submitter is");
+    end_spin(&lab, spin);
 }

@@ -28,15 +28,8 @@ fn cluster(tag: &str, subnet: u8, n: usize) -> Option<(Lab, Tree)> {
 /// Waits until host 0 has every node's facts (checks, slots): placement
 /// needs them.
 fn wait_facts(lab: &Lab) {
-    wait_for(Duration::from_secs(10), || {
-        let v = nodes(lab, 0)?;
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .all(|n| n["checks"] == "ok")
-            .then_some(())
-    })
-    .expect("facts from every node");
+    lab.wait_ready(0, lab.hosts.len(), Duration::from_secs(10))
+        .expect("facts from every node");
 }
 
 struct Tree(PathBuf);
@@ -383,37 +376,45 @@ fn make_j4_with_shoal_run_as_cc_across_three_hosts() {
     );
 }
 
-#[test]
-fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("run6", 25, 3) else {
-        return;
-    };
-    // h0 lends no slots: the task goes to h1 or h2.
+/// Three hosts, h0 lending no slots, and `sh -c SCRIPT` started with `-v`
+/// from h0 on h1 or h2: the lab, the tree, the client, where it started
+/// and the rest of its stderr.
+fn started_on_h1_or_h2(
+    tag: &str,
+    subnet: u8,
+    script: &str,
+) -> Option<(
+    Lab,
+    Tree,
+    std::process::Child,
+    String,
+    BufReader<std::process::ChildStderr>,
+)> {
+    let mut lab = lab(tag, subnet, 3)?;
     lab.start_agent(0, &["--slots", "0"]).unwrap();
     start_all(&mut lab, &[1, 2], &[]);
     wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
     wait_facts(&lab);
     let tree = Tree::new(&lab.dir.join("tree"));
-    let mut c = run(
-        &lab,
-        &tree,
-        &[
-            "-v",
-            "--",
-            "sh",
-            "-c",
-            "echo begin; sleep 2; echo finished > done.txt; echo end",
-        ],
-    );
+    let mut c = run(&lab, &tree, &["-v", "--", "sh", "-c", script]);
     c.stderr(Stdio::piped()).stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let (first, mut err) = until_started(&mut child);
-    let victim: usize = first
-        .trim_start_matches('h')
-        .parse()
-        .expect("started on h1 or h2");
-    assert_ne!(victim, 0);
+    let (first, err) = until_started(&mut child);
+    assert!(first == "h1" || first == "h2", "started on {first}");
+    Some((lab, tree, child, first, err))
+}
+
+#[test]
+fn an_executor_killed_mid_task_is_replaced_and_the_result_lands_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((mut lab, tree, child, first, mut err)) = started_on_h1_or_h2(
+        "run6",
+        25,
+        "echo begin; sleep 2; echo finished > done.txt; echo end",
+    ) else {
+        return;
+    };
+    let victim: usize = first.trim_start_matches('h').parse().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     lab.signal(victim, nix::sys::signal::Signal::SIGKILL);
     let mut rest = String::new();
@@ -459,34 +460,14 @@ fn ctrl_c_at_the_submitter_reaches_the_remote_task() {
 #[test]
 fn an_executor_cut_off_by_a_partition_is_replaced_and_the_result_lands_once() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("run9", 27, 3) else {
+    let Some((lab, tree, child, first, mut err)) = started_on_h1_or_h2(
+        "run9",
+        27,
+        "echo begin; sleep 3; echo $SHOAL_NODE >> done.txt; echo end",
+    ) else {
         return;
     };
-    // h0 lends no slots: the task goes to h1 or h2.
-    lab.start_agent(0, &["--slots", "0"]).unwrap();
-    start_all(&mut lab, &[1, 2], &[]);
-    wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
-    wait_facts(&lab);
-    let tree = Tree::new(&lab.dir.join("tree"));
-    let mut c = run(
-        &lab,
-        &tree,
-        &[
-            "-v",
-            "--",
-            "sh",
-            "-c",
-            "echo begin; sleep 3; echo $SHOAL_NODE >> done.txt; echo end",
-        ],
-    );
-    c.stderr(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let (first, mut err) = until_started(&mut child);
-    let victim: usize = first
-        .trim_start_matches('h')
-        .parse()
-        .expect("started on h1 or h2");
-    assert_ne!(victim, 0);
+    let victim: usize = first.trim_start_matches('h').parse().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // The executor's TCP connection stays half-open; only membership can
     // tell the submitter's agent that it is gone.
@@ -579,14 +560,6 @@ fn dash_t_gives_the_command_a_terminal_of_this_size_and_forwards_keystrokes() {
     assert!(o.contains("got:hello"), "keystrokes reach the command: {o}");
 }
 
-/// A tmpfs mounted over a directory for the test's life.
-struct Tmpfs(PathBuf);
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 #[test]
 fn an_unreadable_tree_and_a_full_executor_disk_are_one_clear_line_each() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -594,17 +567,7 @@ fn an_unreadable_tree_and_a_full_executor_disk_are_one_clear_line_each() {
         return;
     };
     // h1's data dir (cache and task directories) is a 4 MiB disk.
-    let d1 = lab.hosts[1].data_dir.clone();
-    std::fs::create_dir_all(&d1).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &d1,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=4m"),
-    )
-    .unwrap();
-    let _disk = Tmpfs(d1);
+    let _disk = Tmpfs::mount(&lab.hosts[1].data_dir, "4m");
     start_all(&mut lab, &[0, 1], &[]);
     wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
     wait_facts(&lab);

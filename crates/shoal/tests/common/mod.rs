@@ -27,11 +27,7 @@ pub fn lab(tag: &str, subnet: u8, n: usize) -> Option<Lab> {
 }
 
 pub fn nodes(lab: &Lab, i: usize) -> Option<Value> {
-    let out = lab.shoal(i, &["nodes", "--json"]).ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+    lab.nodes_json(i)
 }
 
 /// name → state as host `i` sees it.
@@ -87,5 +83,31 @@ pub fn wait_alive(lab: &Lab, viewers: &[usize], expected: &[usize], timeout: Dur
 pub fn start_all(lab: &mut Lab, hosts: &[usize], extra: &[&str]) {
     for &i in hosts {
         lab.start_agent(i, extra).expect("starting an agent");
+    }
+}
+
+/// A small tmpfs mounted over a directory (made if absent) for the test's
+/// life: a disk that fills up.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `4m`) at `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("making the mount point");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mounting a tmpfs");
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
