@@ -141,13 +141,12 @@ fn busy_freezes_guests_idle_thaws_them_and_a_busy_owner_gets_no_new_guests() {
     assert_eq!(o["state"], "lending");
     let (state, c) = task(&lab, 1).unwrap();
     assert_eq!(state, "claimed");
-    std::thread::sleep(Duration::from_millis(500));
-    let (_, d) = task(&lab, 1).unwrap();
-    assert!(
-        d - c > 0.1,
-        "a thawed guest used only {:.3} s of CPU",
-        d - c
-    );
+    // At the idle class it runs when nothing else wants the CPU: allow
+    // for other work on this machine.
+    wait_for(Duration::from_secs(10), || {
+        task(&lab, 1).filter(|(_, d)| d - c > 0.1)
+    })
+    .expect("a thawed guest runs again");
     owner(&lab, 1, "auto");
 
     end_spin(&lab, spin);
@@ -297,14 +296,23 @@ fn a_throttled_guest_is_held_to_its_cap() {
     );
     // The override `idle` means no throttle: the cap goes.
     owner(&lab, 1, "idle");
-    let (state, c) = task(&lab, 1).unwrap();
+    let (state, _) = task(&lab, 1).unwrap();
     assert_eq!(state, "claimed");
-    std::thread::sleep(Duration::from_millis(1000));
-    let (_, d) = task(&lab, 1).unwrap();
+    // Above the old cap in some 1 s window of five (the guest is at the
+    // idle class: other work on this machine comes first).
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let (_, c) = task(&lab, 1).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let (_, d) = task(&lab, 1).unwrap();
+        best = best.max(d - c);
+        if best > 0.5 {
+            break;
+        }
+    }
     assert!(
-        d - c > 0.5,
-        "an unthrottled guest used only {:.3} s in 1 s",
-        d - c
+        best > 0.5,
+        "an unthrottled guest used at most {best:.3} s in 1 s"
     );
     end_spin(&lab, spin);
 }
