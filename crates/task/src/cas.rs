@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::image::{ImageEntry, ImageNode};
 use crate::proto::{Hash, Node, TreeEntry};
 use crate::tree::hash;
 
@@ -193,6 +194,80 @@ impl Cas {
         Ok(())
     }
 
+    /// Unpacks an image at `dest` exactly: every file a copy of its
+    /// content with the image's mode, owner and modification time,
+    /// directories and links with theirs (the executor runs as root).
+    ///
+    /// # Errors
+    /// Unsafe paths, missing contents, disk trouble.
+    pub fn materialize_image(&self, image: &[ImageEntry], dest: &Path) -> Result<(), CasError> {
+        use std::os::unix::fs::lchown;
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_err(dest))?;
+        // Directory modes last, so that a read-only directory still takes
+        // its entries (root or not).
+        let mut dirs = Vec::new();
+        for e in image {
+            if e.path.as_os_str().is_empty()
+                || !e
+                    .path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(CasError::UnsafePath(e.path.clone()));
+            }
+            let target = dest.join(&e.path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            match &e.node {
+                ImageNode::Dir { mode, uid, gid } => {
+                    fs::create_dir_all(&target).map_err(io_err(&target))?;
+                    lchown(&target, Some(*uid), Some(*gid)).map_err(io_err(&target))?;
+                    dirs.push((target, *mode));
+                }
+                ImageNode::Symlink {
+                    target: to,
+                    uid,
+                    gid,
+                } => {
+                    std::os::unix::fs::symlink(to, &target).map_err(io_err(&target))?;
+                    lchown(&target, Some(*uid), Some(*gid)).map_err(io_err(&target))?;
+                }
+                ImageNode::File {
+                    hash: h,
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                    ..
+                } => {
+                    let base = self.path(h);
+                    if !base.exists() {
+                        return Err(CasError::Missing(hex::encode(h)));
+                    }
+                    fs::copy(&base, &target).map_err(io_err(&target))?;
+                    // chown clears set-id bits: the mode comes after it.
+                    lchown(&target, Some(*uid), Some(*gid)).map_err(io_err(&target))?;
+                    let f = fs::File::options()
+                        .write(true)
+                        .open(&target)
+                        .map_err(io_err(&target))?;
+                    f.set_permissions(fs::Permissions::from_mode(*mode))
+                        .map_err(io_err(&target))?;
+                    let t = u64::try_from(*mtime).map_or(SystemTime::UNIX_EPOCH, |s| {
+                        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)
+                    });
+                    f.set_modified(t).map_err(io_err(&target))?;
+                }
+            }
+        }
+        for (d, mode) in dirs.into_iter().rev() {
+            fs::set_permissions(&d, fs::Permissions::from_mode(mode)).map_err(io_err(&d))?;
+        }
+        Ok(())
+    }
+
     /// Removes the least recently used contents until the cache is under
     /// its cap. Returns the bytes freed.
     pub fn evict(&self) -> u64 {
@@ -242,6 +317,13 @@ pub struct Lower {
     pub path: PathBuf,
 }
 
+impl Lower {
+    /// The layer is made (a task may mount it).
+    pub fn ready(&self) -> bool {
+        self.path.is_dir()
+    }
+}
+
 impl Drop for Lower {
     fn drop(&mut self) {
         let mut g = self.lowers.lock();
@@ -285,26 +367,45 @@ impl Lowers {
             path: self.dir.clone(),
             source: io::Error::other(e.to_string()),
         })?;
-        let key = hex::encode(hash(&bytes));
-        *self.lock().entry(key.clone()).or_insert(0) += 1;
-        let lower = Lower {
-            lowers: self.clone(),
-            key: key.clone(),
-            path: self.dir.join(&key),
-        };
-        if !lower.path.exists() {
-            let tmp = self.dir.join(format!(".{key}.{}", unique()));
-            let r = cas.materialize(tree, &tmp, owner);
-            if let Err(e) = r {
-                let _ = fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-            // Another task may have made it meanwhile: theirs is as good.
-            if fs::rename(&tmp, &lower.path).is_err() {
-                let _ = fs::remove_dir_all(&tmp);
-            }
-        }
+        let lower = self.hold(&hex::encode(hash(&bytes)));
+        self.fill(&lower, |tmp| cas.materialize(tree, tmp, owner))?;
         Ok(lower)
+    }
+
+    /// The layer named `key`, held (never evicted while the [`Lower`]
+    /// lives) whether or not it is made yet ([`Lower::ready`]).
+    pub fn hold(self: &std::sync::Arc<Self>, key: &str) -> Lower {
+        *self.lock().entry(key.to_owned()).or_insert(0) += 1;
+        Lower {
+            lowers: self.clone(),
+            key: key.to_owned(),
+            path: self.dir.join(key),
+        }
+    }
+
+    /// Makes the held layer with `build` (into a fresh directory, renamed
+    /// into place whole) unless it is made already.
+    ///
+    /// # Errors
+    /// Whatever `build` returned; nothing partial stays.
+    pub fn fill(
+        &self,
+        lower: &Lower,
+        build: impl FnOnce(&Path) -> Result<(), CasError>,
+    ) -> Result<(), CasError> {
+        if lower.ready() {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!(".{}.{}", lower.key, unique()));
+        if let Err(e) = build(&tmp) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        // Another task may have made it meanwhile: theirs is as good.
+        if fs::rename(&tmp, &lower.path).is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        Ok(())
     }
 
     /// Removes unused layers beyond the `keep` most recently made.
@@ -412,6 +513,50 @@ mod tests {
             cas.materialize(&missing, &d.join("l3"), None),
             Err(CasError::Missing(_))
         ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_image_is_unpacked_exactly() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tmp("img");
+        let src = d.join("src");
+        fs::create_dir_all(src.join("usr/bin")).unwrap();
+        fs::create_dir_all(src.join("etc/ro")).unwrap();
+        fs::write(src.join("usr/bin/tool"), "tool").unwrap();
+        fs::set_permissions(src.join("usr/bin/tool"), fs::Permissions::from_mode(0o4711)).unwrap();
+        fs::write(src.join("etc/ro/conf"), "conf").unwrap();
+        fs::set_permissions(src.join("etc/ro/conf"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(src.join("etc/ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::hard_link(src.join("usr/bin/tool"), src.join("usr/bin/tool2")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", src.join("bin")).unwrap();
+        let mut hc = crate::hashcache::HashCache::in_memory();
+        let img = crate::image::scan(&src, &mut hc).unwrap();
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        let want: Vec<Hash> = img.hashes().collect();
+        img.contents(&cas.missing(want), |h, data| {
+            cas.put(&h, &data)
+                .map_err(|e| io::Error::other(e.to_string()))
+        })
+        .unwrap();
+        let out = d.join("out");
+        cas.materialize_image(&img.entries, &out).unwrap();
+        // Scanned again, the copy is the same image: modes (set-id bits
+        // included), owners, times, links.
+        let again = crate::image::scan(&out, &mut hc).unwrap();
+        assert_eq!(again.entries, img.entries);
+        assert_eq!(again.id, img.id);
+        // Copies, not links into the cache.
+        assert_eq!(fs::metadata(out.join("usr/bin/tool")).unwrap().nlink(), 1);
+        // A manifest that escapes the root is refused.
+        let mut evil = img.entries.clone();
+        evil[0].path = "../escape".into();
+        assert!(matches!(
+            cas.materialize_image(&evil, &d.join("out2")),
+            Err(CasError::UnsafePath(_))
+        ));
+        fs::set_permissions(src.join("etc/ro"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(out.join("etc/ro"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -17,6 +17,8 @@
 #![deny(missing_docs)]
 
 pub mod cas;
+pub mod hashcache;
+pub mod image;
 pub mod link;
 pub mod proto;
 pub mod tree;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use shoal_files::ChangeSet;
 
+use crate::image::ImageEntry;
+
 /// A content hash (SHA-256).
 pub type Hash = [u8; 32];
 
@@ -86,6 +88,19 @@ pub struct TaskSpec {
     /// A pseudo-terminal of this size (rows, columns) for the command's
     /// stdin, stdout and stderr (`shoal run -t`); `None`: pipes.
     pub tty: Option<(u16, u16)>,
+    /// The software environment: an image by id (`--image`); `None`: the
+    /// executor's own system directories.
+    pub image: Option<ImageRef>,
+}
+
+/// An image a task runs in, by id. The executor asks for its manifest
+/// ([`FromExec::NeedImage`]) only when it has not unpacked it yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The hash of its manifest ([`crate::image::id_of`]).
+    pub id: Hash,
+    /// Where it came from on the submitter (for messages).
+    pub name: String,
 }
 
 /// How the command ended.
@@ -109,6 +124,8 @@ pub enum ToExec {
         /// The content.
         data: Vec<u8>,
     },
+    /// The manifest of the task's image, when the executor asked for it.
+    Image(Vec<ImageEntry>),
     /// Bytes for the command's stdin.
     Stdin(Vec<u8>),
     /// End of stdin.
@@ -122,6 +139,9 @@ pub enum ToExec {
 /// Executor to submitter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromExec {
+    /// The executor lacks the task's image: send its manifest
+    /// ([`ToExec::Image`]) before the contents.
+    NeedImage,
     /// Contents the executor does not have cached (empty: none).
     Need(Vec<Hash>),
     /// The command started.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::hashcache::HashCache;
 use crate::proto::{Hash, Node, TreeEntry};
 
 /// Why the tree could not be read. Nothing was sent.
@@ -49,6 +50,30 @@ pub fn hash(data: &[u8]) -> Hash {
 /// # Errors
 /// An unreadable file or directory, named.
 pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
+    scan_with(root, &mut HashCache::in_memory())
+}
+
+/// As [`scan`], reading only the files whose stat data changed since
+/// `cache` last saw them.
+///
+/// # Errors
+/// An unreadable file or directory, named.
+pub fn scan_with(root: &Path, cache: &mut HashCache) -> Result<Manifest, TreeError> {
+    scan_filtered(root, cache, |_| true)
+}
+
+/// As [`scan_with`], keeping only the paths (relative to `root`) that
+/// `keep` accepts; a directory refused is not entered, so nothing under it
+/// is read.
+///
+/// # Errors
+/// An unreadable file or directory that `keep` accepts, named.
+pub fn scan_filtered(
+    root: &Path,
+    cache: &mut HashCache,
+    keep: impl Fn(&Path) -> bool + Send + Sync + 'static,
+) -> Result<Manifest, TreeError> {
+    let root_owned = root.to_owned();
     let mut m = Manifest::default();
     let walker = ignore::WalkBuilder::new(root)
         .hidden(false)
@@ -60,9 +85,12 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
         .add_custom_ignore_filename(".shoalignore")
         .follow_links(false)
         .sort_by_file_path(|a, b| a.cmp(b))
-        .filter_entry(|e| {
+        .filter_entry(move |e| {
             let n = e.file_name().to_string_lossy();
-            n != ".git" && !shoal_files::is_internal(&n)
+            let rel = e.path().strip_prefix(&root_owned).unwrap_or(e.path());
+            n != ".git"
+                && !shoal_files::is_internal(&n)
+                && (rel.as_os_str().is_empty() || keep(rel))
         })
         .build();
     for item in walker {
@@ -93,14 +121,13 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
         } else if meta.is_dir() {
             Node::Dir { mode }
         } else if meta.is_file() {
-            let data = fs::read(p).map_err(unreadable)?;
-            let h = hash(&data);
-            m.bytes += data.len() as u64;
+            let h = cache.hash_file(p, &meta).map_err(unreadable)?;
+            m.bytes += meta.len();
             m.sources.entry(h).or_insert_with(|| p.to_owned());
             Node::File {
                 hash: h,
                 mode,
-                size: data.len() as u64,
+                size: meta.len(),
             }
         } else {
             continue; // sockets, fifos, devices are not shipped

@@ -1,0 +1,208 @@
+//! The submitter's cache of file hashes: a file whose device, inode, size,
+//! modification and change times are what they were when it was last
+//! hashed is not read again (git's index does the same). A `make -j16
+//! CC="shoal run -- gcc"` scans the tree once per compile, and `--image`
+//! scans a whole root filesystem: with the cache each scan is `stat` calls.
+//!
+//! It is only a cache: a missing or corrupt file gives an empty one, and a
+//! failure to save it is ignored. What is sent is hashed again as it is
+//! read, and the executor checks every content against its hash, so a
+//! stale entry can only make a run fail, never run with wrong input.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::Hash;
+use crate::tree::hash;
+
+/// Format tag at the start of the file (bumped when the layout changes).
+const MAGIC: &[u8; 8] = b"shoalhc1";
+/// Beyond this many entries the cache starts over (it is rebuilt by use).
+const MAX_ENTRIES: usize = 500_000;
+/// A file modified this recently may change again within the same
+/// timestamp tick: it is hashed but not remembered ("racily clean").
+const RACY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    hash: Hash,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata, hash: Hash) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            hash,
+        }
+    }
+}
+
+/// File hashes remembered by path and stat data.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    file: Option<PathBuf>,
+    map: HashMap<PathBuf, Stamp>,
+    dirty: bool,
+    /// Contents actually read and hashed (for tests and `--verbose`).
+    pub hashed: u64,
+}
+
+impl HashCache {
+    /// A cache that lives only as long as this value.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// The per-user cache file: `$XDG_CACHE_HOME/shoal/hashes`, else
+    /// `~/.cache/shoal/hashes`.
+    pub fn default_file() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".cache"))
+            })?;
+        Some(base.join("shoal").join("hashes"))
+    }
+
+    /// The cache kept in `file`; empty if the file is absent, unreadable
+    /// or not a cache.
+    pub fn load(file: &Path) -> Self {
+        let map = fs::read(file)
+            .ok()
+            .and_then(|b| {
+                let body = b.strip_prefix(MAGIC.as_slice())?;
+                postcard::from_bytes::<Vec<(PathBuf, Stamp)>>(body).ok()
+            })
+            .map(|v| v.into_iter().collect())
+            .unwrap_or_default();
+        Self {
+            file: Some(file.to_owned()),
+            map,
+            dirty: false,
+            hashed: 0,
+        }
+    }
+
+    /// The hash and size of the regular file at `path` (whose metadata,
+    /// not following links, is `meta`), read only when it changed.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn hash_file(&mut self, path: &Path, meta: &fs::Metadata) -> io::Result<Hash> {
+        if let Some(s) = self.map.get(path) {
+            if *s == Stamp::of(meta, s.hash) {
+                return Ok(s.hash);
+            }
+        }
+        let data = fs::read(path)?;
+        let h = hash(&data);
+        self.hashed += 1;
+        // The file may have changed while it was read: remember the hash
+        // only if its stat data still match and it is not racily new.
+        let after = fs::symlink_metadata(path)?;
+        let stamp = Stamp::of(&after, h);
+        let settled = after
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= RACY);
+        if stamp == Stamp::of(meta, h) && settled && data.len() as u64 == after.size() {
+            self.map.insert(path.to_owned(), stamp);
+            self.dirty = true;
+        }
+        Ok(h)
+    }
+
+    /// Writes the cache back (atomically) if it learnt anything. Errors
+    /// are returned for logging; the cache is optional.
+    ///
+    /// # Errors
+    /// The directory or file cannot be written.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut v: Vec<(&PathBuf, &Stamp)> = self.map.iter().collect();
+        if v.len() > MAX_ENTRIES {
+            v.clear();
+        }
+        let body = postcard::to_stdvec(&v).map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(d) = file.parent() {
+            fs::create_dir_all(d)?;
+        }
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&body);
+        fs::write(&tmp, bytes)?;
+        fs::rename(&tmp, file).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn old(p: &Path) {
+        let f = fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+    }
+
+    #[test]
+    fn unchanged_files_are_not_read_again_and_changed_ones_are() {
+        let d = std::env::temp_dir().join(format!("shoal-hc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let (a, store) = (d.join("a"), d.join("cache/hashes"));
+        fs::write(&a, "one").unwrap();
+        old(&a);
+        let mut c = HashCache::load(&store);
+        let m = fs::symlink_metadata(&a).unwrap();
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"one"));
+        assert_eq!(c.hashed, 1);
+        c.save().unwrap();
+
+        let mut c = HashCache::load(&store);
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"one"));
+        assert_eq!(c.hashed, 0, "served from the saved cache");
+
+        // Same size, new content: the change time moves, so it is re-read.
+        fs::write(&a, "two").unwrap();
+        let m = fs::symlink_metadata(&a).unwrap();
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
+        assert_eq!(c.hashed, 1);
+        // Just written: racily clean, so not remembered.
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
+        assert_eq!(c.hashed, 2);
+
+        // A corrupt cache file is an empty cache.
+        fs::write(&store, b"shoalhc1\xff\xff\xff").unwrap();
+        let mut c = HashCache::load(&store);
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
+        assert_eq!(c.hashed, 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
