@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod cgroup;
+pub mod creds;
 pub mod namespaces;
 pub mod workspace;
 
