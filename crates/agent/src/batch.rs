@@ -27,11 +27,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use shoal_control::{
     JobInfo, JobsReport, NodesReport, Request, Response, StatusReport, TaskStatus,
 };
+use shoal_executor::creds;
 use shoal_jobs::attempt::{Outcome, TaskState, Verdict};
 use shoal_jobs::JobSpec;
 use shoal_journal::{JobRecord, Journal, NewJob, TaskRecord};
-use shoal_task::link;
-use shoal_task::proto::{Commit, FromExec, Resources, Status, TaskSpec, ToExec};
+use shoal_task::hashcache::HashCache;
+use shoal_task::image::Image;
+use shoal_task::link::{self, FrameSink};
+use shoal_task::proto::{Commit, FromExec, Hash, ImageRef, Resources, Status, TaskSpec, ToExec};
 use shoal_task::tree::{self, Manifest};
 use shoal_transport::ClusterKey;
 use tokio::io::AsyncWriteExt;
@@ -135,8 +138,8 @@ struct State {
     jobs: BTreeMap<u64, JobMem>,
     /// Attempts in flight per node.
     inflight: HashMap<String, u32>,
-    /// Each job's input manifest, scanned at its first start.
-    manifests: HashMap<u64, Arc<Manifest>>,
+    /// Each job's inputs and image, scanned at its first start.
+    manifests: HashMap<u64, Arc<Inputs>>,
     /// Nodes that refused a task for want of a free slot: not asked again
     /// before this (their gossiped slots lag).
     full_until: HashMap<String, std::time::Instant>,
@@ -215,22 +218,33 @@ impl Batch {
         for rec in j.jobs().map_err(|e| e.to_string())? {
             let tasks = j.tasks(rec.id).map_err(|e| e.to_string())?;
             let out = output_dir(&rec);
-            for (i, t) in &tasks {
-                if let TaskState::Done { fence } = t.task.state {
+            let done: Vec<(u32, u64)> = tasks
+                .iter()
+                .filter_map(|(i, t)| match t.task.state {
+                    TaskState::Done { fence } => Some((*i, fence)),
+                    _ => None,
+                })
+                .collect();
+            // As the submitter, in their directory.
+            let r = creds::as_user(&creds::User::lookup(rec.uid), move || {
+                for (i, fence) in done {
                     let fin = out.join(i.to_string());
                     let stage = out.join(format!(".shoal-{i}-{fence}"));
                     if !fin.exists() && stage.exists() {
                         let _ = std::fs::rename(&stage, &fin);
                     }
                 }
-            }
-            // Attempts that will never report (re-queued at open).
-            if let Ok(rd) = std::fs::read_dir(&out) {
-                for e in rd.flatten() {
-                    if e.file_name().to_string_lossy().starts_with(".shoal-") {
-                        let _ = std::fs::remove_dir_all(e.path());
+                // Attempts that will never report (re-queued at open).
+                if let Ok(rd) = std::fs::read_dir(&out) {
+                    for e in rd.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(".shoal-") {
+                            let _ = std::fs::remove_dir_all(e.path());
+                        }
                     }
                 }
+            });
+            if let Err(e) = r {
+                tracing::warn!(job = rec.id, error = %e, "outputs not tidied");
             }
             let id = rec.id;
             st.jobs.insert(
@@ -518,16 +532,28 @@ impl Batch {
         });
     }
 
-    async fn manifest(&self, rec: &JobRecord) -> Result<Arc<Manifest>, String> {
+    async fn manifest(&self, rec: &JobRecord) -> Result<Arc<Inputs>, String> {
         if let Some(m) = self.lock().manifests.get(&rec.id) {
             return Ok(m.clone());
         }
         let dir = rec.dir.clone();
         let inputs = rec.spec.inputs.clone();
         let output = PathBuf::from(&rec.spec.output);
-        let m = tokio::task::spawn_blocking(move || scan_inputs(&dir, &inputs, &output))
-            .await
-            .map_err(|e| e.to_string())??;
+        let image = rec.spec.image.as_ref().map(|i| dir.join(i));
+        // Read with the submitter's rights: nothing they may not read
+        // reaches a task.
+        let m = as_submitter(rec.uid, move || -> Result<Inputs, String> {
+            let tree = scan_inputs(&dir, &inputs, &output)?;
+            let image = match image {
+                Some(p) => Some(Arc::new(
+                    shoal_task::image::scan(&p, &mut HashCache::in_memory())
+                        .map_err(|e| e.to_string())?,
+                )),
+                None => None,
+            };
+            Ok(Inputs { tree, image })
+        })
+        .await??;
         let m = Arc::new(m);
         self.lock().manifests.insert(rec.id, m.clone());
         Ok(m)
@@ -544,7 +570,7 @@ impl Batch {
         let stage = out.join(format!(".shoal-{}-{fence}", p.index));
         let end = match self.manifest(&rec).await {
             Err(e) => End::Failed(2, format!("inputs: {e}")),
-            Ok(man) => match prepare_stage(&stage, rec.uid) {
+            Ok(man) => match prepare_stage(&stage, rec.uid).await {
                 Err(e) => End::Failed(125, format!("{}: {e}", stage.display())),
                 Ok(()) => {
                     tokio::select! {
@@ -569,9 +595,10 @@ impl Batch {
         rec: &JobRecord,
         p: &Pick,
         fence: u64,
-        man: &Manifest,
+        inputs: &Inputs,
         stage: &Path,
     ) -> End {
+        let man = &inputs.tree;
         let (mut rx, mut tx) =
             match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
                 Ok(x) => x,
@@ -602,23 +629,29 @@ impl Batch {
             net_host: false,
             commit: Commit::Success,
             tty: None,
+            image: inputs.image.as_ref().map(|i| ImageRef {
+                id: i.id,
+                name: i.origin.display().to_string(),
+            }),
         };
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());
         }
-        let open = |n: &'static str| {
-            let p = stage.join(n);
-            async move {
-                tokio::fs::OpenOptions::new()
+        let (out, err) = (stage.join("stdout"), stage.join("stderr"));
+        let opened = as_submitter(rec.uid, move || -> std::io::Result<_> {
+            let open = |p: &Path| {
+                std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .await
-            }
-        };
-        let (mut so, mut se) = match (open("stdout").await, open("stderr").await) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return End::Failed(125, format!("output: {e}")),
+            };
+            Ok((open(&out)?, open(&err)?))
+        })
+        .await;
+        let (mut so, mut se) = match opened {
+            Ok(Ok((a, b))) => (tokio::fs::File::from_std(a), tokio::fs::File::from_std(b)),
+            Ok(Err(e)) => return End::Failed(125, format!("output: {e}")),
+            Err(e) => return End::Failed(125, format!("output: {e}")),
         };
         loop {
             let m = match link::recv::<FromExec, _>(&mut rx).await {
@@ -626,8 +659,27 @@ impl Batch {
                 Err(e) => return End::Lost(e.to_string()),
             };
             match m {
+                FromExec::NeedImage => {
+                    let Some(img) = &inputs.image else {
+                        return End::Failed(2, "the executor asked for an unknown image".into());
+                    };
+                    if let Err(e) = link::send(&mut tx, &ToExec::Image(img.entries.clone())).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
                 FromExec::Need(hashes) => {
-                    for h in hashes {
+                    let (of_tree, of_image): (Vec<_>, Vec<_>) = hashes
+                        .into_iter()
+                        .partition(|h| man.sources.contains_key(h));
+                    if !of_image.is_empty() {
+                        let Some(img) = &inputs.image else {
+                            return End::Failed(2, "the executor asked for unknown content".into());
+                        };
+                        if let Err(e) = send_image(img, of_image, &mut tx).await {
+                            return e;
+                        }
+                    }
+                    for h in of_tree {
                         let Some(path) = man.sources.get(&h) else {
                             return End::Failed(2, "the executor asked for unknown content".into());
                         };
@@ -661,8 +713,7 @@ impl Batch {
                 }
                 FromExec::Changes(cs) => {
                     let files = stage.join("files");
-                    let r =
-                        tokio::task::spawn_blocking(move || shoal_files::apply(&files, &cs)).await;
+                    let r = as_submitter(rec.uid, move || shoal_files::apply(&files, &cs)).await;
                     match r {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return End::Failed(125, format!("outputs: {e}")),
@@ -700,6 +751,19 @@ impl Batch {
         stage: &Path,
     ) {
         let Ok(j) = self.journal() else { return };
+        // A failed task's last line on stderr, read as the submitter.
+        let last_words = match &end {
+            End::Exit {
+                status, oom: false, ..
+            } if *status != Status::Code(0) => {
+                let p = stage.join("stderr");
+                as_submitter(rec.uid, move || last_line(&p))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
         let retries = rec.spec.retries;
         let node = p.node.clone();
         let (mut cpu, mut peak, mut oom) = (None, None, false);
@@ -727,7 +791,7 @@ impl Batch {
                         format!("killed: out of memory on {node}")
                     } else {
                         // The task's own last word on it, where it said one.
-                        match last_line(&stage.join("stderr")) {
+                        match last_words {
                             Some(l) => format!("exit status {code} on {node}: {l}"),
                             None => format!("exit status {code} on {node}"),
                         }
@@ -793,7 +857,7 @@ impl Batch {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(error = %e, "journal: a result could not be recorded");
-                let _ = std::fs::remove_dir_all(stage);
+                remove_stage(rec.uid, stage).await;
                 return;
             }
         };
@@ -813,18 +877,25 @@ impl Batch {
                 "error": error,
             });
             let fin = out.join(p.index.to_string());
-            let r = write_summary(stage, &summary, rec.uid).and_then(|()| {
-                if fin.exists() {
+            let (st, f) = (stage.to_owned(), fin.clone());
+            let r = as_submitter(rec.uid, move || {
+                write_summary(&st, &summary)?;
+                if f.exists() {
                     // A failed task landed before; `retry` made it run again.
-                    std::fs::remove_dir_all(&fin)?;
+                    std::fs::remove_dir_all(&f)?;
                 }
-                std::fs::rename(stage, &fin)
-            });
-            if let Err(e) = r {
-                tracing::error!(error = %e, dir = %fin.display(), "outputs not landed");
+                std::fs::rename(&st, &f)
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, dir = %fin.display(), "outputs not landed")
+                }
+                Err(e) => tracing::error!(error = %e, dir = %fin.display(), "outputs not landed"),
             }
         } else {
-            let _ = std::fs::remove_dir_all(stage);
+            remove_stage(rec.uid, stage).await;
         }
         let mut st = self.lock();
         if let Some(m) = st.jobs.get_mut(&rec.id) {
@@ -858,24 +929,46 @@ fn output_dir(rec: &JobRecord) -> PathBuf {
     rec.dir.join(&rec.spec.output)
 }
 
-fn prepare_stage(stage: &Path, uid: u32) -> std::io::Result<()> {
-    let _ = std::fs::remove_dir_all(stage);
-    std::fs::create_dir_all(stage.join("files"))?;
-    if let Some(parent) = stage.parent() {
-        let _ = std::os::unix::fs::chown(parent, Some(uid), None);
-    }
-    Ok(())
+/// Runs `f` as the job's submitter, off the runtime's threads: whatever
+/// the agent reads or writes in the submitter's directories (inputs,
+/// image, outputs), it does with their rights, so that a path or a link
+/// swapped in by a user reaches nothing that user may not reach.
+async fn as_submitter<R: Send + 'static>(
+    uid: u32,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, String> {
+    tokio::task::spawn_blocking(move || creds::as_user(&creds::User::lookup(uid), f))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
-/// Writes `status.json`, hands every file to the submitting user and
-/// syncs, so the rename that follows lands a complete directory.
-fn write_summary(stage: &Path, v: &serde_json::Value, uid: u32) -> std::io::Result<()> {
+/// A fresh staging directory (the output directory made on the way), as
+/// the submitter.
+async fn prepare_stage(stage: &Path, uid: u32) -> std::io::Result<()> {
+    let stage = stage.to_owned();
+    as_submitter(uid, move || {
+        let _ = std::fs::remove_dir_all(&stage);
+        std::fs::create_dir_all(stage.join("files"))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn remove_stage(uid: u32, stage: &Path) {
+    let stage = stage.to_owned();
+    let _ = as_submitter(uid, move || std::fs::remove_dir_all(&stage)).await;
+}
+
+/// Writes `status.json` and syncs every file, so the rename that follows
+/// lands a complete directory. Runs as the submitter (who then owns it
+/// all).
+fn write_summary(stage: &Path, v: &serde_json::Value) -> std::io::Result<()> {
     let p = stage.join("status.json");
     let mut f = std::fs::File::create(&p)?;
     std::io::Write::write_all(&mut f, format!("{v:#}\n").as_bytes())?;
     f.sync_all()?;
     for e in walk(stage) {
-        let _ = std::os::unix::fs::lchown(&e, Some(uid), None);
         if e.is_file() {
             if let Ok(f) = std::fs::File::open(&e) {
                 let _ = f.sync_all();
@@ -900,24 +993,62 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// What a job's tasks are given: its input tree and its image.
+#[derive(Debug)]
+struct Inputs {
+    tree: Manifest,
+    image: Option<Arc<Image>>,
+}
+
+/// Sends the image's contents among `wanted`, read on the blocking pool
+/// (a tarball is read through once).
+async fn send_image<W: FrameSink>(
+    img: &Arc<Image>,
+    wanted: Vec<Hash>,
+    tx: &mut W,
+) -> Result<(), End> {
+    let (btx, mut brx) = mpsc::channel::<(Hash, Vec<u8>)>(4);
+    let img = img.clone();
+    let reading = tokio::task::spawn_blocking(move || {
+        img.contents(&wanted, |h, d| {
+            btx.blocking_send((h, d))
+                .map_err(|_| std::io::Error::other("the link closed"))
+        })
+    });
+    while let Some((hash, data)) = brx.recv().await {
+        if let Err(e) = link::send(tx, &ToExec::Blob { hash, data }).await {
+            return Err(End::Lost(e.to_string()));
+        }
+    }
+    match reading.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Failed(2, format!("image: {e}"))),
+        Err(e) => Err(End::Failed(125, format!("image: {e}"))),
+    }
+}
+
 /// The job's inputs: the listed paths under `dir`, or the whole tree
 /// (less `shoal-out/`, where jobs' outputs land by default) when none is
 /// listed; never the job's own output directory.
 fn scan_inputs(dir: &Path, inputs: &[String], output: &Path) -> Result<Manifest, String> {
-    let mut m = tree::scan(dir).map_err(|e| e.to_string())?;
-    m.entries.retain(|e| {
+    let (listed, out) = (inputs.to_vec(), output.to_owned());
+    // Only the inputs are walked: nothing else of the directory is read
+    // (nor need be readable), its outputs least of all.
+    let keep = move |rel: &Path| {
         // Its own outputs, and every job's under the default root, are
         // not its inputs (unless listed).
         let in_output =
-            e.path.starts_with(output) || (e.path.starts_with("shoal-out") && inputs.is_empty());
+            rel.starts_with(&out) || (rel.starts_with("shoal-out") && listed.is_empty());
         // A listed input, or a directory on the way to one.
-        let wanted = inputs.is_empty()
-            || inputs.iter().any(|i| {
+        let wanted = listed.is_empty()
+            || listed.iter().any(|i| {
                 let i = Path::new(i.trim_end_matches('/'));
-                e.path.starts_with(i) || i.starts_with(&e.path)
+                rel.starts_with(i) || i.starts_with(rel)
             });
         wanted && !in_output
-    });
+    };
+    let m =
+        tree::scan_filtered(dir, &mut HashCache::in_memory(), keep).map_err(|e| e.to_string())?;
     for i in inputs {
         let p = Path::new(i.trim_end_matches('/'));
         if !m.entries.iter().any(|e| e.path.starts_with(p)) {

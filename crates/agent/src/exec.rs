@@ -19,7 +19,8 @@ use std::time::Duration;
 use shoal_executor::cgroup::{spawn_into, CgroupManager, Limits};
 use shoal_executor::workspace::{self, Net, Plan, Root, Spec, Tree};
 use shoal_files::ChangeSet;
-use shoal_task::cas::Cas;
+use shoal_task::cas::{Cas, Lower};
+use shoal_task::image::{id_of, ImageEntry, ImageNode};
 use shoal_task::link::{self, FrameSink, FrameSource, LinkError};
 use shoal_task::proto::{Commit, FromExec, Node, Status, TaskSpec, ToExec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,6 +49,8 @@ pub struct ExecEnv {
     pub owner: Arc<crate::owner::Owner>,
     /// Lower layers shared by tasks with the same tree.
     pub lowers: Arc<shoal_task::cas::Lowers>,
+    /// Unpacked images (`--image`), by id.
+    pub images: Arc<shoal_task::cas::Lowers>,
 }
 
 /// Counts a running task for as long as it lives.
@@ -111,6 +114,7 @@ impl ExecEnv {
 struct TaskGuard {
     dir: PathBuf,
     lower: Option<shoal_task::cas::Lower>,
+    image: Option<shoal_task::cas::Lower>,
     cgroup: Option<(Arc<dyn CgroupManager>, String)>,
     spec: Option<Spec>,
 }
@@ -125,8 +129,9 @@ impl Drop for TaskGuard {
         if let Some(s) = &self.spec {
             let _ = workspace::cleanup(s);
         }
-        // Unmounted: its shared lower layer may go.
+        // Unmounted: its shared lower layer and image may go.
         self.lower = None;
+        self.image = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -179,12 +184,43 @@ where
     if let Err(m) = validate(&env, &spec) {
         return link::send(&mut tx, &failed(2, m)).await;
     }
+    // The image, held from now on (not evicted under the task); its
+    // manifest is asked for only when it is not unpacked here yet.
+    let mut image: Option<(Lower, Option<Vec<ImageEntry>>)> = None;
+    if let Some(r) = &spec.image {
+        let held = env.images.hold(&hex::encode(r.id));
+        let manifest = if held.ready() {
+            None
+        } else {
+            link::send(&mut tx, &FromExec::NeedImage).await?;
+            match link::recv::<ToExec, _>(&mut rx).await? {
+                ToExec::Image(entries) if id_of(&entries) == r.id => Some(entries),
+                ToExec::Image(_) => {
+                    let m = format!("the manifest of image {} does not match its id", r.name);
+                    return link::send(&mut tx, &failed(2, m)).await;
+                }
+                other => {
+                    let m = format!("protocol: expected an image manifest, got {other:?}");
+                    return link::send(&mut tx, &failed(2, m)).await;
+                }
+            }
+        };
+        image = Some((held, manifest));
+    }
     // Fill the cache with what it lacks.
     let wanted = spec.tree.iter().filter_map(|e| match &e.node {
         Node::File { hash, .. } => Some(*hash),
         _ => None,
     });
-    let mut missing = env.cas.missing(wanted);
+    let image_files = image
+        .iter()
+        .filter_map(|(_, m)| m.as_ref())
+        .flatten()
+        .filter_map(|e| match &e.node {
+            ImageNode::File { hash, .. } => Some(*hash),
+            _ => None,
+        });
+    let mut missing = env.cas.missing(wanted.chain(image_files));
     link::send(&mut tx, &FromExec::Need(missing.clone())).await?;
     while !missing.is_empty() {
         match link::recv::<ToExec, _>(&mut rx).await? {
@@ -230,10 +266,11 @@ where
     let mut guard = TaskGuard {
         dir: dir.clone(),
         lower: None,
+        image: None,
         cgroup: None,
         spec: None,
     };
-    let prepared = prepare(&env, &spec, &dir, guest, &mut guard).await;
+    let prepared = prepare(&env, &spec, image, &dir, guest, &mut guard).await;
     let (mut child, upper, master) = match prepared {
         Ok(x) => x,
         Err(f) => return link::send(&mut tx, &f).await,
@@ -451,6 +488,7 @@ type Prepared = (tokio::process::Child, PathBuf, Option<std::os::fd::OwnedFd>);
 async fn prepare(
     env: &ExecEnv,
     spec: &TaskSpec,
+    image: Option<(Lower, Option<Vec<ImageEntry>>)>,
     dir: &Path,
     guest: bool,
     guard: &mut TaskGuard,
@@ -483,6 +521,31 @@ async fn prepare(
     let lower_path = lower.path.clone();
     guard.lower = Some(lower);
     let lower = lower_path;
+    let root = match image {
+        None => Root::Host,
+        Some((held, manifest)) => {
+            let path = held.path.clone();
+            let (cas, images) = (env.cas.clone(), env.images.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                let r = images.fill(&held, |tmp| match &manifest {
+                    Some(m) => cas.materialize_image(m, tmp),
+                    // Evicted between the check and now cannot happen
+                    // (it is held); a layer that vanished is a failure.
+                    None => Err(shoal_task::cas::CasError::Missing("image".into())),
+                });
+                (held, r)
+            })
+            .await;
+            match r {
+                Ok((held, Ok(()))) => {
+                    guard.image = Some(held);
+                    Root::Image(path)
+                }
+                Ok((_, Err(e))) => return Err(err125("unpacking the image", &e)),
+                Err(e) => return Err(err125("unpacking the image", &e)),
+            }
+        }
+    };
     let cg_name = format!("task-{}", spec.task_id);
     let t = std::time::Instant::now();
     let mgr = env
@@ -494,7 +557,7 @@ async fn prepare(
     guard.cgroup = Some((mgr.clone(), cg_name.clone()));
     let ws = Spec {
         run_dir: dir.join("run"),
-        root: Root::Host,
+        root,
         tree: Some(Tree {
             lower,
             upper: upper.clone(),

@@ -638,6 +638,10 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             &cfg.data_dir.join("lowers"),
             16,
         )),
+        images: Arc::new(shoal_task::cas::Lowers::new(
+            &cfg.data_dir.join("images"),
+            4,
+        )),
     };
     let env = tokio::task::spawn_blocking(move || {
         env.clean_leftovers();
@@ -656,6 +660,10 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             lowers: Arc::new(shoal_task::cas::Lowers::new(
                 &cfg.data_dir.join("lowers"),
                 16,
+            )),
+            images: Arc::new(shoal_task::cas::Lowers::new(
+                &cfg.data_dir.join("images"),
+                4,
             )),
         },
     }

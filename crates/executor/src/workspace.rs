@@ -122,6 +122,10 @@ const MASKED_DIRS: &[&str] = &["etc/shoal", "etc/ssh", "etc/sudoers.d"];
 const SYSTEM: &[&str] = &[
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
 ];
+/// An image's own system directories: the host's set and `/opt`.
+const IMAGE_SYSTEM: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt",
+];
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// One step of the child's set-up, prepared before the fork.
@@ -201,7 +205,11 @@ impl Plan {
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             data: Some(c("mode=0755,size=16m")?),
         }];
-        for d in SYSTEM {
+        let dirs = match spec.root {
+            Root::Host => SYSTEM,
+            Root::Image(_) => IMAGE_SYSTEM,
+        };
+        for d in dirs {
             let src = sys.join(d);
             let Ok(meta) = std::fs::symlink_metadata(&src) else {
                 continue;

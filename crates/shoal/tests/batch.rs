@@ -481,3 +481,135 @@ fn wait_logs_retry_cancel_and_a_corrupt_journal() {
         "kept as it was"
     );
 }
+
+/// `shoal ARGS --data-dir h0` from `dir`, as uid/gid 65534.
+fn shoal_as_nobody(lab: &Lab, dir: &Path, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(shoal_bin())
+        .arg(args[0])
+        .arg("--data-dir")
+        .arg(&lab.hosts[0].data_dir)
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_agent_reads_and_writes_a_users_job_files_with_that_users_rights() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat7", 50, 2) else {
+        return;
+    };
+    formed(&mut lab, 2, true);
+    let user = lab.dir.join("nobodys");
+    std::fs::create_dir_all(&user).unwrap();
+    std::os::unix::fs::chown(&user, Some(65534), Some(65534)).unwrap();
+    std::fs::write(user.join("ok.txt"), "fine\n").unwrap();
+    std::os::unix::fs::chown(user.join("ok.txt"), Some(65534), Some(65534)).unwrap();
+    // A file root left in the user's directory, which the user may not read.
+    std::fs::write(user.join("secret.txt"), "root's\n").unwrap();
+    std::fs::set_permissions(
+        user.join("secret.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let ended = |id: &str| -> Value {
+        wait_for(Duration::from_secs(60), || {
+            let o = shoal(&lab, &user, &["status", id, "--json"]);
+            let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+            let t = v["tasks"].as_array()?.first()?.clone();
+            matches!(t["state"].as_str(), Some("done" | "failed")).then_some(t)
+        })
+        .unwrap_or_else(|| panic!("job {id} did not end"))
+    };
+
+    // Its own file: the job runs and the outputs are the user's.
+    let o = shoal_as_nobody(
+        &lab,
+        &user,
+        &[
+            "submit", "--name", "mine", "--input", "ok.txt", "--", "cat", "ok.txt",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = ended(text(&o.stdout).trim());
+    assert_eq!(t["state"], "done", "{t}");
+    let out = user.join("shoal-out/mine/0");
+    assert_eq!(
+        std::fs::read_to_string(out.join("stdout")).unwrap(),
+        "fine\n"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&out).unwrap().uid(), 65534);
+    assert_eq!(
+        std::fs::metadata(out.join("status.json")).unwrap().uid(),
+        65534
+    );
+
+    // The root-only file: refused, named; never shipped to a task.
+    let o = shoal_as_nobody(
+        &lab,
+        &user,
+        &[
+            "submit",
+            "--name",
+            "peek",
+            "--retries",
+            "0",
+            "--input",
+            "secret.txt",
+            "--",
+            "cat",
+            "secret.txt",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = ended(text(&o.stdout).trim());
+    assert_eq!(t["state"], "failed", "{t}");
+    let why = t["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("secret.txt") && why.contains("ermission denied"),
+        "{t}"
+    );
+    assert!(
+        !user.join("shoal-out/peek/0/stdout").exists()
+            || !std::fs::read_to_string(user.join("shoal-out/peek/0/stdout"))
+                .unwrap()
+                .contains("root's")
+    );
+
+    // Outputs pointed through a link at a directory of root's: the agent
+    // writes nothing there and changes no owner.
+    let rootdir = lab.dir.join("roots");
+    std::fs::create_dir_all(&rootdir).unwrap();
+    std::os::unix::fs::symlink(&rootdir, user.join("evil")).unwrap();
+    std::os::unix::fs::lchown(user.join("evil"), Some(65534), Some(65534)).unwrap();
+    let o = shoal_as_nobody(
+        &lab,
+        &user,
+        &[
+            "submit",
+            "--name",
+            "sneak",
+            "--retries",
+            "0",
+            "--input",
+            "ok.txt",
+            "--output",
+            "evil/sneak",
+            "--",
+            "cat",
+            "ok.txt",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = ended(text(&o.stdout).trim());
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(
+        std::fs::read_dir(&rootdir).unwrap().next().is_none(),
+        "nothing written in root's directory"
+    );
+    assert_eq!(std::fs::metadata(&rootdir).unwrap().uid(), 0);
+}

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use shoal_control::{Request, Response};
+use shoal_task::hashcache::HashCache;
+use shoal_task::image::{self, Image};
 use shoal_task::link::{self, Plain};
-use shoal_task::proto::{Commit, FromExec, Resources, Status, TaskSpec, ToExec};
+use shoal_task::proto::{Commit, FromExec, ImageRef, Resources, Status, TaskSpec, ToExec};
 use shoal_task::tree;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -96,6 +98,12 @@ pub struct RunArgs {
     /// and window size changes follow. stdout and stderr are one stream.
     #[arg(short = 't', long = "tty")]
     tty: bool,
+    /// Run in this software environment: a root filesystem as a
+    /// directory or a tarball (debootstrap, `docker export`; gzip or
+    /// not). Its system directories replace the executor's; it is shipped
+    /// by content and kept on each executor under its hash.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -199,6 +207,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         if let Err(e) = tokio::net::UnixStream::connect(&socket).await {
+            if a.image.is_some() {
+                // Without the agent there is no workspace to put it in.
+                eprintln!(
+                    "shoal: no agent at {} ({e}); --image needs one",
+                    socket.display()
+                );
+                return Ok(ExitCode::from(125));
+            }
             if a.verbose {
                 eprintln!(
                     "shoal: running locally: no agent at {} ({e})",
@@ -313,13 +329,27 @@ fn write_new(
 }
 
 async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCode> {
-    let manifest = match tokio::task::spawn_blocking({
+    let scanned = tokio::task::spawn_blocking({
         let cwd = cwd.to_owned();
-        move || tree::scan(&cwd)
+        let image = a.image.clone();
+        move || -> Result<_, String> {
+            // Files unchanged since an earlier run are not read again.
+            let mut cache = HashCache::default_file()
+                .map_or_else(HashCache::in_memory, |f| HashCache::load(&f));
+            let m = tree::scan_with(&cwd, &mut cache).map_err(|e| e.to_string())?;
+            let img = match image {
+                Some(p) => Some(image::scan(&p, &mut cache).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            if let Err(e) = cache.save() {
+                tracing::debug!(error = %e, "hash cache not saved");
+            }
+            Ok((m, img.map(Arc::new)))
+        }
     })
-    .await?
-    {
-        Ok(m) => m,
+    .await?;
+    let (manifest, image) = match scanned {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("shoal: {e}");
             return Ok(ExitCode::from(2));
@@ -343,6 +373,10 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             CommitArg::Success => Commit::Success,
             CommitArg::Never => Commit::Never,
         },
+        image: image.as_ref().map(|i| ImageRef {
+            id: i.id,
+            name: i.origin.display().to_string(),
+        }),
     };
     let mut progress = Progress::default();
     let mut exclude: Vec<String> = Vec::new();
@@ -363,6 +397,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             stream,
             &spec,
             &manifest,
+            image.as_ref(),
             cwd,
             &exclude,
             &mut progress,
@@ -427,6 +462,7 @@ async fn attempt_once(
     stream: tokio::net::UnixStream,
     spec: &TaskSpec,
     manifest: &tree::Manifest,
+    image: Option<&Arc<Image>>,
     cwd: &Path,
     exclude: &[String],
     progress: &mut Progress,
@@ -488,10 +524,43 @@ async fn attempt_once(
             }
         };
         match msg {
+            FromExec::NeedImage => {
+                let Some(img) = image else {
+                    bail!("the executor asked for an image this task does not have");
+                };
+                out_tx.send(ToExec::Image(img.entries.clone())).await?;
+            }
             FromExec::Need(hashes) => {
                 let mut shipped = 0u64;
                 let count = hashes.len();
-                for h in hashes {
+                let (of_tree, of_image): (Vec<_>, Vec<_>) = hashes
+                    .into_iter()
+                    .partition(|h| manifest.sources.contains_key(h));
+                if !of_image.is_empty() {
+                    let Some(img) = image.cloned() else {
+                        bail!("the executor asked for a content this tree does not have");
+                    };
+                    let tx = out_tx.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        let mut n = 0u64;
+                        img.contents(&of_image, |hash, data| {
+                            n += data.len() as u64;
+                            tx.blocking_send(ToExec::Blob { hash, data })
+                                .map_err(|_| std::io::Error::other("the link closed"))
+                        })
+                        .map(|()| n)
+                    })
+                    .await?;
+                    match r {
+                        Ok(n) => shipped += n,
+                        Err(e) => {
+                            eprintln!("shoal: {e}");
+                            writer.abort();
+                            return Ok(Outcome::Done(ExitCode::from(2)));
+                        }
+                    }
+                }
+                for h in of_tree {
                     let Some(path) = manifest.sources.get(&h) else {
                         bail!("the executor asked for a content this tree does not have");
                     };
@@ -510,8 +579,10 @@ async fn attempt_once(
                     out_tx.send(ToExec::Blob { hash: h, data }).await?;
                 }
                 if a.verbose {
+                    let of_image = image
+                        .map_or_else(String::new, |i| format!(" and a {}-byte image", i.bytes));
                     eprintln!(
-                        "shoal: shipped {shipped} bytes ({count} contents) of a {}-byte tree",
+                        "shoal: shipped {shipped} bytes ({count} contents) of a {}-byte tree{of_image}",
                         manifest.bytes
                     );
                 }

@@ -143,11 +143,17 @@ pub fn run(a: &SubmitArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    if jobs.iter().any(|j| j.image.is_some()) {
-        eprintln!("shoal: image: not supported yet for batch jobs");
-        return Ok(ExitCode::from(2));
-    }
     let dir = std::env::current_dir().context("the current directory")?;
+    // The agent reads the image when the job starts; a path that names
+    // nothing is refused now.
+    for j in &jobs {
+        if let Some(i) = &j.image {
+            if let Err(e) = std::fs::metadata(dir.join(i)) {
+                eprintln!("shoal: job {}: image {i}: {e}", j.name);
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
     let req = Request::Submit {
         jobs,
         dir,
