@@ -33,7 +33,7 @@ use shoal_jobs::JobSpec;
 use shoal_journal::{JobRecord, Journal, NewJob, TaskRecord};
 use shoal_task::hashcache::HashCache;
 use shoal_task::image::Image;
-use shoal_task::link::{self, FrameSink};
+use shoal_task::link::{self, FrameSink, FrameSource};
 use shoal_task::proto::{Commit, FromExec, Hash, ImageRef, Resources, Status, TaskSpec, ToExec};
 use shoal_task::tree::{self, Manifest};
 use shoal_transport::ClusterKey;
@@ -140,6 +140,8 @@ struct State {
     inflight: HashMap<String, u32>,
     /// Each job's inputs and image, scanned at its first start.
     manifests: HashMap<u64, Arc<Inputs>>,
+    /// Attempts that were running when this agent stopped, to adopt.
+    adopt: Vec<Adopt>,
     /// Nodes that refused a task for want of a free slot: not asked again
     /// before this (their gossiped slots lag).
     full_until: HashMap<String, std::time::Instant>,
@@ -178,7 +180,7 @@ impl Batch {
                 if rec.jobs > 0 {
                     tracing::info!(
                         jobs = rec.jobs,
-                        requeued = rec.requeued,
+                        running = rec.running,
                         "batch journal recovered"
                     );
                 }
@@ -225,6 +227,28 @@ impl Batch {
                     _ => None,
                 })
                 .collect();
+            // Attempts running when the agent stopped: their executors keep
+            // them (detached) for this agent to collect.
+            let running: Vec<Adopt> = tasks
+                .iter()
+                .filter_map(|(i, t)| match &t.task.state {
+                    TaskState::Running { node, fence } => Some(Adopt {
+                        job: rec.id,
+                        index: *i,
+                        node: node.clone(),
+                        fence: *fence,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let keep: Vec<String> = running
+                .iter()
+                .map(|a| format!(".shoal-{}-{}", a.index, a.fence))
+                .collect();
+            for a in &running {
+                *st.inflight.entry(a.node.clone()).or_insert(0) += 1;
+            }
+            st.adopt.extend(running);
             // As the submitter, in their directory.
             let r = creds::as_user(&creds::User::lookup(rec.uid), move || {
                 for (i, fence) in done {
@@ -234,10 +258,11 @@ impl Batch {
                         let _ = std::fs::rename(&stage, &fin);
                     }
                 }
-                // Attempts that will never report (re-queued at open).
+                // Attempts that will never report.
                 if let Ok(rd) = std::fs::read_dir(&out) {
                     for e in rd.flatten() {
-                        if e.file_name().to_string_lossy().starts_with(".shoal-") {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        if n.starts_with(".shoal-") && !keep.contains(&n) {
                             let _ = std::fs::remove_dir_all(e.path());
                         }
                     }
@@ -482,6 +507,10 @@ impl Batch {
         if self.journal.is_err() {
             return;
         }
+        let adopt = std::mem::take(&mut self.lock().adopt);
+        for a in adopt {
+            tokio::spawn(self.clone().adopt(main.clone(), a));
+        }
         loop {
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
@@ -504,7 +533,9 @@ impl Batch {
     async fn start(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, p: Pick) {
         let Ok(j) = self.journal() else { return };
         let node = p.node.clone();
-        let started = j.update(p.job, p.index, false, |t, fence| {
+        // Durable: a restarted agent adopts what it started (and never
+        // reuses a fence an executor may still hold).
+        let started = j.update(p.job, p.index, true, |t, fence| {
             t.task.start(&node, fence).then(|| {
                 t.node = Some(node.clone());
                 fence
@@ -530,6 +561,44 @@ impl Batch {
         tokio::spawn(async move {
             self.attempt(main, rec, p, fence).await;
         });
+    }
+
+    /// Adopts an attempt that was running when this agent stopped: waits
+    /// for its executor to be alive, collects its result, and lands it as
+    /// any attempt's (or, when the executor is gone or no longer has it,
+    /// queues the task again under a new fence).
+    async fn adopt(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, a: Adopt) {
+        let rec = match self.lock().jobs.get(&a.job) {
+            Some(m) => m.rec.clone(),
+            None => return,
+        };
+        let addr = wait_alive(&main, &a.node, ADOPT_WAIT).await;
+        let p = Pick {
+            job: a.job,
+            index: a.index,
+            node: a.node.clone(),
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        };
+        let out = output_dir(&rec);
+        let stage = out.join(format!(".shoal-{}-{}", a.index, a.fence));
+        let end = match addr {
+            None => End::Lost(format!("{} did not come back", a.node)),
+            Some(_) => {
+                tracing::info!(job = a.job, index = a.index, node = %a.node, "adopting a running attempt");
+                tokio::select! {
+                    e = self.reattach(&rec, &p, a.fence, &stage) => e,
+                    state = gone(&main, &a.node) => End::Lost(format!("{} is {state}", a.node)),
+                }
+            }
+        };
+        self.finish(&rec, &p, a.fence, end, &out, &stage).await;
+        {
+            let mut st = self.lock();
+            if let Some(n) = st.inflight.get_mut(&a.node) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.wake.notify_one();
     }
 
     async fn manifest(&self, rec: &JobRecord) -> Result<Arc<Inputs>, String> {
@@ -599,11 +668,10 @@ impl Batch {
         stage: &Path,
     ) -> End {
         let man = &inputs.tree;
-        let (mut rx, mut tx) =
-            match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
-                Ok(x) => x,
-                Err(e) => return End::Lost(e),
-            };
+        let (rx, mut tx) = match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
+            Ok(x) => x,
+            Err(e) => return End::Lost(e),
+        };
         let mut env = rec.env.clone();
         env.push((
             b"SHOAL_TASK_INDEX".to_vec(),
@@ -633,26 +701,56 @@ impl Batch {
                 id: i.id,
                 name: i.origin.display().to_string(),
             }),
+            detach: true,
         };
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());
         }
-        let (out, err) = (stage.join("stdout"), stage.join("stderr"));
-        let opened = as_submitter(rec.uid, move || -> std::io::Result<_> {
-            let open = |p: &Path| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-            };
-            Ok((open(&out)?, open(&err)?))
-        })
-        .await;
-        let (mut so, mut se) = match opened {
-            Ok(Ok((a, b))) => (tokio::fs::File::from_std(a), tokio::fs::File::from_std(b)),
-            Ok(Err(e)) => return End::Failed(125, format!("output: {e}")),
-            Err(e) => return End::Failed(125, format!("output: {e}")),
+        let (mut so, mut se, _, _) = match open_outputs(rec.uid, stage, false).await {
+            Ok(x) => x,
+            Err(e) => return e,
         };
+        self.receive(rec, Some(inputs), stage, rx, tx, &mut so, &mut se)
+            .await
+    }
+
+    /// Collects an attempt that was running when this agent stopped: its
+    /// executor kept it (detached) and gives its result once it ends, with
+    /// the output this agent had not written yet.
+    async fn reattach(&self, rec: &JobRecord, p: &Pick, fence: u64, stage: &Path) -> End {
+        let (mut so, mut se, so_len, se_len) = match open_outputs(rec.uid, stage, true).await {
+            Ok(x) => x,
+            Err(e) => return e,
+        };
+        let (rx, mut tx) = match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
+            Ok(x) => x,
+            Err(e) => return End::Lost(e),
+        };
+        let m = ToExec::Reattach {
+            task_id: format!("j{}-{}-{fence}", rec.id, p.index),
+            stdout_from: so_len,
+            stderr_from: se_len,
+        };
+        if let Err(e) = link::send(&mut tx, &m).await {
+            return End::Lost(e.to_string());
+        }
+        self.receive(rec, None, stage, rx, tx, &mut so, &mut se)
+            .await
+    }
+
+    /// An attempt's messages, until it ends: contents asked for (from
+    /// `inputs`), output appended to the stage, changes applied into it.
+    #[allow(clippy::too_many_arguments)] // one attempt's whole context
+    async fn receive<R: FrameSource, W: FrameSink>(
+        &self,
+        rec: &JobRecord,
+        inputs: Option<&Inputs>,
+        stage: &Path,
+        mut rx: R,
+        mut tx: W,
+        so: &mut tokio::fs::File,
+        se: &mut tokio::fs::File,
+    ) -> End {
         loop {
             let m = match link::recv::<FromExec, _>(&mut rx).await {
                 Ok(m) => m,
@@ -660,7 +758,7 @@ impl Batch {
             };
             match m {
                 FromExec::NeedImage => {
-                    let Some(img) = &inputs.image else {
+                    let Some(img) = inputs.and_then(|i| i.image.as_ref()) else {
                         return End::Failed(2, "the executor asked for an unknown image".into());
                     };
                     if let Err(e) = link::send(&mut tx, &ToExec::Image(img.entries.clone())).await {
@@ -668,6 +766,10 @@ impl Batch {
                     }
                 }
                 FromExec::Need(hashes) => {
+                    let Some(inputs) = inputs else {
+                        return End::Lost("protocol: contents asked for on reattach".into());
+                    };
+                    let man = &inputs.tree;
                     let (of_tree, of_image): (Vec<_>, Vec<_>) = hashes
                         .into_iter()
                         .partition(|h| man.sources.contains_key(h));
@@ -737,6 +839,9 @@ impl Batch {
                 }
                 FromExec::Failed { code, message } => return End::Failed(code, message),
                 FromExec::Evicted { reason, .. } => return End::Evicted(reason),
+                FromExec::Unknown => {
+                    return End::Lost("the executor no longer has the attempt".into())
+                }
             }
         }
     }
@@ -993,6 +1098,55 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// An attempt that was running when this agent stopped.
+#[derive(Debug, Clone)]
+struct Adopt {
+    job: u64,
+    index: u32,
+    node: String,
+    fence: u64,
+}
+
+/// How long a restarted agent waits for the executor of an attempt it
+/// adopts to show up in the membership before it runs the task again.
+const ADOPT_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the stage's stdout and stderr for appending, as the submitter
+/// (making the stage if `keep`, else starting it afresh), with the bytes
+/// they already hold.
+async fn open_outputs(
+    uid: u32,
+    stage: &Path,
+    keep: bool,
+) -> Result<(tokio::fs::File, tokio::fs::File, u64, u64), End> {
+    let stage = stage.to_owned();
+    let opened = as_submitter(uid, move || -> std::io::Result<_> {
+        if keep {
+            std::fs::create_dir_all(stage.join("files"))?;
+        }
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        };
+        let (o, e) = (open(&stage.join("stdout"))?, open(&stage.join("stderr"))?);
+        let (ol, el) = (o.metadata()?.len(), e.metadata()?.len());
+        Ok((o, e, ol, el))
+    })
+    .await;
+    match opened {
+        Ok(Ok((a, b, al, bl))) => Ok((
+            tokio::fs::File::from_std(a),
+            tokio::fs::File::from_std(b),
+            al,
+            bl,
+        )),
+        Ok(Err(e)) => Err(End::Failed(125, format!("output: {e}"))),
+        Err(e) => Err(End::Failed(125, format!("output: {e}"))),
+    }
+}
+
 /// What a job's tasks are given: its input tree and its image.
 #[derive(Debug)]
 struct Inputs {
@@ -1222,6 +1376,32 @@ fn why_waiting(m: &JobMem, st: &State, report: &NodesReport) -> String {
         return "every guest slot is taken".into();
     }
     "next in line".into()
+}
+
+/// `node`'s address once it is alive in the membership, or `None` after
+/// `wait`.
+async fn wait_alive(
+    main: &mpsc::Sender<ControlMsg>,
+    node: &str,
+    wait: Duration,
+) -> Option<SocketAddr> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        if let Response::Nodes(rep) = ask_main(main, Request::Nodes { bandwidth: false }).await {
+            let addr = rep
+                .nodes
+                .iter()
+                .find(|n| n.name == node && n.state == "alive")
+                .and_then(|n| n.addr.parse().ok());
+            if addr.is_some() {
+                return addr;
+            }
+        }
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Resolves when `node` is no longer alive (or suspect) in the membership.

@@ -51,6 +51,112 @@ pub struct ExecEnv {
     pub lowers: Arc<shoal_task::cas::Lowers>,
     /// Unpacked images (`--image`), by id.
     pub images: Arc<shoal_task::cas::Lowers>,
+    /// Detached batch attempts (running or ended) their submitter may come
+    /// back for.
+    pub detached: Detached,
+}
+
+/// How long a detached attempt's result waits for its submitter to come
+/// back and collect it (HTCondor's job lease is 40 minutes).
+pub const KEEP: Duration = Duration::from_secs(20 * 60);
+
+/// What a detached attempt left for its submitter: its output spooled to
+/// files, and the messages that end it (changes and exit status, or the
+/// failure or eviction).
+#[derive(Debug)]
+pub struct Kept {
+    stdout: PathBuf,
+    stderr: PathBuf,
+    end: Vec<FromExec>,
+}
+
+/// Detached batch attempts by task id: a watch that holds their result
+/// once they end.
+#[derive(Debug)]
+pub struct Detached {
+    dir: PathBuf,
+    map: std::sync::Mutex<
+        std::collections::HashMap<String, tokio::sync::watch::Receiver<Option<Arc<Kept>>>>,
+    >,
+}
+
+impl Detached {
+    /// Spools under `dir` (emptied: an earlier life's attempts are gone).
+    pub fn new(dir: &Path) -> Self {
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::create_dir_all(dir);
+        Self {
+            dir: dir.to_owned(),
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, tokio::sync::watch::Receiver<Option<Arc<Kept>>>>,
+    > {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("{id}.stdout")),
+            self.dir.join(format!("{id}.stderr")),
+        )
+    }
+
+    /// Registers attempt `id` and opens its spool files.
+    fn register(&self, id: &str) -> std::io::Result<Spool> {
+        let (o, e) = self.paths(id);
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(p)
+        };
+        let (out, err) = (open(&o)?, open(&e)?);
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.lock().insert(id.to_owned(), rx);
+        Ok(Spool {
+            out,
+            err,
+            ok: true,
+            paths: (o, e),
+            tx,
+        })
+    }
+
+    /// Drops attempt `id` and its spool.
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+        let (o, e) = self.paths(id);
+        let _ = std::fs::remove_file(o);
+        let _ = std::fs::remove_file(e);
+    }
+}
+
+/// A detached attempt's output on disk while it runs.
+struct Spool {
+    out: std::fs::File,
+    err: std::fs::File,
+    /// Every byte was written (a full disk makes the result uncollectable:
+    /// the submitter then runs the task again).
+    ok: bool,
+    paths: (PathBuf, PathBuf),
+    tx: tokio::sync::watch::Sender<Option<Arc<Kept>>>,
+}
+
+impl Spool {
+    fn write(&mut self, stdout: bool, data: &[u8]) {
+        use std::io::Write;
+        let f = if stdout { &mut self.out } else { &mut self.err };
+        if f.write_all(data).is_err() {
+            self.ok = false;
+        }
+    }
 }
 
 /// Counts a running task for as long as it lives.
@@ -174,12 +280,17 @@ where
     let first = tokio::time::timeout(Duration::from_secs(30), link::recv::<ToExec, _>(&mut rx))
         .await
         .map_err(|_| LinkError::Closed)??;
-    let ToExec::Start(spec) = first else {
-        return link::send(
-            &mut tx,
-            &failed(2, "protocol: the first message must be Start"),
-        )
-        .await;
+    let spec = match first {
+        ToExec::Start(spec) => spec,
+        ToExec::Reattach {
+            task_id,
+            stdout_from,
+            stderr_from,
+        } => return reattach(&env, &task_id, stdout_from, stderr_from, tx).await,
+        _ => {
+            let m = failed(2, "protocol: the first message must be Start or Reattach");
+            return link::send(&mut tx, &m).await;
+        }
     };
     if let Err(m) = validate(&env, &spec) {
         return link::send(&mut tx, &failed(2, m)).await;
@@ -286,6 +397,20 @@ where
         },
     )
     .await?;
+    // A batch attempt outlives its submitter's link: its output is also
+    // spooled, and its result kept for the submitter to collect.
+    let mut spool = if spec.detach {
+        match env.detached.register(&spec.task_id) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(task = %spec.task_id, error = %e, "no spool: the attempt dies with its link");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let detach = spool.is_some();
 
     // Input: a task of its own, since receiving is not cancel-safe.
     let (in_tx, mut in_rx) = mpsc::channel::<Result<ToExec, LinkError>>(16);
@@ -329,13 +454,37 @@ where
             n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stdout = None,
-                    Ok(n) => link::send(&mut tx, &FromExec::Stdout(obuf[..n].to_vec())).await?,
+                    Ok(n) => {
+                        if let Some(sp) = spool.as_mut() {
+                            sp.write(true, &obuf[..n]);
+                        }
+                        if link_up {
+                            if let Err(e) = link::send(&mut tx, &FromExec::Stdout(obuf[..n].to_vec())).await {
+                                if !detach {
+                                    return Err(e);
+                                }
+                                link_up = false;
+                            }
+                        }
+                    }
                 }
             }
             n = async { stderr.as_mut().expect("checked").read(&mut ebuf).await }, if stderr.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stderr = None,
-                    Ok(n) => link::send(&mut tx, &FromExec::Stderr(ebuf[..n].to_vec())).await?,
+                    Ok(n) => {
+                        if let Some(sp) = spool.as_mut() {
+                            sp.write(false, &ebuf[..n]);
+                        }
+                        if link_up {
+                            if let Err(e) = link::send(&mut tx, &FromExec::Stderr(ebuf[..n].to_vec())).await {
+                                if !detach {
+                                    return Err(e);
+                                }
+                                link_up = false;
+                            }
+                        }
+                    }
                 }
             }
             m = in_rx.recv(), if link_up => match m {
@@ -365,12 +514,18 @@ where
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {
-                    // The submitter is gone: the task dies with it.
                     link_up = false;
-                    tracing::info!(task = %spec.task_id, "submitter gone; killing the task");
-                    let _ = child.start_kill();
-                    if let Some((m, n)) = &guard.cgroup {
-                        let _ = m.kill_all(n);
+                    if detach {
+                        // A batch attempt runs on; its submitter may come
+                        // back for the result.
+                        tracing::info!(task = %spec.task_id, "submitter gone; the attempt runs on, detached");
+                    } else {
+                        // The submitter is gone: the task dies with it.
+                        tracing::info!(task = %spec.task_id, "submitter gone; killing the task");
+                        let _ = child.start_kill();
+                        if let Some((m, n)) = &guard.cgroup {
+                            let _ = m.kill_all(n);
+                        }
                     }
                 }
             },
@@ -378,59 +533,86 @@ where
         }
     };
     reader.abort();
-    if !link_up {
+    if !link_up && !detach {
         return Err(LinkError::Closed);
     }
+    let mut end = Vec::new();
     if claim.finish() == shoal_owner::Released::Evicted {
         // Its partial changes go with the task directory.
         tracing::info!(task = %spec.task_id, "evicted; the submitter runs it elsewhere");
-        let m = FromExec::Evicted {
+        end.push(FromExec::Evicted {
             node: env.node.clone(),
             reason: "the owner's policy evicted it".into(),
+        });
+    } else {
+        let usage = guard
+            .cgroup
+            .as_ref()
+            .and_then(|(m, n)| m.usage(n).ok())
+            .unwrap_or_default();
+        let oom = usage.oom_kills > 0;
+        let status = match (status.code(), status.signal()) {
+            (Some(c), _) => Status::Code(c),
+            (None, Some(s)) => Status::Signal(s),
+            _ => Status::Code(125),
         };
-        return link::send(&mut tx, &m).await;
+        let commit = match spec.commit {
+            Commit::Always => true,
+            Commit::Success => status == Status::Code(0),
+            Commit::Never => false,
+        };
+        if commit {
+            let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper(&upper))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            match cs {
+                Ok(cs) => end.push(FromExec::Changes(cs)),
+                Err(e) => end.push(failed(
+                    125,
+                    format!("{}: reading the task's changes: {e}", env.node),
+                )),
+            }
+        }
+        if !matches!(end.last(), Some(FromExec::Failed { .. })) {
+            end.push(FromExec::Exit {
+                status,
+                oom,
+                cpu_s: usage.cpu_usec as f64 / 1e6,
+                mem_peak_bytes: usage.memory_peak_bytes,
+            });
+        }
     }
-    let usage = guard
-        .cgroup
-        .as_ref()
-        .and_then(|(m, n)| m.usage(n).ok())
-        .unwrap_or_default();
-    let oom = usage.oom_kills > 0;
-    let status = match (status.code(), status.signal()) {
-        (Some(c), _) => Status::Code(c),
-        (None, Some(s)) => Status::Signal(s),
-        _ => Status::Code(125),
-    };
-    let commit = match spec.commit {
-        Commit::Always => true,
-        Commit::Success => status == Status::Code(0),
-        Commit::Never => false,
-    };
-    if commit {
-        let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper(&upper))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        match cs {
-            Ok(cs) => link::send(&mut tx, &FromExec::Changes(cs)).await?,
-            Err(e) => {
-                return link::send(
-                    &mut tx,
-                    &failed(
-                        125,
-                        format!("{}: reading the task's changes: {e}", env.node),
-                    ),
-                )
-                .await;
+    let mut delivered = Err(LinkError::Closed);
+    if link_up {
+        delivered = Ok(());
+        for m in &end {
+            if let Err(e) = link::send(&mut tx, m).await {
+                delivered = Err(e);
+                break;
             }
         }
     }
-    let exit = FromExec::Exit {
-        status,
-        oom,
-        cpu_s: usage.cpu_usec as f64 / 1e6,
-        mem_peak_bytes: usage.memory_peak_bytes,
-    };
-    link::send(&mut tx, &exit).await?;
+    match spool.take() {
+        None => delivered?,
+        Some(_) if delivered.is_ok() => env.detached.forget(&spec.task_id),
+        Some(sp) if !sp.ok => {
+            tracing::warn!(task = %spec.task_id, "spool incomplete: the result is not kept");
+            env.detached.forget(&spec.task_id);
+        }
+        Some(sp) => {
+            tracing::info!(task = %spec.task_id, "the attempt ended detached; its result is kept");
+            sp.tx.send_replace(Some(Arc::new(Kept {
+                stdout: sp.paths.0,
+                stderr: sp.paths.1,
+                end,
+            })));
+            let (env, id) = (env.clone(), spec.task_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(KEEP).await;
+                env.detached.forget(&id);
+            });
+        }
+    }
     let t_exit = t0.elapsed();
     // Unmounting and removing the cgroup take a while on cgroup v1: not on
     // the runtime's threads.
@@ -443,11 +625,69 @@ where
         "task timings"
     );
     // Keep the cache under its cap (running tasks keep their hard links).
-    let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
+    let (cas, lowers, images) = (env.cas.clone(), env.lowers.clone(), env.images.clone());
     tokio::task::spawn_blocking(move || {
         lowers.evict();
+        images.evict();
         cas.evict();
     });
+    Ok(())
+}
+
+/// A submitter back for a detached attempt: waits for it to end, then
+/// sends the output it lacks, the changes and the exit status, and
+/// forgets the attempt. `Unknown` when there is no such attempt (or its
+/// result could not be kept).
+async fn reattach<W: FrameSink>(
+    env: &ExecEnv,
+    task_id: &str,
+    stdout_from: u64,
+    stderr_from: u64,
+    mut tx: W,
+) -> Result<(), LinkError> {
+    let rx = env.detached.lock().get(task_id).cloned();
+    let Some(mut rx) = rx else {
+        return link::send(&mut tx, &FromExec::Unknown).await;
+    };
+    tracing::info!(task = %task_id, "submitter back for a detached attempt");
+    let kept = loop {
+        let now = rx.borrow_and_update().clone();
+        if let Some(k) = now {
+            break k;
+        }
+        if rx.changed().await.is_err() {
+            // Its result was not kept (an incomplete spool).
+            return link::send(&mut tx, &FromExec::Unknown).await;
+        }
+    };
+    for (path, from, out) in [
+        (&kept.stdout, stdout_from, true),
+        (&kept.stderr, stderr_from, false),
+    ] {
+        let p = path.clone();
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(&p)?;
+            f.seek(SeekFrom::Start(from))?;
+            let mut d = Vec::new();
+            f.read_to_end(&mut d)?;
+            Ok(d)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        for chunk in data.chunks(link::CHUNK) {
+            let m = if out {
+                FromExec::Stdout(chunk.to_vec())
+            } else {
+                FromExec::Stderr(chunk.to_vec())
+            };
+            link::send(&mut tx, &m).await?;
+        }
+    }
+    for m in &kept.end {
+        link::send(&mut tx, m).await?;
+    }
+    env.detached.forget(task_id);
     Ok(())
 }
 

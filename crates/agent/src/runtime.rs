@@ -642,6 +642,7 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             &cfg.data_dir.join("images"),
             4,
         )),
+        detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
     };
     let env = tokio::task::spawn_blocking(move || {
         env.clean_leftovers();
@@ -665,6 +666,7 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
                 &cfg.data_dir.join("images"),
                 4,
             )),
+            detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
         },
     }
 }

@@ -116,8 +116,9 @@ pub struct Journal {
 pub struct Recovered {
     /// Jobs in the journal.
     pub jobs: usize,
-    /// Attempts that were running and are queued again.
-    pub requeued: usize,
+    /// Attempts that were running: they stay `Running` for the batch
+    /// runner to adopt from their executors (or re-queue when lost).
+    pub running: usize,
 }
 
 impl Journal {
@@ -135,8 +136,7 @@ impl Journal {
         }
     }
 
-    /// Opens (or creates) the journal at `path`, checks every record, and
-    /// re-queues the attempts that were running.
+    /// Opens (or creates) the journal at `path` and checks every record.
     ///
     /// # Errors
     /// A file that is not a journal of this version, a record that does
@@ -172,24 +172,15 @@ impl Journal {
                     .map_err(|e| j.corrupt(format!("job {}: {e}", k.value())))?;
                 rec.jobs += 1;
             }
-            let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
-            let mut requeue = Vec::new();
+            let tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
             for r in tasks.iter().map_err(|e| st(&e))? {
                 let (k, v) = r.map_err(|e| st(&e))?;
                 let (job, idx) = k.value();
-                let mut t: TaskRecord = postcard::from_bytes(v.value())
+                let t: TaskRecord = postcard::from_bytes(v.value())
                     .map_err(|e| j.corrupt(format!("task {job}.{idx}: {e}")))?;
-                if let TaskState::Running { node, .. } = &t.task.state {
-                    let node = node.clone();
-                    t.task.node_lost(&node);
-                    t.error = Some(format!("lost on {node} when this agent stopped"));
-                    requeue.push(((job, idx), t));
+                if matches!(t.task.state, TaskState::Running { .. }) {
+                    rec.running += 1;
                 }
-            }
-            for (k, t) in requeue {
-                let b = postcard::to_stdvec(&t).map_err(|e| st(&e))?;
-                tasks.insert(k, b.as_slice()).map_err(|e| st(&e))?;
-                rec.requeued += 1;
             }
         }
         w.commit().map_err(|e| st(&e))?;
@@ -432,9 +423,10 @@ mod tests {
     }
 
     #[test]
-    fn jobs_survive_a_reopen_and_running_attempts_are_requeued() {
+    fn jobs_survive_a_reopen_and_running_attempts_stay_for_adoption() {
         let d = tmp("reopen");
         let p = d.join("jobs.redb");
+        let first_fence;
         {
             let (j, rec) = Journal::open(&p).unwrap();
             assert_eq!(rec, Recovered::default());
@@ -459,20 +451,27 @@ mod tests {
                 .unwrap();
             assert_eq!(v, Verdict::Commit);
             assert!(f > 0);
+            first_fence = f;
             // The agent dies here, with 1.0 running on h1.
         }
         let (j, rec) = Journal::open(&p).unwrap();
+        let f = first_fence;
         assert_eq!(
             rec,
             Recovered {
                 jobs: 2,
-                requeued: 1
+                running: 1
             }
         );
         let t = j.tasks(1).unwrap();
         assert_eq!(t.len(), 3);
-        assert_eq!(t[0].1.task.state, TaskState::Queued);
-        assert!(t[0].1.error.as_deref().unwrap().contains("h1"));
+        assert_eq!(
+            t[0].1.task.state,
+            TaskState::Running {
+                node: "h1".into(),
+                fence: f
+            }
+        );
         assert!(matches!(t[1].1.task.state, TaskState::Done { .. }));
         assert_eq!(j.tasks(2).unwrap().len(), 2);
         assert_eq!(j.jobs().unwrap()[1].spec.name, "b");

@@ -613,3 +613,56 @@ fn the_agent_reads_and_writes_a_users_job_files_with_that_users_rights() {
     );
     assert_eq!(std::fs::metadata(&rootdir).unwrap().uid(), 0);
 }
+
+#[test]
+fn attempts_running_when_the_submitting_agent_dies_are_adopted_not_run_again() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat8", 51, 3) else {
+        return;
+    };
+    // Only h1 and h2 execute: two slots each, four tasks at once.
+    let dir = formed(&mut lab, 3, false);
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            "4",
+            "--name",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "echo start $SHOAL_TASK_INDEX; sleep 4; echo end $SHOAL_TASK_INDEX > f; echo $SHOAL_NODE",
+        ],
+    );
+    wait_for(Duration::from_secs(20), || {
+        let j = job(&lab, &dir, ids[0])?;
+        (j["running"].as_u64()? == 4).then_some(())
+    })
+    .expect("all four running");
+    // Some output has reached the stage before the submitter dies.
+    std::thread::sleep(Duration::from_millis(800));
+    lab.signal(0, nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent(0, &[]).unwrap();
+    let j = wait_done(&lab, &dir, ids[0], Duration::from_secs(60));
+    assert_eq!(j["state"], "done", "{j}");
+    let out = dir.join("shoal-out/a");
+    let l = landed(&out);
+    assert_eq!(l.len(), 4);
+    for (i, so, st) in &l {
+        let node = st["node"].as_str().unwrap().to_owned();
+        assert_eq!(
+            so,
+            &format!("start {i}\n{node}\n"),
+            "each byte once, in order"
+        );
+        assert_eq!(st["attempts"], 1, "adopted, not run again: {st}");
+        assert_eq!(
+            std::fs::read_to_string(out.join(format!("{i}/files/f"))).unwrap(),
+            format!("end {i}\n")
+        );
+    }
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}

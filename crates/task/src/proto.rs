@@ -91,6 +91,11 @@ pub struct TaskSpec {
     /// The software environment: an image by id (`--image`); `None`: the
     /// executor's own system directories.
     pub image: Option<ImageRef>,
+    /// A batch attempt: when the link to its submitter breaks, the task
+    /// runs on and its result is kept for a while, for the submitter to
+    /// collect with [`ToExec::Reattach`] after a restart. Otherwise (`shoal
+    /// run`) the task dies with its submitter.
+    pub detach: bool,
 }
 
 /// An image a task runs in, by id. The executor asks for its manifest
@@ -117,6 +122,18 @@ pub enum Status {
 pub enum ToExec {
     /// The task; the first message.
     Start(TaskSpec),
+    /// Instead of `Start`: the submitter of a detached attempt is back for
+    /// its result. The executor waits for the task to end, then sends the
+    /// output from these offsets on, the changes and the exit status; or
+    /// [`FromExec::Unknown`] when it has no such attempt.
+    Reattach {
+        /// The attempt's task id.
+        task_id: String,
+        /// Bytes of stdout the submitter already has.
+        stdout_from: u64,
+        /// Bytes of stderr the submitter already has.
+        stderr_from: u64,
+    },
     /// A file's content the executor asked for.
     Blob {
         /// Its hash.
@@ -176,6 +193,9 @@ pub enum FromExec {
         /// Why.
         message: String,
     },
+    /// Answer to a `Reattach`: no such attempt here (it was never
+    /// detached, its result expired, or this agent restarted).
+    Unknown,
     /// The executor's owner wants the machine back (or it refused the
     /// task for that reason before starting it): nothing of this attempt
     /// stands; run the task elsewhere. Counts against no retry budget.

@@ -377,6 +377,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             id: i.id,
             name: i.origin.display().to_string(),
         }),
+        detach: false,
     };
     let mut progress = Progress::default();
     let mut exclude: Vec<String> = Vec::new();
@@ -630,6 +631,12 @@ async fn attempt_once(
             }
             FromExec::Evicted { node, reason } => {
                 break Outcome::Evicted { node, why: reason };
+            }
+            FromExec::Unknown => {
+                break Outcome::Lost {
+                    node: node.clone(),
+                    why: "the executor lost the task".into(),
+                }
             }
             FromExec::Failed { code, message } => {
                 eprintln!("shoal: {message}");
