@@ -524,43 +524,49 @@ impl Batch {
                 let st = self.lock();
                 plan(&st, &report)
             };
-            for p in picks {
-                self.clone().start(main.clone(), p).await;
+            if !picks.is_empty() {
+                self.clone().start(main.clone(), picks);
             }
         }
     }
 
-    async fn start(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, p: Pick) {
+    /// Starts the planned attempts: all journaled in one durable
+    /// transaction (a restarted agent adopts what it started, and never
+    /// reuses a fence an executor may still hold), then each driven.
+    fn start(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, picks: Vec<Pick>) {
         let Ok(j) = self.journal() else { return };
-        let node = p.node.clone();
-        // Durable: a restarted agent adopts what it started (and never
-        // reuses a fence an executor may still hold).
-        let started = j.update(p.job, p.index, true, |t, fence| {
-            t.task.start(&node, fence).then(|| {
+        let keys: Vec<(u64, u32)> = picks.iter().map(|p| (p.job, p.index)).collect();
+        let started = j.update_many(&keys, true, |i, t, fence| {
+            let node = &picks[i].node;
+            t.task.start(node, fence).then(|| {
                 t.node = Some(node.clone());
                 fence
             })
         });
-        let fence = match started {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
+        let fences = match started {
+            Ok(f) => f,
             Err(e) => {
-                tracing::error!(error = %e, "journal: cannot start a task");
+                tracing::error!(error = %e, "journal: cannot start tasks");
                 return;
             }
         };
-        let rec = {
-            let mut st = self.lock();
-            *st.inflight.entry(p.node.clone()).or_insert(0) += 1;
-            let Some(m) = st.jobs.get_mut(&p.job) else {
-                return;
+        for (p, fence) in picks.into_iter().zip(fences) {
+            let Some(fence) = fence else { continue };
+            let rec = {
+                let mut st = self.lock();
+                let Some(m) = st.jobs.get_mut(&p.job) else {
+                    continue;
+                };
+                m.set(p.index, Mem::Running);
+                let rec = m.rec.clone();
+                *st.inflight.entry(p.node.clone()).or_insert(0) += 1;
+                rec
             };
-            m.set(p.index, Mem::Running);
-            m.rec.clone()
-        };
-        tokio::spawn(async move {
-            self.attempt(main, rec, p, fence).await;
-        });
+            let (me, main) = (self.clone(), main.clone());
+            tokio::spawn(async move {
+                me.attempt(main, rec, p, fence).await;
+            });
+        }
     }
 
     /// Adopts an attempt that was running when this agent stopped: waits

@@ -322,6 +322,51 @@ impl Journal {
         Ok(out)
     }
 
+    /// As [`Journal::update`] for several tasks in one transaction (one
+    /// sync for all): `f(i, record, fence)` for the `i`-th key, each with a
+    /// fence of its own. A key with no task fails the whole transaction.
+    ///
+    /// # Errors
+    /// No such task or a storage failure (nothing was changed).
+    pub fn update_many<R>(
+        &self,
+        keys: &[(u64, u32)],
+        durable: bool,
+        mut f: impl FnMut(usize, &mut TaskRecord, u64) -> R,
+    ) -> Result<Vec<R>, JournalError> {
+        let st = self.storage();
+        let mut w = self.db.begin_write().map_err(|e| st(&e))?;
+        if !durable {
+            w.set_durability(Durability::None).map_err(|e| st(&e))?;
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        {
+            let mut meta = w.open_table(META).map_err(|e| st(&e))?;
+            let mut fence = meta
+                .get("next_fence")
+                .map_err(|e| st(&e))?
+                .map_or(1, |v| v.value());
+            let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
+            for (i, &(job, idx)) in keys.iter().enumerate() {
+                let mut rec: TaskRecord = {
+                    let v = tasks
+                        .get((job, idx))
+                        .map_err(|e| st(&e))?
+                        .ok_or(JournalError::NoTask(job, idx))?;
+                    postcard::from_bytes(v.value())
+                        .map_err(|e| self.corrupt(format!("task {job}.{idx}: {e}")))?
+                };
+                out.push(f(i, &mut rec, fence));
+                fence += 1;
+                let b = postcard::to_stdvec(&rec).map_err(|e| st(&e))?;
+                tasks.insert((job, idx), b.as_slice()).map_err(|e| st(&e))?;
+            }
+            meta.insert("next_fence", fence).map_err(|e| st(&e))?;
+        }
+        w.commit().map_err(|e| st(&e))?;
+        Ok(out)
+    }
+
     /// Marks a job cancelled and cancels its unfinished tasks.
     ///
     /// # Errors
@@ -490,6 +535,33 @@ mod tests {
             j.update(1, 7, true, |_, _| ()),
             Err(JournalError::NoTask(1, 7))
         ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn many_starts_in_one_transaction_each_get_their_own_fence() {
+        let d = tmp("many");
+        let p = d.join("jobs.redb");
+        let (j, _) = Journal::open(&p).unwrap();
+        j.submit(vec![job("a", 3)]).unwrap();
+        let before = j.update(1, 0, false, |_, f| f).unwrap();
+        let fences = j
+            .update_many(&[(1, 1), (1, 2)], true, |i, t, f| {
+                assert!(t.task.start(&format!("h{i}"), f));
+                f
+            })
+            .unwrap();
+        assert_eq!(fences, vec![before + 1, before + 2]);
+        assert!(matches!(
+            j.update_many(&[(1, 0), (1, 9)], true, |_, t, f| t.task.start("x", f)),
+            Err(JournalError::NoTask(1, 9))
+        ));
+        // Nothing of the failed transaction stays.
+        assert_eq!(j.tasks(1).unwrap()[0].1.task.state, TaskState::Queued);
+        drop(j);
+        let (j, rec) = Journal::open(&p).unwrap();
+        assert_eq!(rec.running, 2);
+        assert!(j.update(1, 0, false, |_, f| f).unwrap() > before + 2);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
