@@ -674,7 +674,14 @@ impl Batch {
         stage: &Path,
     ) -> End {
         let man = &inputs.tree;
-        let (rx, mut tx) = match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
+        let (rx, mut tx) = match crate::peer::connect_task(
+            p.addr,
+            &self.key,
+            &self.cluster,
+            crate::peer::Hello::Batch,
+        )
+        .await
+        {
             Ok(x) => x,
             Err(e) => return End::Lost(e),
         };
@@ -728,7 +735,14 @@ impl Batch {
             Ok(x) => x,
             Err(e) => return e,
         };
-        let (rx, mut tx) = match crate::peer::connect_task(p.addr, &self.key, &self.cluster).await {
+        let (rx, mut tx) = match crate::peer::connect_task(
+            p.addr,
+            &self.key,
+            &self.cluster,
+            crate::peer::Hello::Batch,
+        )
+        .await
+        {
             Ok(x) => x,
             Err(e) => return End::Lost(e),
         };

@@ -262,13 +262,16 @@ fn safe_id(id: &str) -> bool {
 }
 
 /// Serves one task on a link until it ends. Never panics on input; every
-/// refusal is a `Failed` message naming the cause.
+/// refusal is a `Failed` message naming the cause. `guest`: from another
+/// node (under the owner's policy); `batch`: from another agent's batch
+/// runner, the only one that may detach an attempt or `Reattach`.
 ///
 /// # Errors
 /// The link broke (the task, if running, is killed and cleaned up).
 pub async fn serve<R, W>(
     env: Arc<ExecEnv>,
     guest: bool,
+    batch: bool,
     mut rx: R,
     mut tx: W,
 ) -> Result<(), LinkError>
@@ -281,12 +284,17 @@ where
         .await
         .map_err(|_| LinkError::Closed)??;
     let spec = match first {
-        ToExec::Start(spec) => spec,
+        // Only another agent's batch runner may detach an attempt or
+        // collect one: a client (even relayed) may not read another's.
+        ToExec::Start(mut spec) => {
+            spec.detach &= batch;
+            spec
+        }
         ToExec::Reattach {
             task_id,
             stdout_from,
             stderr_from,
-        } => return reattach(&env, &task_id, stdout_from, stderr_from, tx).await,
+        } if batch => return reattach(&env, &task_id, stdout_from, stderr_from, tx).await,
         _ => {
             let m = failed(2, "protocol: the first message must be Start or Reattach");
             return link::send(&mut tx, &m).await;

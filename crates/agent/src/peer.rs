@@ -19,8 +19,11 @@ pub enum Hello {
         /// How many.
         bytes: u64,
     },
-    /// Run a task (the task protocol follows).
+    /// Run a task (the task protocol follows): `shoal run`, relayed.
     Task,
+    /// A batch attempt from another agent's runner: it may be detached
+    /// and collected later (`Reattach`). Never relayed from a client.
+    Batch,
 }
 
 /// Serves connections until the listener fails. Without an executor
@@ -64,8 +67,8 @@ async fn conn(
         Hello::Bandwidth { bytes } => crate::bandwidth::answer(w, bytes)
             .await
             .map_err(|e| e.to_string()),
-        Hello::Task => match exec {
-            Some(env) => exec::serve(env, true, r, w)
+        Hello::Task | Hello::Batch => match exec {
+            Some(env) => exec::serve(env, true, hello == Hello::Batch, r, w)
                 .await
                 .map_err(|e| e.to_string()),
             None => {
@@ -90,6 +93,7 @@ pub async fn connect_task(
     addr: std::net::SocketAddr,
     key: &ClusterKey,
     cluster: &str,
+    hello: Hello,
 ) -> Result<(Reader<TcpStream>, Writer<TcpStream>), String> {
     let s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
         .await
@@ -99,7 +103,7 @@ pub async fn connect_task(
     let (r, mut w) = stream::connect(s, key, cluster)
         .await
         .map_err(|e| e.to_string())?;
-    let hello = postcard::to_stdvec(&Hello::Task).map_err(|e| e.to_string())?;
+    let hello = postcard::to_stdvec(&hello).map_err(|e| e.to_string())?;
     w.send(&hello).await.map_err(|e| e.to_string())?;
     Ok((r, w))
 }

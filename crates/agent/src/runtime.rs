@@ -482,7 +482,7 @@ async fn run_task(
         place::Choice::Remote { name, addr } => (name, addr),
     };
     let remote = match addr.parse::<SocketAddr>() {
-        Ok(a) => peer::connect_task(a, &ctx.key, &ctx.cluster).await,
+        Ok(a) => peer::connect_task(a, &ctx.key, &ctx.cluster, peer::Hello::Task).await,
         Err(e) => Err(e.to_string()),
     };
     let (mut rr, mut rw) = match remote {
@@ -547,7 +547,7 @@ async fn run_here(
     let node = me.to_owned();
     write_line(&mut w, &Response::Run { node, fallback }).await?;
     bump(&ctx.inflight, me, 1);
-    let res = exec::serve(ctx.exec.clone(), false, Plain(r), Plain(w)).await;
+    let res = exec::serve(ctx.exec.clone(), false, false, Plain(r), Plain(w)).await;
     bump(&ctx.inflight, me, -1);
     if let Err(e) = res {
         tracing::debug!(error = %e, "local task link ended");
