@@ -280,8 +280,7 @@ impl Journal {
 
     /// Changes one task in a transaction: `f` gets the record and a fresh
     /// fence (drawn from a counter that only grows, used or not). With
-    /// `durable` false the commit is not flushed (for starts: a crash
-    /// re-queues them anyway); reports are durable.
+    /// `durable` false the commit is not flushed: a crash may undo it.
     ///
     /// # Errors
     /// No such task, a storage failure or a record that does not decode.
@@ -292,34 +291,12 @@ impl Journal {
         durable: bool,
         f: impl FnOnce(&mut TaskRecord, u64) -> R,
     ) -> Result<R, JournalError> {
-        let st = self.storage();
-        let mut w = self.db.begin_write().map_err(|e| st(&e))?;
-        if !durable {
-            w.set_durability(Durability::None).map_err(|e| st(&e))?;
-        }
-        let out;
-        {
-            let mut meta = w.open_table(META).map_err(|e| st(&e))?;
-            let fence = meta
-                .get("next_fence")
-                .map_err(|e| st(&e))?
-                .map_or(1, |v| v.value());
-            meta.insert("next_fence", fence + 1).map_err(|e| st(&e))?;
-            let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
-            let mut rec: TaskRecord = {
-                let v = tasks
-                    .get((job, idx))
-                    .map_err(|e| st(&e))?
-                    .ok_or(JournalError::NoTask(job, idx))?;
-                postcard::from_bytes(v.value())
-                    .map_err(|e| self.corrupt(format!("task {job}.{idx}: {e}")))?
-            };
-            out = f(&mut rec, fence);
-            let b = postcard::to_stdvec(&rec).map_err(|e| st(&e))?;
-            tasks.insert((job, idx), b.as_slice()).map_err(|e| st(&e))?;
-        }
-        w.commit().map_err(|e| st(&e))?;
-        Ok(out)
+        let mut f = Some(f);
+        let mut out = self.update_many(&[(job, idx)], durable, |_, rec, fence| {
+            f.take().map(|f| f(rec, fence))
+        })?;
+        // One key: one call.
+        out.pop().flatten().ok_or(JournalError::NoTask(job, idx))
     }
 
     /// As [`Journal::update`] for several tasks in one transaction (one

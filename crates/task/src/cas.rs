@@ -47,6 +47,18 @@ fn unique() -> String {
     format!("{}-{n}", std::process::id())
 }
 
+/// `dest/rel`, for a manifest path `rel` that stays inside `dest`.
+fn inside(dest: &Path, rel: &Path) -> Result<PathBuf, CasError> {
+    if rel.as_os_str().is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(CasError::UnsafePath(rel.to_owned()));
+    }
+    Ok(dest.join(rel))
+}
+
 /// A directory of contents named by their hash, with a size cap.
 #[derive(Debug, Clone)]
 pub struct Cas {
@@ -144,15 +156,7 @@ impl Cas {
         chown(dest)?;
         let now = SystemTime::now();
         for e in tree {
-            if e.path.as_os_str().is_empty()
-                || !e
-                    .path
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)))
-            {
-                return Err(CasError::UnsafePath(e.path.clone()));
-            }
-            let target = dest.join(&e.path);
+            let target = inside(dest, &e.path)?;
             match &e.node {
                 Node::Dir { mode } => {
                     fs::create_dir_all(&target).map_err(io_err(&target))?;
@@ -208,15 +212,7 @@ impl Cas {
         // its entries (root or not).
         let mut dirs = Vec::new();
         for e in image {
-            if e.path.as_os_str().is_empty()
-                || !e
-                    .path
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)))
-            {
-                return Err(CasError::UnsafePath(e.path.clone()));
-            }
-            let target = dest.join(&e.path);
+            let target = inside(dest, &e.path)?;
             if let Some(parent) = target.parent() {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
