@@ -674,16 +674,9 @@ impl Batch {
         stage: &Path,
     ) -> End {
         let man = &inputs.tree;
-        let (rx, mut tx) = match crate::peer::connect_task(
-            p.addr,
-            &self.key,
-            &self.cluster,
-            crate::peer::Hello::Batch,
-        )
-        .await
-        {
+        let (rx, mut tx) = match self.connect(p).await {
             Ok(x) => x,
-            Err(e) => return End::Lost(e),
+            Err(e) => return e,
         };
         let mut env = rec.env.clone();
         env.push((
@@ -692,7 +685,7 @@ impl Batch {
         ));
         env.push((b"SHOAL_JOB_ID".to_vec(), rec.id.to_string().into_bytes()));
         let spec = TaskSpec {
-            task_id: format!("j{}-{}-{fence}", rec.id, p.index),
+            task_id: attempt_id(rec.id, p.index, fence),
             argv: rec
                 .spec
                 .argv
@@ -727,6 +720,22 @@ impl Batch {
             .await
     }
 
+    /// A batch connection to the attempt's executor.
+    async fn connect(
+        &self,
+        p: &Pick,
+    ) -> Result<
+        (
+            shoal_transport::stream::Reader<tokio::net::TcpStream>,
+            shoal_transport::stream::Writer<tokio::net::TcpStream>,
+        ),
+        End,
+    > {
+        crate::peer::connect_task(p.addr, &self.key, &self.cluster, crate::peer::Hello::Batch)
+            .await
+            .map_err(End::Lost)
+    }
+
     /// Collects an attempt that was running when this agent stopped: its
     /// executor kept it (detached) and gives its result once it ends, with
     /// the output this agent had not written yet.
@@ -735,19 +744,12 @@ impl Batch {
             Ok(x) => x,
             Err(e) => return e,
         };
-        let (rx, mut tx) = match crate::peer::connect_task(
-            p.addr,
-            &self.key,
-            &self.cluster,
-            crate::peer::Hello::Batch,
-        )
-        .await
-        {
+        let (rx, mut tx) = match self.connect(p).await {
             Ok(x) => x,
-            Err(e) => return End::Lost(e),
+            Err(e) => return e,
         };
         let m = ToExec::Reattach {
-            task_id: format!("j{}-{}-{fence}", rec.id, p.index),
+            task_id: attempt_id(rec.id, p.index, fence),
             stdout_from: so_len,
             stderr_from: se_len,
         };
@@ -1116,6 +1118,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The executor's task id of an attempt (the same in `Start` and
+/// `Reattach`).
+fn attempt_id(job: u64, index: u32, fence: u64) -> String {
+    format!("j{job}-{index}-{fence}")
 }
 
 /// An attempt that was running when this agent stopped.

@@ -159,6 +159,34 @@ impl Spool {
     }
 }
 
+/// Passes on one piece of output: to the spool of a detached attempt,
+/// and to the submitter while its link is up. A broken link ends a plain
+/// attempt (the error) and leaves a detached one running.
+async fn emit<W: FrameSink>(
+    tx: &mut W,
+    spool: Option<&mut Spool>,
+    link_up: &mut bool,
+    m: FromExec,
+) -> Result<(), LinkError> {
+    let detach = spool.is_some();
+    if let Some(sp) = spool {
+        match &m {
+            FromExec::Stdout(d) => sp.write(true, d),
+            FromExec::Stderr(d) => sp.write(false, d),
+            _ => {}
+        }
+    }
+    if *link_up {
+        if let Err(e) = link::send(tx, &m).await {
+            if !detach {
+                return Err(e);
+            }
+            *link_up = false;
+        }
+    }
+    Ok(())
+}
+
 /// Counts a running task for as long as it lives.
 struct Running<'a>(&'a std::sync::atomic::AtomicU32);
 
@@ -462,37 +490,13 @@ where
             n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stdout = None,
-                    Ok(n) => {
-                        if let Some(sp) = spool.as_mut() {
-                            sp.write(true, &obuf[..n]);
-                        }
-                        if link_up {
-                            if let Err(e) = link::send(&mut tx, &FromExec::Stdout(obuf[..n].to_vec())).await {
-                                if !detach {
-                                    return Err(e);
-                                }
-                                link_up = false;
-                            }
-                        }
-                    }
+                    Ok(n) => emit(&mut tx, spool.as_mut(), &mut link_up, FromExec::Stdout(obuf[..n].to_vec())).await?,
                 }
             }
             n = async { stderr.as_mut().expect("checked").read(&mut ebuf).await }, if stderr.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stderr = None,
-                    Ok(n) => {
-                        if let Some(sp) = spool.as_mut() {
-                            sp.write(false, &ebuf[..n]);
-                        }
-                        if link_up {
-                            if let Err(e) = link::send(&mut tx, &FromExec::Stderr(ebuf[..n].to_vec())).await {
-                                if !detach {
-                                    return Err(e);
-                                }
-                                link_up = false;
-                            }
-                        }
-                    }
+                    Ok(n) => emit(&mut tx, spool.as_mut(), &mut link_up, FromExec::Stderr(ebuf[..n].to_vec())).await?,
                 }
             }
             m = in_rx.recv(), if link_up => match m {

@@ -627,13 +627,43 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
         cgroups.clone(),
         cfg.config_path.clone(),
     );
-    let env = ExecEnv {
+    // Emptying the layer, image and spool directories of an earlier life
+    // and the leftovers' clean-up are not for the runtime's thread.
+    let env = {
+        let (cfg, owner) = (cfg.clone(), owner.clone());
+        tokio::task::spawn_blocking(move || {
+            let env = exec_env_with(&cfg, cas, cgroups, owner);
+            env.clean_leftovers();
+            env
+        })
+        .await
+    };
+    match env {
+        Ok(e) => e,
+        Err(_) => exec_env_with(
+            cfg,
+            shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
+            None,
+            owner,
+        ),
+    }
+}
+
+/// The executor's environment over `cas` and `cgroups` (none: no task is
+/// accepted), with fresh layer, image and spool directories.
+fn exec_env_with(
+    cfg: &AgentConfig,
+    cas: shoal_task::cas::Cas,
+    cgroups: Option<Arc<dyn shoal_executor::CgroupManager>>,
+    owner: Arc<Owner>,
+) -> ExecEnv {
+    ExecEnv {
         node: cfg.name.clone(),
-        tasks_dir,
+        tasks_dir: cfg.data_dir.join("tasks"),
         cas,
         cgroups,
         running: std::sync::atomic::AtomicU32::new(0),
-        owner: owner.clone(),
+        owner,
         lowers: Arc::new(shoal_task::cas::Lowers::new(
             &cfg.data_dir.join("lowers"),
             16,
@@ -643,31 +673,6 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
             4,
         )),
         detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
-    };
-    let env = tokio::task::spawn_blocking(move || {
-        env.clean_leftovers();
-        env
-    })
-    .await;
-    match env {
-        Ok(e) => e,
-        Err(_) => ExecEnv {
-            node: cfg.name.clone(),
-            tasks_dir: cfg.data_dir.join("tasks"),
-            cas: shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
-            cgroups: None,
-            running: std::sync::atomic::AtomicU32::new(0),
-            owner,
-            lowers: Arc::new(shoal_task::cas::Lowers::new(
-                &cfg.data_dir.join("lowers"),
-                16,
-            )),
-            images: Arc::new(shoal_task::cas::Lowers::new(
-                &cfg.data_dir.join("images"),
-                4,
-            )),
-            detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
-        },
     }
 }
 
