@@ -35,20 +35,6 @@ fn formed(lab: &mut Lab, n: usize, h0_executes: bool) -> PathBuf {
     dir
 }
 
-/// `shoal ARGS --data-dir h0` from `dir`.
-fn shoal(lab: &Lab, dir: &Path, args: &[&str]) -> Output {
-    // The agent's address right after the subcommand: `submit` takes
-    // everything after its command as the command's.
-    Command::new(shoal_bin())
-        .arg(args[0])
-        .arg("--data-dir")
-        .arg(&lab.hosts[0].data_dir)
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

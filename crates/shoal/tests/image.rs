@@ -8,11 +8,11 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use shoal_netns::{wait_for, Lab};
+use shoal_netns::wait_for;
 
 /// A static program that prints, for each path, its mode, owner, group
 /// and first line (when the guest may read it), or "absent".
@@ -69,18 +69,6 @@ fn make_image(dir: &Path) -> Option<PathBuf> {
     std::fs::set_permissions(root.join("opt/tool/data"), PermissionsExt::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(root.join("opt/tool/data"), Some(0), Some(65534)).unwrap();
     Some(root)
-}
-
-fn shoal(lab: &Lab, dir: &Path, args: &[&str]) -> Output {
-    Command::new(shoal_bin())
-        .arg(args[0])
-        .arg("--data-dir")
-        .arg(&lab.hosts[0].data_dir)
-        .args(&args[1..])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 fn s(b: &[u8]) -> String {

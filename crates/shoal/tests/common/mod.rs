@@ -26,6 +26,21 @@ pub fn lab(tag: &str, subnet: u8, n: usize) -> Option<Lab> {
     Some(Lab::new(tag, subnet, n, shoal_bin()).expect("building the lab"))
 }
 
+/// `shoal ARGS…` from `dir` through host 0's agent: `--data-dir` right
+/// after the subcommand, since `submit` and `run` take everything after
+/// their command as the command's.
+pub fn shoal(lab: &Lab, dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(shoal_bin())
+        .arg(args[0])
+        .arg("--data-dir")
+        .arg(&lab.hosts[0].data_dir)
+        .args(&args[1..])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running shoal")
+}
+
 pub fn nodes(lab: &Lab, i: usize) -> Option<Value> {
     lab.nodes_json(i)
 }
