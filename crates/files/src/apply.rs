@@ -22,6 +22,9 @@ pub fn is_internal(name: &str) -> bool {
     name.starts_with(STAGING_PREFIX) || name.starts_with(PREP_PREFIX)
 }
 const JOURNAL: &str = "journal";
+/// How old a set-up directory must be before a recovery may take it for
+/// abandoned.
+const PREP_STALE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Held (flock) by the process committing through a staging directory, so
 /// that a concurrent `recover` leaves a live commit alone.
 const LOCK: &str = "lock";
@@ -335,17 +338,19 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
     for e in fs::read_dir(root).map_err(io_err(root))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(PREP_PREFIX) {
-            // A set-up that died before it could lock: remove it once its
-            // lock is free (or it never made one and is old).
-            let lock = fs::File::open(e.path().join(LOCK));
-            let stale = match &lock {
+            // A set-up that died before it could lock. A live one lives
+            // for microseconds but may not have locked yet (its lock file
+            // made, not yet held): only an old one with a free lock, or
+            // none, is abandoned.
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|d| d >= PREP_STALE));
+            let free = match fs::File::open(e.path().join(LOCK)) {
                 Ok(l) => l.try_lock().is_ok(),
-                Err(_) => e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|d| d.as_secs() > 600)),
+                Err(_) => true,
             };
-            if stale {
+            if old && free {
                 let _ = fs::remove_dir_all(e.path());
             }
             continue;
@@ -370,7 +375,12 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
             run(root, &stage, &steps, Crash::Never)?;
             done += 1;
         }
-        fs::remove_dir_all(&stage).map_err(io_err(&stage))?;
+        // Its committer may have finished and removed it between our open
+        // and our lock.
+        match fs::remove_dir_all(&stage) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&stage)(e)),
+            _ => {}
+        }
         touched = true;
     }
     // Only a recovery that changed something pays for a directory sync
@@ -618,6 +628,24 @@ mod tests {
         drop(lock);
         assert_eq!(recover(&d).unwrap(), 0);
         assert!(!stage.exists(), "abandoned staging removed");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn recovery_leaves_a_fresh_set_up_alone_even_before_it_locks() {
+        let d = tmp("prep");
+        // A concurrent commit between making its lock file and taking it:
+        // the race `make -j` hit with every job committing in one tree.
+        let prep = d.join(format!("{PREP_PREFIX}fresh"));
+        fs::create_dir_all(&prep).unwrap();
+        fs::File::create(prep.join(LOCK)).unwrap();
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert!(prep.exists(), "a fresh set-up is not abandoned");
+        // The same, long abandoned, is removed.
+        let old = std::time::SystemTime::now() - PREP_STALE * 2;
+        fs::File::open(&prep).unwrap().set_modified(old).unwrap();
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert!(!prep.exists(), "an abandoned set-up is removed");
         fs::remove_dir_all(&d).unwrap();
     }
 

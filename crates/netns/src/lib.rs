@@ -307,7 +307,10 @@ impl Lab {
             .arg("--key")
             .arg(self.dir.join("cluster.key"))
             .args(extra)
-            .env("SHOAL_LOG", "info")
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_LAB_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

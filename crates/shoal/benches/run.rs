@@ -69,6 +69,25 @@ fn main() {
             .success())
     }));
 
+    // Where the time goes, when the agents log at debug level
+    // (`SHOAL_LAB_LOG=info,shoal_agent=debug`): the executor's own timings.
+    if std::env::var("SHOAL_LAB_LOG").is_ok_and(|v| v.contains("debug")) {
+        for (i, label) in [(0, "local"), (1, "remote")] {
+            let log = lab.log(i);
+            for key in ["setup_ms", "spawn_ms", "started_ms", "exit_ms", "cleaned_ms"] {
+                let mut v: Vec<f64> = log
+                    .lines()
+                    .filter_map(|l| l.split(&format!("{key}=")).nth(1))
+                    .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                if let Some(m) = v.get(v.len() / 2) {
+                    println!("executor phase ({label}, h{i}): {key} median {m:.2} of {}", v.len());
+                }
+            }
+        }
+    }
+
     // Shipping: 200 files of 8 KiB, run twice.
     let tree = lab.dir.join("ship");
     std::fs::create_dir_all(&tree).unwrap();
