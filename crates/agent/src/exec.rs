@@ -54,6 +54,68 @@ pub struct ExecEnv {
     /// Detached batch attempts (running or ended) their submitter may come
     /// back for.
     pub detached: Detached,
+    /// The thread every task is forked from.
+    pub forker: Forker,
+}
+
+/// The thread every task is forked from, alive as long as the agent.
+///
+/// A workspace's supervisor asks the kernel to SIGKILL it when its parent
+/// dies (`PR_SET_PDEATHSIG`), so that nothing outlives a crashed agent; and
+/// the kernel takes "parent" to mean the forking *thread*. Forked from
+/// tokio's blocking pool, whose idle threads exit after 10 s, a task that
+/// ran longer than that on a quiet agent was killed with its thread.
+#[derive(Debug)]
+pub struct Forker {
+    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Default for Forker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Forker {
+    /// Starts the thread. Should that fail, every task fails to start,
+    /// naming the cause.
+    pub fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let started = std::thread::Builder::new()
+            .name("shoal-fork".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "no fork thread: this node can start no task");
+        }
+        Self { tx }
+    }
+
+    /// Runs `f` on the thread (inside the current tokio runtime, so that
+    /// a `tokio::process::Command` can be spawned there) and returns its
+    /// result.
+    ///
+    /// # Errors
+    /// The thread is gone.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        let rt = tokio::runtime::Handle::current();
+        let job = Box::new(move || {
+            let _in = rt.enter();
+            let _ = otx.send(f());
+        });
+        self.tx
+            .send(job)
+            .map_err(|_| std::io::Error::other("the fork thread is gone"))?;
+        orx.await
+            .map_err(|_| std::io::Error::other("the fork thread is gone"))
+    }
 }
 
 /// How long a detached attempt's result waits for its submitter to come
@@ -871,10 +933,8 @@ async fn prepare(
     cmd.kill_on_drop(true);
     let t_setup = t.elapsed();
     // The fork waits for the child's exec (after its mounts): not on the
-    // runtime's threads.
-    let spawned = tokio::task::spawn_blocking(move || cmd.spawn())
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    // runtime's thread, and from the thread that lives as long as we do.
+    let spawned = env.forker.run(move || cmd.spawn()).await.and_then(|r| r);
     tracing::debug!(
         setup_ms = t_setup.as_secs_f64() * 1e3,
         spawn_ms = (t.elapsed() - t_setup).as_secs_f64() * 1e3,

@@ -673,6 +673,7 @@ fn exec_env_with(
             4,
         )),
         detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
+        forker: crate::exec::Forker::new(),
     }
 }
 

@@ -156,6 +156,11 @@ fn exit_status_streams_and_stdin_as_if_local() {
     );
     let o = out(run(&lab, &tree, &["--mem", "lots", "--", "true"]));
     assert_eq!(o.status.code(), Some(2));
+    // Longer than tokio's idle blocking threads live (10 s): a task forked
+    // from one of them was SIGKILLed with it (PR_SET_PDEATHSIG follows the
+    // forking thread).
+    let o = out(run(&lab, &tree, &["--node", "h2", "--", "sleep", "12"]));
+    assert_eq!(o.status.code(), Some(0), "{}", s(&o.stderr));
     let o = out(run(&lab, &tree, &["--node", "nowhere", "--", "true"]));
     assert_eq!(o.status.code(), Some(2));
     assert!(s(&o.stderr).contains("unknown node"), "{}", s(&o.stderr));
