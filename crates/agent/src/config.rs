@@ -87,6 +87,9 @@ pub struct FileConfig {
     pub cache_bytes: Option<u64>,
     /// Guest slots this machine lends (default: its cores).
     pub slots: Option<u32>,
+    /// Warm task cgroups kept ready (default: twice the cores, at least 4;
+    /// 0: every task gets a fresh cgroup).
+    pub warm_slots: Option<u32>,
     /// The owner's policy (`[policy]`).
     pub policy: Option<shoal_owner::PolicyConfig>,
     /// `policy`, compiled and checked by [`parse_file`].
@@ -169,6 +172,8 @@ pub struct AgentConfig {
     pub cache_bytes: u64,
     /// Guest slots lent (`None`: one per core).
     pub slots: Option<u32>,
+    /// Warm task cgroups kept ready (`None`: twice the cores, at least 4).
+    pub warm_slots: Option<u32>,
     /// The owner's policy.
     pub policy: shoal_owner::Policy,
     /// The config file named on the command line (`None`: the default,
@@ -310,6 +315,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
         swim_profile,
         cache_bytes: file.cache_bytes.unwrap_or(2 << 30),
         slots: flags.slots.or(file.slots),
+        warm_slots: file.warm_slots,
         name,
         cluster,
         bind: flags

@@ -9,6 +9,7 @@
 //! ```
 
 use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_executor::cgroup::{spawn_into, CgroupManager, Limits};
+use shoal_executor::warm::{self, Pool, Slot, WarmError};
 use shoal_executor::workspace::{self, Net, Plan, Root, Spec, Tree};
 use shoal_files::ChangeSet;
 use shoal_task::cas::{Cas, Lower};
@@ -56,6 +58,8 @@ pub struct ExecEnv {
     pub detached: Detached,
     /// The thread every task is forked from.
     pub forker: Forker,
+    /// Warm slots (cgroup v1): tasks start in a cgroup made ahead of time.
+    pub warm: Option<Arc<Pool>>,
 }
 
 /// The thread every task is forked from, alive as long as the agent.
@@ -269,6 +273,9 @@ impl ExecEnv {
     /// At shutdown: kills whatever still runs and removes every task
     /// cgroup, this agent's parent cgroup, and the task directories.
     pub fn shutdown(&self) {
+        if let Some(p) = &self.warm {
+            p.close();
+        }
         if let Some(m) = &self.cgroups {
             if let Err(e) = m.destroy() {
                 tracing::warn!(error = %e, "cgroups not fully removed");
@@ -312,12 +319,18 @@ struct TaskGuard {
     lower: Option<shoal_task::cas::Lower>,
     image: Option<shoal_task::cas::Lower>,
     cgroup: Option<(Arc<dyn CgroupManager>, String)>,
+    /// The cgroup is a warm slot's: it stays (the slot goes back to its
+    /// pool once the task has ended).
+    warm: bool,
+    slot: Option<(Arc<Pool>, Slot)>,
     spec: Option<Spec>,
 }
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        if let Some((m, name)) = &self.cgroup {
+        if let Some((pool, slot)) = self.slot.take() {
+            pool.give_back(slot);
+        } else if let (Some((m, name)), false) = (&self.cgroup, self.warm) {
             if let Err(e) = m.remove(name) {
                 tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
             }
@@ -477,10 +490,19 @@ where
         lower: None,
         image: None,
         cgroup: None,
+        warm: false,
+        slot: None,
         spec: None,
     };
     let prepared = prepare(&env, &spec, image, &dir, guest, &mut guard).await;
-    let (mut child, upper, master) = match prepared {
+    let Started {
+        proc: mut child,
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        winfd,
+        upper,
+    } = match prepared {
         Ok(x) => x,
         Err(f) => return link::send(&mut tx, &f).await,
     };
@@ -521,29 +543,6 @@ where
             }
         }
     });
-    type In = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
-    type Out = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-    let (mut stdin, mut stdout, mut stderr, winfd): (Option<In>, Option<Out>, Option<Out>, _) =
-        match master {
-            Some(m) => {
-                let w = m.try_clone()?;
-                let size = m.try_clone()?;
-                let reader = tokio::fs::File::from_std(std::fs::File::from(m));
-                let writer = tokio::fs::File::from_std(std::fs::File::from(w));
-                (
-                    Some(Box::new(writer)),
-                    Some(Box::new(reader)),
-                    None,
-                    Some(size),
-                )
-            }
-            None => (
-                child.stdin.take().map(|s| Box::new(s) as In),
-                child.stdout.take().map(|s| Box::new(s) as Out),
-                child.stderr.take().map(|s| Box::new(s) as Out),
-                None,
-            ),
-        };
     let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
     let pid = child.id();
     let mut link_up = true;
@@ -596,8 +595,10 @@ where
                     } else {
                         // The submitter is gone: the task dies with it.
                         tracing::info!(task = %spec.task_id, "submitter gone; killing the task");
-                        let _ = child.start_kill();
-                        if let Some((m, n)) = &guard.cgroup {
+                        child.start_kill();
+                        // A warm slot's task dies with its pid namespace;
+                        // its spawner stays.
+                        if let (Some((m, n)), false) = (&guard.cgroup, guard.warm) {
                             let _ = m.kill_all(n);
                         }
                     }
@@ -606,6 +607,12 @@ where
             st = child.wait(), if stdout.is_none() && stderr.is_none() => break st?,
         }
     };
+    let Ended {
+        status,
+        usage: measured,
+        slot,
+    } = status;
+    guard.slot = slot;
     reader.abort();
     if !link_up && !detach {
         return Err(LinkError::Closed);
@@ -619,10 +626,8 @@ where
             reason: "the owner's policy evicted it".into(),
         });
     } else {
-        let usage = guard
-            .cgroup
-            .as_ref()
-            .and_then(|(m, n)| m.usage(n).ok())
+        let usage = measured
+            .or_else(|| guard.cgroup.as_ref().and_then(|(m, n)| m.usage(n).ok()))
             .unwrap_or_default();
         let oom = usage.oom_kills > 0;
         let status = match (status.code(), status.signal()) {
@@ -796,8 +801,6 @@ fn limits(spec: &TaskSpec) -> Limits {
     }
 }
 
-type Prepared = (tokio::process::Child, PathBuf, Option<std::os::fd::OwnedFd>);
-
 /// Builds the task's tree, cgroup and workspace, and starts the command.
 async fn prepare(
     env: &ExecEnv,
@@ -806,7 +809,7 @@ async fn prepare(
     dir: &Path,
     guest: bool,
     guard: &mut TaskGuard,
-) -> Result<Prepared, FromExec> {
+) -> Result<Started, FromExec> {
     let err125 =
         |what: &str, e: &dyn std::fmt::Display| failed(125, format!("{}: {what}: {e}", env.node));
     let (upper, work) = (dir.join("upper"), dir.join("work"));
@@ -860,15 +863,6 @@ async fn prepare(
             }
         }
     };
-    let cg_name = format!("task-{}", spec.task_id);
-    let t = std::time::Instant::now();
-    let mgr = env
-        .cgroups
-        .clone()
-        .ok_or_else(|| failed(125, "no cgroups"))?;
-    mgr.create(&cg_name, &limits(spec))
-        .map_err(|e| err125("cgroup", &e))?;
-    guard.cgroup = Some((mgr.clone(), cg_name.clone()));
     let ws = Spec {
         run_dir: dir.join("run"),
         root,
@@ -890,43 +884,83 @@ async fn prepare(
         idle: guest,
         tty: spec.tty.is_some(),
     };
-    let plan = Plan::new(&ws).map_err(|e| err125("workspace", &e))?;
-    guard.spec = Some(ws);
+    guard.spec = Some(ws.clone());
+    let mgr = env
+        .cgroups
+        .clone()
+        .ok_or_else(|| failed(125, "no cgroups"))?;
+    let io = TaskIo::new(spec.tty).map_err(|e| err125("pipes", &e))?;
     let argv0 = OsString::from_vec(spec.argv[0].clone());
+    let not_started = |errno: Option<i32>, e: &dyn std::fmt::Display| match errno {
+        Some(nix::libc::ENOENT) => failed(
+            127,
+            format!("{}: command not found", argv0.to_string_lossy()),
+        ),
+        Some(nix::libc::EACCES) => failed(
+            126,
+            format!("{}: permission denied", argv0.to_string_lossy()),
+        ),
+        _ => err125("starting the command", e),
+    };
+    let t = std::time::Instant::now();
+    let mut req = warm::Request {
+        spec: ws,
+        argv: spec.argv.clone(),
+        env: task_env(env, spec),
+    };
+    // A warm slot when one is ready: nothing moves between cgroups on the
+    // task's path.
+    if let Some((pool, slot)) = env.warm.as_ref().and_then(|p| Some((p.clone(), p.take()?))) {
+        let fds = io.theirs().map_err(|e| err125("pipes", &e))?;
+        let (m, l) = (mgr.clone(), limits(spec));
+        let started = tokio::task::spawn_blocking(move || {
+            let mut slot = slot;
+            let [a, b, c] = &fds;
+            let r = slot.start(m.as_ref(), &l, &req, [a.as_fd(), b.as_fd(), c.as_fd()]);
+            (slot, req, r)
+        })
+        .await;
+        match started {
+            Ok((slot, _, Ok(pid))) => {
+                tracing::debug!(
+                    start_ms = t.elapsed().as_secs_f64() * 1e3,
+                    slot = slot.cgroup(),
+                    "started in a warm slot"
+                );
+                guard.cgroup = Some((mgr.clone(), slot.cgroup().to_owned()));
+                guard.warm = true;
+                let proc = Proc::Warm(WarmProc::new(pool, mgr, slot, pid));
+                return io.started(proc, upper).map_err(|e| err125("pipes", &e));
+            }
+            Ok((slot, _, Err(WarmError::Task { errno, message }))) => {
+                let _ = tokio::task::spawn_blocking(move || pool.give_back(slot)).await;
+                return Err(not_started(errno, &message));
+            }
+            Ok((slot, r, Err(e))) => {
+                tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
+                tokio::task::spawn_blocking(move || pool.discard(slot));
+                req = r;
+            }
+            Err(e) => return Err(err125("starting the command", &e)),
+        }
+    }
+    let cg_name = format!("task-{}", spec.task_id);
+    mgr.create(&cg_name, &limits(spec))
+        .map_err(|e| err125("cgroup", &e))?;
+    guard.cgroup = Some((mgr.clone(), cg_name.clone()));
+    let plan = Plan::new(&req.spec).map_err(|e| err125("workspace", &e))?;
     let mut cmd = std::process::Command::new(&argv0);
-    cmd.args(spec.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
+    cmd.args(req.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
         .env_clear()
         .envs(
-            spec.env
-                .iter()
-                .map(|(k, v)| (OsString::from_vec(k.clone()), OsString::from_vec(v.clone()))),
-        )
-        .env("SHOAL_NODE", &env.node)
-        .env("SHOAL_TASK_ID", &spec.task_id);
-    // `-t`: one pseudo-terminal for all three; the master stays here.
-    let master = match spec.tty {
-        Some((rows, cols)) => {
-            let ws = nix::pty::Winsize {
-                ws_row: rows,
-                ws_col: cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| err125("pty", &e))?;
-            let dup = |f: &std::os::fd::OwnedFd| f.try_clone().map_err(|e| err125("pty", &e));
-            cmd.stdin(Stdio::from(dup(&pty.slave)?))
-                .stdout(Stdio::from(dup(&pty.slave)?))
-                .stderr(Stdio::from(pty.slave));
-            cmd.env("TERM", term_of(spec));
-            Some(pty.master)
-        }
-        None => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            None
-        }
-    };
+            req.env
+                .into_iter()
+                .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
+        );
+    let [i, o, e] = io.theirs().map_err(|e| err125("pipes", &e))?;
+    cmd.stdin(Stdio::from(i))
+        .stdout(Stdio::from(o))
+        .stderr(Stdio::from(e));
     spawn_into(&mut cmd, mgr.as_ref(), &cg_name).map_err(|e| err125("cgroup", &e))?;
     plan.apply(&mut cmd);
     let mut cmd = tokio::process::Command::from(cmd);
@@ -941,15 +975,246 @@ async fn prepare(
         "cgroup and plan, then spawn"
     );
     match spawned {
-        Ok(child) => Ok((child, upper, master)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(failed(
-            127,
-            format!("{}: command not found", argv0.to_string_lossy()),
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(failed(
-            126,
-            format!("{}: permission denied", argv0.to_string_lossy()),
-        )),
-        Err(e) => Err(err125("starting the command", &e)),
+        Ok(child) => io
+            .started(Proc::Cold(child), upper)
+            .map_err(|e| err125("pipes", &e)),
+        Err(e) => Err(not_started(e.raw_os_error(), &e)),
+    }
+}
+
+/// The command's environment: the submitter's, and where and what it is.
+fn task_env(env: &ExecEnv, spec: &TaskSpec) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let tty = spec.tty.is_some();
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = spec
+        .env
+        .iter()
+        .filter(|(k, _)| !(k == b"SHOAL_NODE" || k == b"SHOAL_TASK_ID" || (tty && k == b"TERM")))
+        .cloned()
+        .collect();
+    out.push((b"SHOAL_NODE".to_vec(), env.node.clone().into_bytes()));
+    out.push((b"SHOAL_TASK_ID".to_vec(), spec.task_id.clone().into_bytes()));
+    if tty {
+        out.push((b"TERM".to_vec(), term_of(spec).into_vec()));
+    }
+    out
+}
+
+type In = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+type Out = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// A started task: its process, our ends of its stdio, the pty (for window
+/// sizes), and its upper layer.
+struct Started {
+    proc: Proc,
+    stdin: Option<In>,
+    stdout: Option<Out>,
+    stderr: Option<Out>,
+    winfd: Option<std::os::fd::OwnedFd>,
+    upper: PathBuf,
+}
+
+/// The task's stdin, stdout and stderr: three pipes, or (`-t`) one
+/// pseudo-terminal for all three whose master stays here.
+enum TaskIo {
+    Pty {
+        master: std::os::fd::OwnedFd,
+        slave: std::os::fd::OwnedFd,
+    },
+    Pipes {
+        ours: [std::os::fd::OwnedFd; 3],
+        theirs: [std::os::fd::OwnedFd; 3],
+    },
+}
+
+impl TaskIo {
+    fn new(tty: Option<(u16, u16)>) -> std::io::Result<Self> {
+        use nix::fcntl::OFlag;
+        Ok(match tty {
+            Some((rows, cols)) => {
+                let ws = nix::pty::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let pty = nix::pty::openpty(Some(&ws), None)?;
+                for fd in [&pty.master, &pty.slave] {
+                    nix::fcntl::fcntl(
+                        fd.as_raw_fd(),
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    )?;
+                }
+                Self::Pty {
+                    master: pty.master,
+                    slave: pty.slave,
+                }
+            }
+            None => {
+                let (ir, iw) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                let (or, ow) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                let (er, ew) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                Self::Pipes {
+                    ours: [iw, or, er],
+                    theirs: [ir, ow, ew],
+                }
+            }
+        })
+    }
+
+    /// The task's ends (copies: ours are closed when the task has started).
+    fn theirs(&self) -> std::io::Result<[std::os::fd::OwnedFd; 3]> {
+        Ok(match self {
+            Self::Pty { slave, .. } => [slave.try_clone()?, slave.try_clone()?, slave.try_clone()?],
+            Self::Pipes { theirs, .. } => [
+                theirs[0].try_clone()?,
+                theirs[1].try_clone()?,
+                theirs[2].try_clone()?,
+            ],
+        })
+    }
+
+    /// Our ends, ready for async I/O; the task's are closed here.
+    fn started(self, proc: Proc, upper: PathBuf) -> std::io::Result<Started> {
+        use tokio::net::unix::pipe;
+        match self {
+            Self::Pty { master, slave } => {
+                drop(slave);
+                let w = master.try_clone()?;
+                let size = master.try_clone()?;
+                let reader = tokio::fs::File::from_std(std::fs::File::from(master));
+                let writer = tokio::fs::File::from_std(std::fs::File::from(w));
+                Ok(Started {
+                    proc,
+                    stdin: Some(Box::new(writer)),
+                    stdout: Some(Box::new(reader)),
+                    stderr: None,
+                    winfd: Some(size),
+                    upper,
+                })
+            }
+            Self::Pipes { ours, theirs } => {
+                drop(theirs);
+                let [i, o, e] = ours;
+                Ok(Started {
+                    proc,
+                    stdin: Some(Box::new(pipe::Sender::from_owned_fd(i)?)),
+                    stdout: Some(Box::new(pipe::Receiver::from_owned_fd(o)?)),
+                    stderr: Some(Box::new(pipe::Receiver::from_owned_fd(e)?)),
+                    winfd: None,
+                    upper,
+                })
+            }
+        }
+    }
+}
+
+/// How a task ended: its status, what it used when a warm slot measured
+/// it, and the slot to give back.
+struct Ended {
+    status: std::process::ExitStatus,
+    usage: Option<shoal_executor::Usage>,
+    slot: Option<(Arc<Pool>, Slot)>,
+}
+
+/// A task's process: forked here into a fresh cgroup, or by a warm slot's
+/// spawner.
+enum Proc {
+    Cold(tokio::process::Child),
+    Warm(WarmProc),
+}
+
+impl Proc {
+    /// The pid to signal (the workspace's supervisor), while it runs.
+    fn id(&self) -> Option<u32> {
+        match self {
+            Self::Cold(c) => c.id(),
+            Self::Warm(w) => w.wait.is_some().then_some(w.pid),
+        }
+    }
+
+    /// Kills the task (and with its supervisor, its whole pid namespace).
+    fn start_kill(&mut self) {
+        match self {
+            Self::Cold(c) => {
+                let _ = c.start_kill();
+            }
+            Self::Warm(w) => w.kill(),
+        }
+    }
+
+    /// Waits for the end. Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<Ended> {
+        match self {
+            Self::Cold(c) => Ok(Ended {
+                status: c.wait().await?,
+                usage: None,
+                slot: None,
+            }),
+            Self::Warm(w) => {
+                let Some(h) = w.wait.as_mut() else {
+                    return Err(std::io::Error::other("waited twice"));
+                };
+                let r = h.await;
+                w.wait = None;
+                let (slot, status, usage) = r.map_err(|e| std::io::Error::other(e.to_string()))?;
+                Ok(Ended {
+                    status,
+                    usage: Some(usage),
+                    slot: Some((w.pool.clone(), slot)),
+                })
+            }
+        }
+    }
+}
+
+/// A task a warm slot started: its supervisor's pid and the wait for its
+/// end (a blocking read of the spawner's report).
+struct WarmProc {
+    pid: u32,
+    pool: Arc<Pool>,
+    #[allow(clippy::type_complexity)]
+    wait: Option<tokio::task::JoinHandle<(Slot, std::process::ExitStatus, shoal_executor::Usage)>>,
+}
+
+impl WarmProc {
+    fn new(pool: Arc<Pool>, mgr: Arc<dyn CgroupManager>, mut slot: Slot, pid: u32) -> Self {
+        let wait = tokio::task::spawn_blocking(move || {
+            let (status, usage) = slot.wait(mgr.as_ref());
+            (slot, status, usage)
+        });
+        Self {
+            pid,
+            pool,
+            wait: Some(wait),
+        }
+    }
+
+    fn kill(&self) {
+        // Not yet reaped by its spawner (which reports only after the
+        // wait), so the pid is still this task's.
+        if self.wait.is_some() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for WarmProc {
+    fn drop(&mut self) {
+        // Abandoned while running (the link broke): the task dies, and the
+        // slot goes back once its spawner has seen it end.
+        self.kill();
+        if let Some(h) = self.wait.take() {
+            let pool = self.pool.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Ok((slot, _, _)) = h.await {
+                        let _ = tokio::task::spawn_blocking(move || pool.give_back(slot)).await;
+                    }
+                });
+            }
+        }
     }
 }

@@ -632,8 +632,26 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     let env = {
         let (cfg, owner) = (cfg.clone(), owner.clone());
         tokio::task::spawn_blocking(move || {
-            let env = exec_env_with(&cfg, cas, cgroups, owner);
+            let mut env = exec_env_with(&cfg, cas, cgroups, owner);
             env.clean_leftovers();
+            // Warm slots, once the leftovers (an earlier life's slots too)
+            // are gone: twice as many as cores, so that a `make -j` keeps
+            // finding one ready.
+            let size = cfg.warm_slots.map_or_else(
+                || (2 * shoal_facts::probe::cores() as usize).max(4),
+                |n| n as usize,
+            );
+            env.warm = env
+                .cgroups
+                .clone()
+                .and_then(|m| {
+                    shoal_executor::warm::Pool::new(
+                        m,
+                        vec!["/proc/self/exe".into(), "__spawner".into()],
+                        size,
+                    )
+                })
+                .map(Arc::new);
             env
         })
         .await
@@ -674,6 +692,7 @@ fn exec_env_with(
         )),
         detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
         forker: crate::exec::Forker::new(),
+        warm: None,
     }
 }
 

@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod creds;
 pub mod namespaces;
+pub mod warm;
 pub mod workspace;
 
 pub use cgroup::{

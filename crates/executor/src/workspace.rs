@@ -55,7 +55,7 @@ pub enum WorkspaceError {
 
 /// The software environment: where the read-only system directories come
 /// from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Root {
     /// This machine's own `/usr`, `/bin`, `/lib*`, `/sbin`, `/etc`.
     Host,
@@ -66,7 +66,7 @@ pub enum Root {
 /// The task's own files: `lower` (read-only, the submitter's tree) under a
 /// writable `upper`, seen at `at` inside the workspace. What the task
 /// changes lands in `upper` only.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tree {
     /// The submitter's files, read-only.
     pub lower: PathBuf,
@@ -79,16 +79,19 @@ pub struct Tree {
 }
 
 /// Network of the workspace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Net {
     /// A new network namespace with only loopback, up.
     Loopback,
     /// The machine's network.
     Host,
+    /// The creator's network namespace, as it is (a warm slot's spawner
+    /// passes on its own loopback-only namespace, made once).
+    Inherit,
 }
 
 /// Everything about one workspace.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Spec {
     /// Host directory for this workspace's mount points (made if absent,
     /// emptied by [`cleanup`]).
@@ -679,7 +682,7 @@ fn exit_now(code: i32) -> ! {
 }
 
 /// Brings up `lo` in the current network namespace.
-fn loopback_up() -> io::Result<()> {
+pub(crate) fn loopback_up() -> io::Result<()> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
     let s = socket(
         AddressFamily::Inet,

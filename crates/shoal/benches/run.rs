@@ -74,7 +74,13 @@ fn main() {
     if std::env::var("SHOAL_LAB_LOG").is_ok_and(|v| v.contains("debug")) {
         for (i, label) in [(0, "local"), (1, "remote")] {
             let log = lab.log(i);
-            for key in ["setup_ms", "spawn_ms", "started_ms", "exit_ms", "cleaned_ms"] {
+            for key in [
+                "setup_ms",
+                "spawn_ms",
+                "started_ms",
+                "exit_ms",
+                "cleaned_ms",
+            ] {
                 let mut v: Vec<f64> = log
                     .lines()
                     .filter_map(|l| l.split(&format!("{key}=")).nth(1))
@@ -82,7 +88,10 @@ fn main() {
                     .collect();
                 v.sort_by(f64::total_cmp);
                 if let Some(m) = v.get(v.len() / 2) {
-                    println!("executor phase ({label}, h{i}): {key} median {m:.2} of {}", v.len());
+                    println!(
+                        "executor phase ({label}, h{i}): {key} median {m:.2} of {}",
+                        v.len()
+                    );
                 }
             }
         }

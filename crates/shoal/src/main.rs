@@ -65,6 +65,9 @@ enum Command {
     Cancel(cmd::cancel::CancelArgs),
     /// Queue a job's failed tasks again.
     Retry(cmd::retry::RetryArgs),
+    /// A warm slot's spawner, started by the agent (internal).
+    #[command(name = "__spawner", hide = true)]
+    Spawner,
 }
 
 /// The error and its causes, each cause only when the text so far does
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => cmd::logs::run(&a),
         Command::Cancel(a) => cmd::cancel::run(&a),
         Command::Retry(a) => cmd::retry::run(&a),
+        Command::Spawner => cmd::spawner::run(),
         Command::Submit(a) => match cmd::submit::run(&a) {
             Ok(code) => return code,
             Err(e) => {

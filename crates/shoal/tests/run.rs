@@ -232,52 +232,95 @@ fn file_changes_come_back_only_on_success() {
 #[test]
 fn limits_and_isolation() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((lab, tree)) = cluster("run3", 22, 2) else {
+    let Some(mut lab) = lab("run3", 22, 3) else {
         return;
     };
-    let o = out(run(
-        &lab,
-        &tree,
-        &["--node", "h1", "--mem", "64M", "--", "tail", "/dev/zero"],
-    ));
-    assert_eq!(o.status.code(), Some(137));
-    assert!(s(&o.stderr).contains("out of memory"), "{}", s(&o.stderr));
-    let o = out(run(
-        &lab,
-        &tree,
-        &[
-            "--node",
-            "h1",
-            "--pids",
-            "24",
-            "--",
-            "sh",
-            "-c",
-            "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; wait",
-        ],
-    ));
-    assert!(
-        s(&o.stderr).to_lowercase().contains("fork"),
-        "the fork bomb hit the pids limit: {}",
-        s(&o.stderr)
-    );
-    assert!(nodes(&lab, 1).is_some(), "the executor is still there");
-    let key = lab.dir.join("cluster.key");
-    let script = format!(
-        "cat /etc/shadow | wc -c; cat {} 2>&1 | head -c 200; ls /root 2>&1 | head -1; id -u",
-        key.display()
-    );
-    let o = out(run(
-        &lab,
-        &tree,
-        &["--node", "h1", "--", "sh", "-c", &script],
-    ));
-    let t = s(&o.stdout);
-    let host_key = std::fs::read_to_string(&key).unwrap();
-    assert!(t.starts_with("0\n"), "no /etc/shadow content: {t}");
-    assert!(!t.contains(host_key.trim()), "the agent key leaked: {t}");
-    assert!(t.contains("No such file"), "{t}");
-    assert!(t.trim_end().ends_with("65534"), "{t}");
+    // h1 starts its tasks in warm slots (the default), h2 in fresh cgroups.
+    lab.configs[2] = format!("warm_slots = 0\n{}", lab.configs[2]);
+    start_all(&mut lab, &[0, 1, 2], &[]);
+    wait_alive(&lab, &[0, 1, 2], &[0, 1, 2], Duration::from_secs(20));
+    wait_facts(&lab);
+    let tree = Tree::new(&lab.dir.join("tree"));
+    for (node, cgroup) in [("h1", "/warm-"), ("h2", "/task-")] {
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--node", node, "--", "cat", "/proc/self/cgroup"],
+        ));
+        assert!(
+            s(&o.stdout).contains(&format!("pids:/shoal-{node}{cgroup}")),
+            "{node}: {}",
+            s(&o.stdout)
+        );
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--node", node, "--mem", "64M", "--", "tail", "/dev/zero"],
+        ));
+        assert_eq!(o.status.code(), Some(137), "{node}");
+        assert!(s(&o.stderr).contains("out of memory"), "{}", s(&o.stderr));
+        let o = out(run(
+            &lab,
+            &tree,
+            &[
+                "--node",
+                node,
+                "--pids",
+                "24",
+                "--",
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; wait",
+            ],
+        ));
+        assert!(
+            s(&o.stderr).to_lowercase().contains("fork"),
+            "{node}: the fork bomb hit the pids limit: {}",
+            s(&o.stderr)
+        );
+        assert!(nodes(&lab, 1).is_some(), "the executor is still there");
+        // Only loopback, unless asked for the host's network.
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--node", node, "--", "cat", "/proc/net/dev"],
+        ));
+        let devs = s(&o.stdout);
+        assert!(
+            devs.contains("lo:") && !devs.contains("veth") && !devs.contains("eth"),
+            "{node}: {devs}"
+        );
+        let o = out(run(
+            &lab,
+            &tree,
+            &[
+                "--node",
+                node,
+                "--net",
+                "host",
+                "--",
+                "cat",
+                "/proc/net/dev",
+            ],
+        ));
+        assert!(s(&o.stdout).lines().count() > 3, "{node}: {}", s(&o.stdout));
+        let key = lab.dir.join("cluster.key");
+        let script = format!(
+            "cat /etc/shadow | wc -c; cat {} 2>&1 | head -c 200; ls /root 2>&1 | head -1; id -u",
+            key.display()
+        );
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--node", node, "--", "sh", "-c", &script],
+        ));
+        let t = s(&o.stdout);
+        let host_key = std::fs::read_to_string(&key).unwrap();
+        assert!(t.starts_with("0\n"), "no /etc/shadow content: {t}");
+        assert!(!t.contains(host_key.trim()), "the agent key leaked: {t}");
+        assert!(t.contains("No such file"), "{t}");
+        assert!(t.trim_end().ends_with("65534"), "{t}");
+    }
 }
 
 #[test]
@@ -306,11 +349,25 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
         let no_dirs = std::fs::read_dir(&tasks)
             .map(|d| d.count() == 0)
             .unwrap_or(true);
+        // No task cgroup left, and the warm slots' hold nothing but their
+        // spawners.
         let cg = Path::new("/sys/fs/cgroup/pids/shoal-h1");
         let no_cgroups = std::fs::read_dir(cg)
             .map(|d| {
-                !d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("task-"))
+                d.flatten().all(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("warm-") {
+                        std::fs::read_to_string(e.path().join("cgroup.procs"))
+                            .unwrap_or_default()
+                            .lines()
+                            .all(|p| {
+                                std::fs::read(format!("/proc/{p}/cmdline"))
+                                    .is_ok_and(|c| c.ends_with(b"__spawner\x00"))
+                            })
+                    } else {
+                        !n.starts_with("task-")
+                    }
+                })
             })
             .unwrap_or(true);
         let no_proc = !any_process_with_cmdline(b"sleep\x00300\x00");

@@ -57,6 +57,9 @@ pub enum CgroupError {
     /// The freezer did not reach the wanted state in time.
     #[error("cgroup {0} did not {1} in time")]
     Freeze(String, &'static str),
+    /// This hierarchy cannot do that.
+    #[error("{0} is not supported on this cgroup hierarchy")]
+    Unsupported(&'static str),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -287,6 +290,20 @@ pub trait CgroupManager: fmt::Debug + Send + Sync {
     /// # Errors
     /// The parent's counter cannot be read.
     fn parent_cpu_usec(&self) -> Result<u64, CgroupError>;
+    /// Makes `name`, a group that already has processes in it (a warm
+    /// slot's spawner), ready for its next task: sets every limit
+    /// (`None`: none) and restarts its CPU and peak-memory counters.
+    /// Returns the group's OOM kills so far, a counter the kernel cannot
+    /// restart.
+    ///
+    /// # Errors
+    /// Bad limits, no such cgroup, the kernel refused (a memory limit below
+    /// what cannot be reclaimed), or a hierarchy whose counters cannot be
+    /// restarted (cgroup v2).
+    fn reuse(&self, name: &str, limits: &Limits) -> Result<u64, CgroupError> {
+        let _ = (name, limits);
+        Err(CgroupError::Unsupported("restarting a group's counters"))
+    }
     /// Sends `signal` to every process in `name` (SIGTERM on eviction).
     ///
     /// # Errors

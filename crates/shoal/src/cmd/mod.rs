@@ -11,6 +11,7 @@ pub mod owner;
 pub mod ps;
 pub mod retry;
 pub mod run;
+pub mod spawner;
 pub mod status;
 pub mod submit;
 pub mod wait;

@@ -1,0 +1,602 @@
+//! Warm slots: a task cgroup with a spawner process already inside it.
+//!
+//! Moving a process into a cgroup v1 (a write to `cgroup.procs`) waits for
+//! an RCU grace period: 10 to 30 ms on an idle machine (measured here with
+//! `strace -T`), most of a short task's start. A child, though, is born in
+//! its parent's cgroup at no such cost. So a warm slot pays the move once,
+//! ahead of time: a spawner (`shoal` run again, [`serve`]) moves into the
+//! slot's cgroup when the slot is made, and forks every task of that slot
+//! from there. A slot serves one task at a time and many in turn; before
+//! each, its limits are set and its counters restarted
+//! ([`CgroupManager::reuse`]).
+//!
+//! ```text
+//!  agent ── Request + stdin/stdout/stderr (SCM_RIGHTS) ──▶ spawner (in cgroup warm-N)
+//!        ◀── Started{pid} | Failed{errno} ──                 └─fork─▶ workspace (crate::workspace)
+//!        ◀── Exited{wait status} ──
+//! ```
+//!
+//! The spawner dies with the thread that made it (`PR_SET_PDEATHSIG`) and
+//! when its socket closes; its task dies with it. Where the counters cannot
+//! be restarted (cgroup v2) there are no warm slots: every task gets a
+//! fresh cgroup.
+
+use std::ffi::OsString;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::time::TimeVal;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{spawn_into, CgroupError, CgroupManager, Limits, Usage};
+use crate::workspace::{Net, Plan, Spec};
+
+/// Why a warm slot could not be made or used. The caller falls back to a
+/// fresh cgroup, except for [`WarmError::Task`].
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    /// Talking to the spawner failed (it died, or took too long).
+    #[error("warm slot {slot}: {source}")]
+    Link {
+        /// The slot.
+        slot: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The request does not fit in one message.
+    #[error("the task's request is too large for a warm slot")]
+    TooLarge,
+    /// The spawner said something that is not a reply.
+    #[error("warm slot {0}: malformed reply from the spawner")]
+    Malformed(String),
+    /// The slot's cgroup could not be made, set or restarted.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The task itself could not be started (its workspace, or the
+    /// command's exec): not the slot's fault.
+    #[error("{message}")]
+    Task {
+        /// The OS error number, when there is one (ENOENT: no such
+        /// command).
+        errno: Option<i32>,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// What the agent asks a spawner to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// The workspace.
+    pub spec: Spec,
+    /// The command and its arguments.
+    pub argv: Vec<Vec<u8>>,
+    /// The command's whole environment.
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    Ready,
+    Started { pid: u32 },
+    Failed { errno: Option<i32>, message: String },
+    Exited { status: i32 },
+}
+
+/// Signals a spawner ignores (its tasks do not).
+const SPARED: [nix::sys::signal::Signal; 3] = [
+    nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGINT,
+    nix::sys::signal::Signal::SIGHUP,
+];
+
+/// The largest request a spawner reads (the kernel's default socket
+/// buffer caps a message at about 200 KiB anyway).
+const MAX_REQUEST: usize = 256 * 1024;
+
+fn send(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one message and the descriptors that came with it. `Ok(None)`:
+/// the other end closed.
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut space = nix::cmsg_space!([i32; 3]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for f in raw {
+                // SAFETY: the kernel has just installed this descriptor in
+                // our table for this message; nothing else owns it.
+                #[allow(unsafe_code)]
+                fds.push(unsafe { OwnedFd::from_raw_fd(f) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message larger than the buffer",
+        ));
+    }
+    if msg.bytes == 0 {
+        return Ok(None);
+    }
+    Ok(Some((msg.bytes, fds)))
+}
+
+fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
+    let bytes = postcard::to_stdvec(r).map_err(io::Error::other)?;
+    send(fd, &bytes, &[])
+}
+
+/// The spawner's life, in a fresh process whose stdin is its socket to
+/// the agent: says it is ready, then starts one task per request and
+/// reports its end, until the agent closes the socket.
+///
+/// # Errors
+/// The socket failed.
+pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
+    // Die with the agent's thread that made us, and stay out of its
+    // terminal's process group (a Ctrl-C to the agent is not for us).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    let _ = nix::unistd::setsid();
+    // The owner's policy ends a task by SIGTERM to every process of its
+    // cgroup, this one included: it is not for us. (Reset to the default
+    // in every task, see `start`.)
+    for sig in SPARED {
+        // SAFETY: setting a disposition to SIG_IGN installs no handler; no
+        // other thread runs in this process.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn)?;
+        }
+    }
+    // One network namespace with only loopback, up, for every task of the
+    // slot that asks for none (made once: making and tearing one down per
+    // task costs about 1.5 ms); the host's is kept for `--net host`.
+    let host_net = std::fs::File::open("/proc/self/ns/net")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+    crate::workspace::loopback_up()?;
+    reply(sock, &Reply::Ready)?;
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let Some((n, fds)) = recv(sock, &mut buf)? else {
+            return Ok(());
+        };
+        let r = match postcard::from_bytes::<Request>(&buf[..n]) {
+            Ok(req) => start(req, fds, host_net.as_fd()),
+            Err(e) => Err(Reply::Failed {
+                errno: None,
+                message: format!("malformed request: {e}"),
+            }),
+        };
+        match r {
+            Ok(mut child) => {
+                reply(sock, &Reply::Started { pid: child.id() })?;
+                let status = loop {
+                    match child.wait() {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r?,
+                    }
+                };
+                reply(
+                    sock,
+                    &Reply::Exited {
+                        status: status.into_raw(),
+                    },
+                )?;
+            }
+            Err(f) => reply(sock, &f)?,
+        }
+    }
+}
+
+fn start(
+    mut req: Request,
+    fds: Vec<OwnedFd>,
+    host_net: BorrowedFd<'_>,
+) -> Result<std::process::Child, Reply> {
+    let fail = |errno: Option<i32>, message: String| Reply::Failed { errno, message };
+    let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| fail(None, "a request without its three descriptors".into()))?;
+    let Some(argv0) = req.argv.first() else {
+        return Err(fail(None, "an empty command".into()));
+    };
+    let host = req.spec.net == Net::Host;
+    req.spec.net = Net::Inherit;
+    let plan = Plan::new(&req.spec).map_err(|e| fail(None, format!("workspace: {e}")))?;
+    let mut cmd = Command::new(OsString::from_vec(argv0.clone()));
+    cmd.args(req.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
+        .env_clear()
+        .envs(
+            req.env
+                .into_iter()
+                .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
+        )
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    // SAFETY: runs in the forked child before exec (and before the
+    // workspace's own hook): resetting dispositions is async-signal-safe
+    // and touches nothing shared.
+    #[allow(unsafe_code)]
+    unsafe {
+        let host_net = host_net.as_raw_fd();
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            for sig in SPARED {
+                nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)?;
+            }
+            if host {
+                // SAFETY: the descriptor is the spawner's open
+                // /proc/self/ns/net, alive for its whole life.
+                let fd = BorrowedFd::borrow_raw(host_net);
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            }
+            Ok(())
+        });
+    }
+    plan.apply(&mut cmd);
+    cmd.spawn()
+        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))
+}
+
+/// One warm slot: its cgroup and the spawner inside it.
+#[derive(Debug)]
+pub struct Slot {
+    name: String,
+    sock: OwnedFd,
+    spawner: std::process::Child,
+    oom_base: u64,
+}
+
+impl Slot {
+    /// The slot's cgroup (the task's cgroup while it runs).
+    pub fn cgroup(&self) -> &str {
+        &self.name
+    }
+
+    fn link_err(&self) -> impl FnOnce(io::Error) -> WarmError + '_ {
+        |source| WarmError::Link {
+            slot: self.name.clone(),
+            source,
+        }
+    }
+
+    fn read_reply(&self, timeout: Option<Duration>) -> Result<Reply, WarmError> {
+        let tv = timeout.map_or_else(
+            || TimeVal::new(0, 0),
+            |t| TimeVal::new(t.as_secs() as i64, 0),
+        );
+        setsockopt(&self.sock, sockopt::ReceiveTimeout, &tv)
+            .map_err(|e| self.link_err()(e.into()))?;
+        let mut buf = [0u8; 4096];
+        match recv(self.sock.as_fd(), &mut buf) {
+            Ok(Some((n, _))) => {
+                postcard::from_bytes(&buf[..n]).map_err(|_| WarmError::Malformed(self.name.clone()))
+            }
+            Ok(None) => Err(self.link_err()(io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Err(self.link_err()(e)),
+        }
+    }
+
+    /// Sets the slot's limits for its next task and starts `req` there
+    /// with these descriptors as its stdin, stdout and stderr. Returns the
+    /// pid of the workspace's supervisor (signals sent to it reach the
+    /// command).
+    ///
+    /// # Errors
+    /// [`WarmError::Task`] when the task itself cannot start; any other
+    /// error means the slot is unusable (start the task elsewhere).
+    pub fn start(
+        &mut self,
+        mgr: &dyn CgroupManager,
+        limits: &Limits,
+        req: &Request,
+        stdio: [BorrowedFd<'_>; 3],
+    ) -> Result<u32, WarmError> {
+        // The spawner is one more process in the group.
+        let limits = Limits {
+            pids: limits.pids.map(|p| p.saturating_add(1)),
+            ..*limits
+        };
+        self.oom_base = mgr.reuse(&self.name, &limits)?;
+        let bytes = postcard::to_stdvec(req).map_err(|_| WarmError::TooLarge)?;
+        if bytes.len() > MAX_REQUEST {
+            return Err(WarmError::TooLarge);
+        }
+        match send(self.sock.as_fd(), &bytes, &stdio) {
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Err(WarmError::TooLarge),
+            r => r.map_err(self.link_err())?,
+        }
+        match self.read_reply(Some(Duration::from_secs(30)))? {
+            Reply::Started { pid } => Ok(pid),
+            Reply::Failed { errno, message } => Err(WarmError::Task { errno, message }),
+            _ => Err(WarmError::Malformed(self.name.clone())),
+        }
+    }
+
+    /// Waits for the task started last to end, and returns how it ended
+    /// and what it used. A spawner killed meanwhile (with its whole cgroup,
+    /// say on eviction) is reported as death by SIGKILL.
+    pub fn wait(&mut self, mgr: &dyn CgroupManager) -> (ExitStatus, Usage) {
+        let status = match self.read_reply(None) {
+            Ok(Reply::Exited { status }) => ExitStatus::from_raw(status),
+            _ => ExitStatus::from_raw(libc::SIGKILL),
+        };
+        let mut usage = mgr.usage(&self.name).unwrap_or_default();
+        usage.oom_kills = usage.oom_kills.saturating_sub(self.oom_base);
+        (status, usage)
+    }
+
+    fn kill(mut self, mgr: &dyn CgroupManager) {
+        let _ = self.spawner.kill();
+        let _ = self.spawner.wait();
+        if let Err(e) = mgr.remove(&self.name) {
+            tracing::warn!(slot = %self.name, error = %e, "warm slot's cgroup not removed");
+        }
+    }
+}
+
+/// Warm slots ready for tasks, kept full by a thread of their own (the
+/// spawners die with the thread that made them, so it lives as long as the
+/// pool's owner).
+#[derive(Debug)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mgr: Arc<dyn CgroupManager>,
+    /// The spawner's command line: the agent's binary and its hidden
+    /// subcommand.
+    command: Vec<OsString>,
+    size: usize,
+    state: Mutex<State>,
+    wake: Condvar,
+    next: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    free: Vec<Slot>,
+    /// Slots handed out and not yet back.
+    out: usize,
+    /// Set when the pool is dropped.
+    closed: bool,
+    /// Set when making slots kept failing: no more are made.
+    gave_up: bool,
+}
+
+impl Pool {
+    /// A pool of `size` slots under `mgr`, whose spawners run `command`
+    /// (which must call [`serve`] with its stdin). Makes them in the
+    /// background. `None` where slots cannot be reused (cgroup v2).
+    pub fn new(mgr: Arc<dyn CgroupManager>, command: Vec<OsString>, size: usize) -> Option<Self> {
+        if mgr.version() != crate::cgroup::CgroupVersion::V1 || size == 0 || command.is_empty() {
+            return None;
+        }
+        let inner = Arc::new(Inner {
+            mgr,
+            command,
+            size,
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            next: AtomicU64::new(0),
+        });
+        let filler = inner.clone();
+        std::thread::Builder::new()
+            .name("shoal-warm".into())
+            .spawn(move || filler.fill())
+            .ok()?;
+        Some(Self { inner })
+    }
+
+    /// A free slot, if one is ready.
+    pub fn take(&self) -> Option<Slot> {
+        let mut st = self.inner.lock();
+        let slot = st.free.pop()?;
+        st.out += 1;
+        drop(st);
+        self.inner.wake.notify_one();
+        Some(slot)
+    }
+
+    /// Returns a slot whose task has ended: kept if only its spawner is
+    /// left in its cgroup and it is thawed, else removed (and replaced).
+    /// Blocks briefly (cgroup reads and writes).
+    pub fn give_back(&self, slot: Slot) {
+        let keep = self.inner.clean(&slot);
+        let mut st = self.inner.lock();
+        st.out = st.out.saturating_sub(1);
+        if keep && !st.closed {
+            st.free.push(slot);
+            return;
+        }
+        drop(st);
+        slot.kill(self.inner.mgr.as_ref());
+        self.inner.wake.notify_one();
+    }
+
+    /// Throws away a slot that failed (its spawner is killed, its cgroup
+    /// removed); the pool makes another.
+    pub fn discard(&self, slot: Slot) {
+        slot.kill(self.inner.mgr.as_ref());
+        let mut st = self.inner.lock();
+        st.out = st.out.saturating_sub(1);
+        drop(st);
+        self.inner.wake.notify_one();
+    }
+
+    /// How many slots are ready now.
+    pub fn ready(&self) -> usize {
+        self.inner.lock().free.len()
+    }
+}
+
+impl Pool {
+    /// Makes no more slots, and removes the free ones (their spawners are
+    /// killed, their cgroups removed). Slots handed out are removed when
+    /// they come back.
+    pub fn close(&self) {
+        let free = {
+            let mut st = self.inner.lock();
+            st.closed = true;
+            std::mem::take(&mut st.free)
+        };
+        self.inner.wake.notify_all();
+        for s in free {
+            s.kill(self.inner.mgr.as_ref());
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `size` slots free or handed out, until closed. Stops making
+    /// them after a few failures in a row (tasks then get fresh cgroups),
+    /// but lives on until closed: the spawners die with this thread.
+    fn fill(&self) {
+        let mut failures = 0u32;
+        loop {
+            {
+                let mut st = self.lock();
+                while !st.closed && (st.gave_up || st.free.len() + st.out >= self.size) {
+                    st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.closed {
+                    return;
+                }
+            }
+            match self.make() {
+                Ok(slot) => {
+                    failures = 0;
+                    let mut st = self.lock();
+                    if st.closed {
+                        drop(st);
+                        slot.kill(self.mgr.as_ref());
+                        return;
+                    }
+                    st.free.push(slot);
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "a warm slot could not be made");
+                    if failures >= 3 {
+                        tracing::warn!("no more warm slots: tasks get fresh cgroups");
+                        self.lock().gave_up = true;
+                        continue;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn make(&self) -> Result<Slot, WarmError> {
+        let name = format!("warm-{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let link = |source: io::Error| WarmError::Link {
+            slot: name.clone(),
+            source,
+        };
+        self.mgr.create(&name, &Limits::default())?;
+        let made = (|| {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| link(e.into()))?;
+            let mut cmd = Command::new(&self.command[0]);
+            cmd.args(&self.command[1..])
+                .stdin(Stdio::from(theirs))
+                .stdout(Stdio::null());
+            spawn_into(&mut cmd, self.mgr.as_ref(), &name)?;
+            // The slow move into the cgroup happens here, off every task's
+            // path.
+            let spawner = cmd.spawn().map_err(link)?;
+            let slot = Slot {
+                name: name.clone(),
+                sock: ours,
+                spawner,
+                oom_base: 0,
+            };
+            match slot.read_reply(Some(Duration::from_secs(10))) {
+                Ok(Reply::Ready) => Ok(slot),
+                Ok(_) => {
+                    let e = WarmError::Malformed(name.clone());
+                    slot.kill(self.mgr.as_ref());
+                    Err(e)
+                }
+                Err(e) => {
+                    slot.kill(self.mgr.as_ref());
+                    Err(e)
+                }
+            }
+        })();
+        if made.is_err() {
+            let _ = self.mgr.remove(&name);
+        }
+        made
+    }
+
+    /// Whether a slot whose task ended can serve another: its spawner is
+    /// alive and alone in its thawed cgroup.
+    fn clean(&self, slot: &Slot) -> bool {
+        let spawner = slot.spawner.id();
+        let alone = |pids: &[u32]| pids == [spawner];
+        let Ok(pids) = self.mgr.pids(&slot.name) else {
+            return false;
+        };
+        if !alone(&pids) {
+            // A task's processes all die with its pid namespace; anything
+            // else here is not to be trusted with the next task.
+            return false;
+        }
+        self.mgr.set_frozen(&slot.name, false).is_ok()
+    }
+}
