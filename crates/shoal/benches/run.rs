@@ -21,6 +21,12 @@ fn main() {
     let n: usize = env_or("SHOAL_BENCH_N", 200);
     let bin = Path::new(env!("CARGO_BIN_EXE_shoal"));
     let mut lab = Lab::new("brun", 62, 3, bin).unwrap();
+    // `SHOAL_BENCH_WARM=0`: every task in a fresh cgroup, for comparison.
+    if let Ok(w) = std::env::var("SHOAL_BENCH_WARM") {
+        for c in &mut lab.configs {
+            *c = format!("warm_slots = {w}\n{c}");
+        }
+    }
     for i in 0..3 {
         lab.start_agent(i, &[]).unwrap();
     }
@@ -69,11 +75,31 @@ fn main() {
             .success())
     }));
 
+    // The same with the machine idle between runs (as between the
+    // commands a person types): what an idle machine's slow RCU grace
+    // periods cost a task that moves between cgroups.
+    let gapped = median(
+        (0..n / 4)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                let t = Instant::now();
+                assert!(shoal_run(&empty, &["--local", "--", "true"])
+                    .status()
+                    .unwrap()
+                    .success());
+                t.elapsed()
+            })
+            .collect(),
+    );
+
     // Where the time goes, when the agents log at debug level
     // (`SHOAL_LAB_LOG=info,shoal_agent=debug`): the executor's own timings.
     if std::env::var("SHOAL_LAB_LOG").is_ok_and(|v| v.contains("debug")) {
         for (i, label) in [(0, "local"), (1, "remote")] {
             let log = lab.log(i);
+            for l in log.lines().filter(|l| l.contains("WARN")) {
+                println!("h{i}: {l}");
+            }
             for key in [
                 "setup_ms",
                 "spawn_ms",
@@ -192,6 +218,11 @@ fn main() {
     println!("| measure | shoal | peer (same run) |");
     println!("|---|---|---|");
     println!("| `true`, median of {n} runs, peer fork+exec of /bin/true | local workspace {:.2} ms; on another host {:.2} ms | {:.2} ms |", ms(local), ms(remote), ms(peer));
+    println!(
+        "| `true` with 200 ms idle before each run, median of {} | local workspace {:.2} ms | |",
+        n / 4,
+        ms(gapped)
+    );
     println!(
         "| added per run over the peer | local {:.2} ms; remote {:.2} ms | |",
         ms(local) - ms(peer),
