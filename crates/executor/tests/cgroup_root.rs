@@ -252,3 +252,68 @@ fn guests_at_the_idle_class_and_their_cpu_counted_on_the_parent() {
     }
     s.mgr.remove("g").unwrap();
 }
+
+#[test]
+fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
+    let Some(mut s) = scratch("reuse") else {
+        return;
+    };
+    if s.mgr.version() != cgroup::CgroupVersion::V1 {
+        eprintln!("skipped: counters are restarted on cgroup v1 only");
+        return;
+    }
+    s.mgr.create("slot", &Limits::default()).unwrap();
+    // The first "task" uses CPU; the spawner stands in as a sleeping shell.
+    spawn(
+        &mut s,
+        "slot",
+        "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; exec sleep 60",
+    );
+    let busy = Instant::now() + Duration::from_secs(10);
+    while s.mgr.usage("slot").unwrap().cpu_usec < 50_000 && Instant::now() < busy {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.mgr.usage("slot").unwrap().cpu_usec >= 50_000);
+    let root = Path::new("/sys/fs/cgroup");
+    let parent = format!("shoal-test-{}-reuse", std::process::id());
+    let file = |c: &str, f: &str| {
+        std::fs::read_to_string(root.join(c).join(&parent).join("slot").join(f))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let limited = Limits {
+        cpus: Some(0.5),
+        cpu_weight: Some(50),
+        memory_bytes: Some(64 << 20),
+        pids: Some(7),
+    };
+    assert_eq!(
+        s.mgr.reuse("slot", &limited).unwrap(),
+        0,
+        "no OOM kills yet"
+    );
+    assert!(
+        s.mgr.usage("slot").unwrap().cpu_usec < 50_000,
+        "CPU counter restarted"
+    );
+    assert_eq!(file("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(file("cpu", "cpu.shares"), "512");
+    assert_eq!(
+        file("memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(file("pids", "pids.max"), "7");
+    // The next task asks for nothing: every limit is lifted again.
+    s.mgr.reuse("slot", &Limits::default()).unwrap();
+    assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1");
+    assert_eq!(file("cpu", "cpu.shares"), "1024");
+    assert!(
+        file("memory", "memory.limit_in_bytes")
+            .parse::<u64>()
+            .unwrap()
+            > 1 << 40
+    );
+    assert_eq!(file("pids", "pids.max"), "max");
+    assert_eq!(s.mgr.pids("slot").unwrap().len(), 1, "its process stayed");
+}
