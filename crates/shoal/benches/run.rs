@@ -101,6 +101,7 @@ fn main() {
                 println!("h{i}: {l}");
             }
             for key in [
+                "start_ms",
                 "setup_ms",
                 "spawn_ms",
                 "started_ms",
