@@ -936,6 +936,12 @@ async fn prepare(
                 let _ = tokio::task::spawn_blocking(move || pool.give_back(slot)).await;
                 return Err(not_started(errno, &message));
             }
+            Ok((slot, r, Err(WarmError::TooLarge))) => {
+                // The slot is fine; the request (a huge environment) is not
+                // for it.
+                tokio::task::spawn_blocking(move || pool.give_back(slot));
+                req = r;
+            }
             Ok((slot, r, Err(e))) => {
                 tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
                 tokio::task::spawn_blocking(move || pool.discard(slot));

@@ -156,6 +156,29 @@ fn exit_status_streams_and_stdin_as_if_local() {
     );
     let o = out(run(&lab, &tree, &["--mem", "lots", "--", "true"]));
     assert_eq!(o.status.code(), Some(2));
+    // An environment too large for one message to a warm slot's spawner
+    // (256 KiB) starts in a fresh cgroup instead, whole.
+    let big = "x".repeat(100_000);
+    let mut c = run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "echo ${#BIG1} ${#BIG2} ${#BIG3}; grep pids: /proc/self/cgroup | grep -c /task-",
+        ],
+    );
+    c.env("BIG1", &big).env("BIG2", &big).env("BIG3", &big);
+    let o = out(c);
+    assert_eq!(
+        s(&o.stdout),
+        "100000 100000 100000\n1\n",
+        "{}",
+        s(&o.stderr)
+    );
     // Longer than tokio's idle blocking threads live (10 s): a task forked
     // from one of them was SIGKILLed with it (PR_SET_PDEATHSIG follows the
     // forking thread).
