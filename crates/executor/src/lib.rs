@@ -2,12 +2,13 @@
 //!
 //! Everything that needs root or kernel features (namespaces, mounts,
 //! cgroups, the freezer) lives in this crate behind narrow functions, so
-//! the rest of the workspace is testable without root. Today it holds the
-//! start-up probes of the formation issue (can this machine create the
-//! namespaces and the cgroups a workspace needs?) and the cgroup managers
-//! for v1 and v2 that workspaces will run in (the resource quantum, the
-//! freezer, kill and accounting), behind the [`CgroupManager`] trait with a
-//! recording fake.
+//! the rest of the workspace is testable without root: the start-up probes
+//! (can this machine create the namespaces and the cgroups a workspace
+//! needs?), the cgroup managers for v1 and v2 (the resource quantum, the
+//! freezer, kill and accounting) behind the [`CgroupManager`] trait with a
+//! recording fake, the workspaces themselves ([`workspace`]), warm slots
+//! that start tasks in cgroups made ahead of time ([`warm`]), and running
+//! a closure as another user ([`creds`]).
 #![deny(missing_docs)]
 
 pub mod cgroup;
