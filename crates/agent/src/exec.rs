@@ -13,7 +13,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -955,18 +954,10 @@ async fn prepare(
         .map_err(|e| err125("cgroup", &e))?;
     guard.cgroup = Some((mgr.clone(), cg_name.clone()));
     let plan = Plan::new(&req.spec).map_err(|e| err125("workspace", &e))?;
-    let mut cmd = std::process::Command::new(&argv0);
-    cmd.args(req.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
-        .env_clear()
-        .envs(
-            req.env
-                .into_iter()
-                .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
-        );
-    let [i, o, e] = io.theirs().map_err(|e| err125("pipes", &e))?;
-    cmd.stdin(Stdio::from(i))
-        .stdout(Stdio::from(o))
-        .stderr(Stdio::from(e));
+    let stdio = io.theirs().map_err(|e| err125("pipes", &e))?;
+    let mut cmd = req
+        .command(stdio)
+        .ok_or_else(|| failed(2, "an empty command"))?;
     spawn_into(&mut cmd, mgr.as_ref(), &cg_name).map_err(|e| err125("cgroup", &e))?;
     plan.apply(&mut cmd);
     let mut cmd = tokio::process::Command::from(cmd);

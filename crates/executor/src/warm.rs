@@ -85,6 +85,28 @@ pub struct Request {
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Request {
+    /// The command with exactly this environment and these descriptors
+    /// as its stdin, stdout and stderr (`None`: an empty argv). The
+    /// workspace is for the caller to apply.
+    pub fn command(self, stdio: [OwnedFd; 3]) -> Option<Command> {
+        let mut argv = self.argv.into_iter().map(OsString::from_vec);
+        let mut cmd = Command::new(argv.next()?);
+        let [i, o, e] = stdio;
+        cmd.args(argv)
+            .env_clear()
+            .envs(
+                self.env
+                    .into_iter()
+                    .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
+            )
+            .stdin(Stdio::from(i))
+            .stdout(Stdio::from(o))
+            .stderr(Stdio::from(e));
+        Some(cmd)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Ready,
@@ -233,23 +255,12 @@ fn start(
     let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
         .try_into()
         .map_err(|_| fail(None, "a request without its three descriptors".into()))?;
-    let Some(argv0) = req.argv.first() else {
-        return Err(fail(None, "an empty command".into()));
-    };
     let host = req.spec.net == Net::Host;
     req.spec.net = Net::Inherit;
     let plan = Plan::new(&req.spec).map_err(|e| fail(None, format!("workspace: {e}")))?;
-    let mut cmd = Command::new(OsString::from_vec(argv0.clone()));
-    cmd.args(req.argv[1..].iter().map(|a| OsString::from_vec(a.clone())))
-        .env_clear()
-        .envs(
-            req.env
-                .into_iter()
-                .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))),
-        )
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
+    let Some(mut cmd) = req.command([stdin, stdout, stderr]) else {
+        return Err(fail(None, "an empty command".into()));
+    };
     // SAFETY: runs in the forked child before exec (and before the
     // workspace's own hook): resetting dispositions is async-signal-safe
     // and touches nothing shared.
