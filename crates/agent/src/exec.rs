@@ -834,9 +834,9 @@ async fn prepare(
             Err(e) => return Err(err125("preparing the task's files", &e)),
         }
     };
-    let lower_path = lower.path.clone();
+    let lower_stack = lower.stack();
     guard.lower = Some(lower);
-    let lower = lower_path;
+    let lower = lower_stack;
     let root = match image {
         None => Root::Host,
         Some((held, manifest)) => {

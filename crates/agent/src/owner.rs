@@ -637,6 +637,32 @@ fn terminals() -> Vec<PathBuf> {
     v
 }
 
+/// When the machine booted (seconds since the epoch), from `/proc/stat`.
+fn boot_time_s() -> Option<i64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The terminals among `all` that were ever used since boot: a virtual
+/// console nobody opened keeps the times its device node got at boot.
+/// Only these are polled every 50 ms (a machine has 60-odd unused
+/// consoles, and polling them all would cost the agent more than
+/// everything else it does while idle); the full list is looked at again
+/// every 2 s.
+fn used_terminals(all: Vec<PathBuf>, boot_s: Option<i64>) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(boot) = boot_s else {
+        return all;
+    };
+    all.into_iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.atime().max(m.mtime()) > boot + 60))
+        .collect()
+}
+
 /// Watches for the owner's input and wakes the policy loop at once.
 ///
 /// Terminals: the kernel sends no inotify events for ttys, but a read
@@ -656,7 +682,8 @@ fn watch_input(owner: &Arc<Owner>) {
             i.add_watch(Path::new("/dev/input"), AddWatchFlags::IN_ACCESS)
                 .is_ok()
         });
-    let mut ttys = terminals();
+    let boot = boot_time_s();
+    let mut ttys = used_terminals(terminals(), boot);
     let mut listed = Instant::now();
     let latest = |ttys: &[PathBuf]| {
         ttys.iter()
@@ -669,7 +696,7 @@ fn watch_input(owner: &Arc<Owner>) {
         std::thread::sleep(INPUT_POLL);
         if listed.elapsed() > Duration::from_secs(2) {
             // New terminals (a login, a new window) join the watch.
-            ttys = terminals();
+            ttys = used_terminals(terminals(), boot);
             listed = Instant::now();
             last = last.max(latest(&ttys));
         }
@@ -689,5 +716,34 @@ fn watch_input(owner: &Arc<Owner>) {
             owner.last_input_ms.store(unix_ms(), Ordering::Relaxed);
             owner.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_terminals_used_since_boot_are_polled() {
+        let d = std::env::temp_dir().join(format!("shoal-ttys-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let (unused, used) = (d.join("tty40"), d.join("pts-3"));
+        for p in [&unused, &used] {
+            std::fs::write(p, "").unwrap();
+        }
+        // The unused one keeps the times it got at boot.
+        let boot = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let f = std::fs::File::options().write(true).open(&unused).unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(boot)
+                .set_modified(boot),
+        )
+        .unwrap();
+        let all = vec![unused.clone(), used.clone()];
+        assert_eq!(used_terminals(all.clone(), Some(1_000_000)), vec![used]);
+        // Without a boot time, every terminal is polled.
+        assert_eq!(used_terminals(all.clone(), None), all);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -51,6 +51,9 @@ pub enum WorkspaceError {
     /// A path that must be absolute.
     #[error("{0} must be an absolute path")]
     Relative(PathBuf),
+    /// A tree with no lower layer.
+    #[error("the tree at {0} has no lower layer")]
+    NoLower(PathBuf),
 }
 
 /// The software environment: where the read-only system directories come
@@ -63,13 +66,14 @@ pub enum Root {
     Image(PathBuf),
 }
 
-/// The task's own files: `lower` (read-only, the submitter's tree) under a
-/// writable `upper`, seen at `at` inside the workspace. What the task
-/// changes lands in `upper` only.
+/// The task's own files: `lower` (read-only layers, the submitter's tree)
+/// under a writable `upper`, seen at `at` inside the workspace. What the
+/// task changes lands in `upper` only.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tree {
-    /// The submitter's files, read-only.
-    pub lower: PathBuf,
+    /// The submitter's files, read-only: directories stacked top first
+    /// (a tree made as a thin layer over a close one).
+    pub lower: Vec<PathBuf>,
     /// Where the task's writes go.
     pub upper: PathBuf,
     /// Overlayfs' work directory (same filesystem as `upper`).
@@ -311,9 +315,13 @@ impl Plan {
                 acc.push(comp);
                 steps.push(Step::Mkdir(c(&acc)?));
             }
+            if t.lower.is_empty() {
+                return Err(WorkspaceError::NoLower(t.at.clone()));
+            }
+            let lower: Vec<String> = t.lower.iter().map(|l| l.display().to_string()).collect();
             let data = format!(
                 "lowerdir={},upperdir={},workdir={}",
-                t.lower.display(),
+                lower.join(":"),
                 t.upper.display(),
                 t.work.display()
             );

@@ -186,7 +186,7 @@ fn writes_land_in_upper_and_lower_is_untouched() {
     let at = PathBuf::from("/home/alice/project");
     let mut s = spec(&d.0);
     s.tree = Some(Tree {
-        lower: lower.clone(),
+        lower: vec![lower.clone()],
         upper: upper.clone(),
         work,
         at: at.clone(),
@@ -290,7 +290,7 @@ fn a_tasks_changes_read_from_upper_and_applied_match_what_it_saw() {
     let at = PathBuf::from("/work/proj");
     let mut s = spec(&d.0);
     s.tree = Some(Tree {
-        lower: lower.clone(),
+        lower: vec![lower.clone()],
         upper: upper.clone(),
         work,
         at: at.clone(),

@@ -1,10 +1,12 @@
 //! The executor's side: a content-addressed cache of file contents and the
 //! task trees built from it.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::image::{ImageEntry, ImageNode};
@@ -40,6 +42,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CasError + '_ {
     }
 }
 
+fn chown(p: &Path, owner: Option<(u32, u32)>) -> Result<(), CasError> {
+    if let Some((u, g)) = owner {
+        std::os::unix::fs::lchown(p, Some(u), Some(g)).map_err(io_err(p))?;
+    }
+    Ok(())
+}
+
 /// A name part no other writer in this process or another uses now.
 fn unique() -> String {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -64,6 +73,12 @@ fn inside(dest: &Path, rel: &Path) -> Result<PathBuf, CasError> {
 pub struct Cas {
     dir: PathBuf,
     cap_bytes: u64,
+    /// Contents seen in the cache (saves a `stat` per file per task);
+    /// eviction takes its victims out first.
+    known: Arc<Mutex<HashSet<Hash>>>,
+    /// Bytes in the cache, once counted (eviction then reads the
+    /// directory only when over the cap).
+    usage: Arc<Mutex<Option<u64>>>,
 }
 
 impl Cas {
@@ -73,10 +88,7 @@ impl Cas {
     /// The directory cannot be made.
     pub fn open(dir: &Path, cap_bytes: u64) -> Result<Self, CasError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            cap_bytes,
-        })
+        Ok(Self::at(dir, cap_bytes))
     }
 
     /// A cache handle for `dir` without touching the disk (for an executor
@@ -85,6 +97,8 @@ impl Cas {
         Self {
             dir: dir.to_owned(),
             cap_bytes,
+            known: Arc::default(),
+            usage: Arc::default(),
         }
     }
 
@@ -92,12 +106,36 @@ impl Cas {
         self.dir.join(hex::encode(h))
     }
 
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<Hash>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache holds `h`.
+    fn has(&self, h: &Hash) -> bool {
+        if self.known().contains(h) {
+            return true;
+        }
+        let there = self.path(h).exists();
+        if there {
+            self.known().insert(*h);
+        }
+        there
+    }
+
+    fn grew(&self, bytes: u64) {
+        if let Some(u) = self
+            .usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *u += bytes;
+        }
+    }
+
     /// The hashes among `wanted` that the cache lacks (each once).
     pub fn missing(&self, wanted: impl IntoIterator<Item = Hash>) -> Vec<Hash> {
-        let mut out: Vec<Hash> = wanted
-            .into_iter()
-            .filter(|h| !self.path(h).exists())
-            .collect();
+        let mut out: Vec<Hash> = wanted.into_iter().filter(|h| !self.has(h)).collect();
         out.sort();
         out.dedup();
         out
@@ -112,7 +150,7 @@ impl Cas {
             return Err(CasError::Mismatch(hex::encode(h)));
         }
         let p = self.path(h);
-        if p.exists() {
+        if self.has(h) {
             return Ok(()); // another task brought the same content meanwhile
         }
         let tmp = self
@@ -128,6 +166,8 @@ impl Cas {
             let _ = fs::remove_file(&tmp);
             return Err(io_err(&p)(e));
         }
+        self.known().insert(*h);
+        self.grew(data.len() as u64);
         Ok(())
     }
 
@@ -146,52 +186,100 @@ impl Cas {
         dest: &Path,
         owner: Option<(u32, u32)>,
     ) -> Result<(), CasError> {
-        let chown = |p: &Path| -> Result<(), CasError> {
-            if let Some((u, g)) = owner {
-                std::os::unix::fs::lchown(p, Some(u), Some(g)).map_err(io_err(p))?;
-            }
-            Ok(())
-        };
-        fs::create_dir_all(dest).map_err(io_err(dest))?;
-        chown(dest)?;
         let now = SystemTime::now();
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        chown(dest, owner)?;
         for e in tree {
-            let target = inside(dest, &e.path)?;
-            match &e.node {
-                Node::Dir { mode } => {
-                    fs::create_dir_all(&target).map_err(io_err(&target))?;
-                    fs::set_permissions(&target, fs::Permissions::from_mode(*mode | 0o700))
-                        .map_err(io_err(&target))?;
-                    chown(&target)?;
+            self.make(e, dest, owner, now)?;
+        }
+        Ok(())
+    }
+
+    /// Builds at `dest` the layer that shows `tree` when stacked on a
+    /// layer showing `base` ([`delta`]): the entries that differ, made as
+    /// [`Cas::materialize`] makes them, and whiteouts (`0:0` character
+    /// devices, which need `CAP_MKNOD`) for what `tree` lacks.
+    ///
+    /// # Errors
+    /// As [`Cas::materialize`]; no right to make a whiteout.
+    pub fn materialize_delta(
+        &self,
+        tree: &[TreeEntry],
+        base: &TreeMap,
+        dest: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), CasError> {
+        let d = delta(tree, base);
+        let now = SystemTime::now();
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        chown(dest, owner)?;
+        for e in d.entries {
+            self.make(e, dest, owner, now)?;
+        }
+        for w in &d.whiteouts {
+            let target = inside(dest, w)?;
+            nix::sys::stat::mknod(
+                &target,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                nix::sys::stat::makedev(0, 0),
+            )
+            .map_err(|e| io_err(&target)(io::Error::from(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Makes one entry of a task's tree under `dest`.
+    fn make(
+        &self,
+        e: &TreeEntry,
+        dest: &Path,
+        owner: Option<(u32, u32)>,
+        now: SystemTime,
+    ) -> Result<(), CasError> {
+        let target = inside(dest, &e.path)?;
+        match &e.node {
+            Node::Dir { mode } => {
+                fs::create_dir_all(&target).map_err(io_err(&target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(*mode | 0o700))
+                    .map_err(io_err(&target))?;
+                chown(&target, owner)?;
+            }
+            Node::Symlink { target: to } => {
+                std::os::unix::fs::symlink(to, &target).map_err(io_err(&target))?;
+                chown(&target, owner)?;
+            }
+            Node::File { hash: h, mode, .. } => {
+                if !self.has(h) {
+                    return Err(CasError::Missing(hex::encode(h)));
                 }
-                Node::Symlink { target: to } => {
-                    std::os::unix::fs::symlink(to, &target).map_err(io_err(&target))?;
-                    chown(&target)?;
+                let base = self.path(h);
+                let src = if mode & 0o111 != 0 {
+                    let x = base.with_extension("x");
+                    if !x.exists() {
+                        let tmp = base.with_extension(format!("x.tmp{}", unique()));
+                        let n = fs::copy(&base, &tmp).map_err(io_err(&tmp))?;
+                        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+                            .map_err(io_err(&tmp))?;
+                        chown(&tmp, owner)?;
+                        fs::rename(&tmp, &x).map_err(io_err(&x))?;
+                        self.grew(n);
+                    }
+                    x
+                } else {
+                    base
+                };
+                chown(&src, owner)?;
+                if let Ok(f) = fs::File::options().write(true).open(&src) {
+                    let _ = f.set_modified(now);
                 }
-                Node::File { hash: h, mode, .. } => {
-                    let base = self.path(h);
-                    if !base.exists() {
+                if let Err(err) = fs::hard_link(&src, &target) {
+                    if err.kind() == io::ErrorKind::NotFound && !src.exists() {
+                        // Evicted since it was seen.
+                        self.known().remove(h);
                         return Err(CasError::Missing(hex::encode(h)));
                     }
-                    let src = if mode & 0o111 != 0 {
-                        let x = base.with_extension("x");
-                        if !x.exists() {
-                            let tmp = base.with_extension(format!("x.tmp{}", unique()));
-                            fs::copy(&base, &tmp).map_err(io_err(&tmp))?;
-                            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
-                                .map_err(io_err(&tmp))?;
-                            chown(&tmp)?;
-                            fs::rename(&tmp, &x).map_err(io_err(&x))?;
-                        }
-                        x
-                    } else {
-                        base
-                    };
-                    chown(&src)?;
-                    if let Ok(f) = fs::File::options().write(true).open(&src) {
-                        let _ = f.set_modified(now);
-                    }
-                    fs::hard_link(&src, &target).map_err(io_err(&target))?;
+                    return Err(io_err(&target)(err));
                 }
             }
         }
@@ -267,6 +355,10 @@ impl Cas {
     /// Removes the least recently used contents until the cache is under
     /// its cap. Returns the bytes freed.
     pub fn evict(&self) -> u64 {
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        if usage.is_some_and(|u| u <= self.cap_bytes) {
+            return 0;
+        }
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return 0;
         };
@@ -284,77 +376,241 @@ impl Cas {
             if total <= self.cap_bytes {
                 break;
             }
+            if let Some(h) = p
+                .file_name()
+                .and_then(|n| hex::decode(n.as_encoded_bytes()).ok())
+                .and_then(|v| Hash::try_from(v).ok())
+            {
+                self.known().remove(&h);
+            }
             if fs::remove_file(&p).is_ok() {
                 total -= len;
                 freed += len;
             }
         }
+        *usage = Some(total);
         freed
     }
 }
+
+/// A tree as a map, path to node, as a layer remembers it.
+pub type TreeMap = HashMap<PathBuf, Node>;
+
+/// What a layer on top of `base` must hold to show `tree`: the entries
+/// that differ from the base (with the directories above them) and
+/// whiteouts for what the base has and the tree does not.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delta<'a> {
+    /// Entries to make, in the tree's order (parents first).
+    pub entries: Vec<&'a TreeEntry>,
+    /// Paths to hide: the topmost of each removed subtree.
+    pub whiteouts: Vec<PathBuf>,
+}
+
+impl Delta<'_> {
+    /// How much making the layer costs, in entries.
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.whiteouts.len()
+    }
+
+    /// Nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The layer that turns `base` into `tree` under an overlay: where both
+/// have a directory, the overlay merges them, so only what differs is
+/// made; a non-directory hides whatever the base has at its path; a
+/// whiteout hides a removed entry (and everything under it).
+pub fn delta<'a>(tree: &'a [TreeEntry], base: &TreeMap) -> Delta<'a> {
+    let new: HashMap<&Path, &Node> = tree.iter().map(|e| (e.path.as_path(), &e.node)).collect();
+    let is_dir = |n: Option<&Node>| matches!(n, Some(Node::Dir { .. }));
+    let mut need: HashSet<&Path> = HashSet::new();
+    fn mark<'p>(need: &mut HashSet<&'p Path>, p: &'p Path) {
+        for a in p.ancestors() {
+            if a.as_os_str().is_empty() || !need.insert(a) {
+                break;
+            }
+        }
+    }
+    for e in tree {
+        if base.get(&e.path) != Some(&e.node) {
+            mark(&mut need, &e.path);
+        }
+    }
+    let mut whiteouts = Vec::new();
+    for p in base.keys() {
+        if new.contains_key(p.as_path()) {
+            continue;
+        }
+        let parent = p.parent().unwrap_or(Path::new(""));
+        // Under a directory both have, the overlay would show the base's
+        // entry: hide it. Anywhere else a whiteout higher up, or the
+        // tree's own non-directory, hides it already.
+        if parent.as_os_str().is_empty()
+            || (is_dir(new.get(parent).copied()) && is_dir(base.get(parent)))
+        {
+            whiteouts.push(p.clone());
+            if let Some(parent) = new.get_key_value(parent).map(|(k, _)| *k) {
+                mark(&mut need, parent);
+            }
+        }
+    }
+    whiteouts.sort();
+    Delta {
+        entries: tree
+            .iter()
+            .filter(|e| need.contains(e.path.as_path()))
+            .collect(),
+        whiteouts,
+    }
+}
+
+/// The largest layer worth building on another for a tree of `n`
+/// entries: past it, making the tree whole costs about as much, spread
+/// over the layers that will stack on it.
+fn delta_cap(n: usize) -> usize {
+    (n / MAX_DEPTH).max(16)
+}
+
+/// How deep a stack of layers may grow before a tree is made whole again
+/// (each layer is one more directory for the overlay to look in).
+pub const MAX_DEPTH: usize = 8;
 
 /// Read-only lower layers shared by every task with the same tree: a
 /// tree is materialised once (hard links into the cache) and then mounted
 /// by as many overlays as use it, since an overlay never writes to its
 /// lower layer. A batch job's thousand tasks share one.
+///
+/// A tree close to one made already (the next compile of a build, whose
+/// tree has one more object file) is made as a thin layer on top of that
+/// one: only what differs, and whiteouts for what is gone. The overlay
+/// stacks them (`lowerdir=top:…:base`), up to [`MAX_DEPTH`] deep.
 #[derive(Debug)]
 pub struct Lowers {
     dir: PathBuf,
     keep: usize,
-    in_use: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    state: std::sync::Mutex<State>,
 }
 
-/// A lower layer in use; released on drop.
+#[derive(Debug, Default)]
+struct State {
+    /// Holders per layer (a layer's holders hold its bases too).
+    in_use: HashMap<String, usize>,
+    /// The layers made, by name.
+    layers: HashMap<String, Layer>,
+    /// Ticks on every use, for eviction.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct Layer {
+    /// The layer it sits on, if any.
+    base: Option<String>,
+    /// How many layers it sits on.
+    depth: usize,
+    /// The tree it shows (with its bases), for building on it.
+    tree: Option<Arc<TreeMap>>,
+    used: u64,
+}
+
+impl State {
+    /// `key` and the layers it sits on, top first.
+    fn chain(&self, key: &str) -> Vec<String> {
+        let mut out = vec![key.to_owned()];
+        while let Some(b) = out
+            .last()
+            .and_then(|k| self.layers.get(k))
+            .and_then(|l| l.base.clone())
+        {
+            out.push(b);
+        }
+        out
+    }
+
+    fn hold(&mut self, keys: &[String]) {
+        self.clock += 1;
+        for k in keys {
+            *self.in_use.entry(k.clone()).or_insert(0) += 1;
+            if let Some(l) = self.layers.get_mut(k) {
+                l.used = self.clock;
+            }
+        }
+    }
+
+    fn release(&mut self, keys: &[String]) {
+        for k in keys {
+            if let Some(n) = self.in_use.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_use.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// A lower layer in use (with the layers it sits on); released on drop.
 #[derive(Debug)]
 pub struct Lower {
-    lowers: std::sync::Arc<Lowers>,
-    key: String,
-    /// The directory to mount.
+    lowers: Arc<Lowers>,
+    /// Top first.
+    keys: Vec<String>,
+    /// The top layer's directory.
     pub path: PathBuf,
 }
 
 impl Lower {
     /// The layer is made (a task may mount it).
     pub fn ready(&self) -> bool {
-        self.path.is_dir()
+        self.lowers.lock().layers.contains_key(&self.keys[0])
+    }
+
+    /// The directories to stack, top first (`lowerdir=` in this order).
+    pub fn stack(&self) -> Vec<PathBuf> {
+        self.keys.iter().map(|k| self.lowers.dir.join(k)).collect()
     }
 }
 
 impl Drop for Lower {
     fn drop(&mut self) {
-        let mut g = self.lowers.lock();
-        if let Some(n) = g.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                g.remove(&self.key);
-            }
-        }
+        self.lowers.lock().release(&self.keys);
     }
 }
 
 impl Lowers {
     /// Lower layers under `dir` (emptied: layers from an earlier life are
-    /// not trusted), keeping at most `keep` unused ones.
+    /// not trusted), keeping at most `keep` unused ones (and what they sit
+    /// on).
     pub fn new(dir: &Path, keep: usize) -> Self {
         let _ = fs::remove_dir_all(dir);
         let _ = fs::create_dir_all(dir);
         Self {
             dir: dir.to_owned(),
             keep,
-            in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
+            state: std::sync::Mutex::new(State::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
-        self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lower layer of `tree`, made from `cas` if no task has it yet.
+    /// The layers made and held now, for tests and diagnostics.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.layers.len(), st.in_use.len())
+    }
+
+    /// The lower layer of `tree`, made from `cas` if no task has it yet:
+    /// on top of the closest layer made already when that costs less than
+    /// making it whole.
     ///
     /// # Errors
     /// As [`Cas::materialize`].
     pub fn get(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         cas: &Cas,
         tree: &[TreeEntry],
         owner: Option<(u32, u32)>,
@@ -363,20 +619,132 @@ impl Lowers {
             path: self.dir.clone(),
             source: io::Error::other(e.to_string()),
         })?;
-        let lower = self.hold(&hex::encode(hash(&bytes)));
-        self.fill(&lower, |tmp| cas.materialize(tree, tmp, owner))?;
-        Ok(lower)
+        let key = hex::encode(&hash(&bytes)[..16]);
+        // Made already: hold it with its bases.
+        let candidates = {
+            let mut st = self.lock();
+            if st.layers.contains_key(&key) {
+                let keys = st.chain(&key);
+                st.hold(&keys);
+                return Ok(self.lower(keys));
+            }
+            st.layers
+                .iter()
+                .filter(|(_, l)| l.depth < MAX_DEPTH)
+                .filter_map(|(k, l)| Some((k.clone(), l.tree.clone()?)))
+                .collect::<Vec<_>>()
+        };
+        // The closest layer to build on, if building on it is cheaper.
+        let best = candidates
+            .iter()
+            .map(|(k, t)| (delta(tree, t).len(), k, t))
+            .min_by_key(|(n, k, _)| (*n, (*k).clone()))
+            .filter(|(n, _, _)| *n <= delta_cap(tree.len()));
+        let base = best.and_then(|(_, k, t)| {
+            let mut st = self.lock();
+            if !st.layers.contains_key(k) {
+                return None; // evicted meanwhile
+            }
+            let keys = st.chain(k);
+            // The overlay's options must fit one page.
+            let len: usize = keys
+                .iter()
+                .map(|k| self.dir.join(k).as_os_str().len() + 1)
+                .sum();
+            if len + self.dir.as_os_str().len() > 3000 {
+                return None;
+            }
+            st.hold(&keys);
+            Some((keys, t.clone()))
+        });
+        let tmp = self.dir.join(format!(".{key}.{}", unique()));
+        let built = match &base {
+            Some((_, t)) => cas
+                .materialize_delta(tree, t, &tmp, owner)
+                .map(|()| true)
+                .or_else(|_| {
+                    // E.g. no right to make whiteouts: make it whole.
+                    let _ = fs::remove_dir_all(&tmp);
+                    cas.materialize(tree, &tmp, owner).map(|()| false)
+                }),
+            None => cas.materialize(tree, &tmp, owner).map(|()| false),
+        };
+        let on_base = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                if let Some((keys, _)) = &base {
+                    self.lock().release(keys);
+                }
+                return Err(e);
+            }
+        };
+        let mut st = self.lock();
+        let base_keys = base.map(|(k, _)| k).unwrap_or_default();
+        if st.layers.contains_key(&key) {
+            // Another task made it meanwhile: theirs is as good.
+            st.release(&base_keys);
+            let keys = st.chain(&key);
+            st.hold(&keys);
+            drop(st);
+            let _ = fs::remove_dir_all(&tmp);
+            return Ok(self.lower(keys));
+        }
+        let path = self.dir.join(&key);
+        if let Err(e) = fs::rename(&tmp, &path) {
+            st.release(&base_keys);
+            drop(st);
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(io_err(&path)(e));
+        }
+        let (base_key, depth) = if on_base {
+            let d = base_keys
+                .first()
+                .and_then(|k| st.layers.get(k))
+                .map_or(0, |l| l.depth + 1);
+            (base_keys.first().cloned(), d)
+        } else {
+            st.release(&base_keys);
+            (None, 0)
+        };
+        st.layers.insert(
+            key.clone(),
+            Layer {
+                base: base_key,
+                depth,
+                tree: Some(Arc::new(
+                    tree.iter()
+                        .map(|e| (e.path.clone(), e.node.clone()))
+                        .collect(),
+                )),
+                used: 0,
+            },
+        );
+        let mut keys = vec![key];
+        if on_base {
+            keys.extend(base_keys);
+        }
+        // The bases are held already; the new layer is held now.
+        st.hold(&keys[..1]);
+        Ok(self.lower(keys))
+    }
+
+    fn lower(self: &Arc<Self>, keys: Vec<String>) -> Lower {
+        Lower {
+            lowers: self.clone(),
+            path: self.dir.join(&keys[0]),
+            keys,
+        }
     }
 
     /// The layer named `key`, held (never evicted while the [`Lower`]
     /// lives) whether or not it is made yet ([`Lower::ready`]).
-    pub fn hold(self: &std::sync::Arc<Self>, key: &str) -> Lower {
-        *self.lock().entry(key.to_owned()).or_insert(0) += 1;
-        Lower {
-            lowers: self.clone(),
-            key: key.to_owned(),
-            path: self.dir.join(key),
-        }
+    pub fn hold(self: &Arc<Self>, key: &str) -> Lower {
+        let mut st = self.lock();
+        let keys = st.chain(key);
+        st.hold(&keys);
+        drop(st);
+        self.lower(keys)
     }
 
     /// Makes the held layer with `build` (into a fresh directory, renamed
@@ -392,37 +760,77 @@ impl Lowers {
         if lower.ready() {
             return Ok(());
         }
-        let tmp = self.dir.join(format!(".{}.{}", lower.key, unique()));
+        let key = &lower.keys[0];
+        let tmp = self.dir.join(format!(".{key}.{}", unique()));
         if let Err(e) = build(&tmp) {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        // Another task may have made it meanwhile: theirs is as good.
-        if fs::rename(&tmp, &lower.path).is_err() {
+        let mut st = self.lock();
+        if st.layers.contains_key(key) {
+            // Another task made it meanwhile: theirs is as good.
+            drop(st);
             let _ = fs::remove_dir_all(&tmp);
+            return Ok(());
         }
+        if let Err(e) = fs::rename(&tmp, &lower.path) {
+            drop(st);
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(io_err(&lower.path)(e));
+        }
+        st.clock += 1;
+        let used = st.clock;
+        st.layers.insert(
+            key.clone(),
+            Layer {
+                base: None,
+                depth: 0,
+                tree: None,
+                used,
+            },
+        );
         Ok(())
     }
 
-    /// Removes unused layers beyond the `keep` most recently made.
+    /// Removes unused layers beyond the `keep` most recently used (and
+    /// the layers those sit on).
     pub fn evict(&self) {
-        // Held throughout, so that no task takes a layer being removed.
-        let in_use = self.lock();
-        let Ok(rd) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        let mut idle: Vec<(SystemTime, PathBuf)> = rd
-            .flatten()
-            .filter(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                !n.starts_with('.') && !in_use.contains_key(&n)
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        idle.sort();
-        let n = idle.len().saturating_sub(self.keep);
-        for (_, p) in idle.into_iter().take(n) {
-            let _ = fs::remove_dir_all(p);
+        let mut trash = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut idle: Vec<(u64, &String)> = st
+                .layers
+                .iter()
+                .filter(|(k, _)| !st.in_use.contains_key(*k))
+                .map(|(k, l)| (l.used, k))
+                .collect();
+            if idle.len() <= self.keep {
+                return;
+            }
+            idle.sort_by(|a, b| b.cmp(a));
+            let mut keep: HashSet<String> = st.in_use.keys().cloned().collect();
+            keep.extend(idle.iter().take(self.keep).map(|(_, k)| (*k).clone()));
+            for k in keep.clone() {
+                keep.extend(st.chain(&k));
+            }
+            let victims: Vec<String> = st
+                .layers
+                .keys()
+                .filter(|k| !keep.contains(*k))
+                .cloned()
+                .collect();
+            for v in victims {
+                st.layers.remove(&v);
+                // Out of the way at once (a task may make the same tree
+                // again now); removed after the lock is let go.
+                let t = self.dir.join(format!(".trash-{v}.{}", unique()));
+                if fs::rename(self.dir.join(&v), &t).is_ok() {
+                    trash.push(t);
+                }
+            }
+        }
+        for t in trash {
+            let _ = fs::remove_dir_all(t);
         }
     }
 }
@@ -565,6 +973,162 @@ mod tests {
         }
         assert_eq!(cas.evict(), 12);
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        // Counted once; what is put later is added to the count.
+        assert_eq!(cas.evict(), 0);
+        cas.put(&hash(b"dddddd"), b"dddddd").unwrap();
+        assert_eq!(cas.evict(), 6);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn dir(p: &str) -> TreeEntry {
+        TreeEntry {
+            path: p.into(),
+            node: Node::Dir { mode: 0o755 },
+        }
+    }
+
+    fn file(p: &str, content: &[u8]) -> TreeEntry {
+        TreeEntry {
+            path: p.into(),
+            node: Node::File {
+                hash: hash(content),
+                mode: 0o644,
+                size: content.len() as u64,
+            },
+        }
+    }
+
+    fn map(t: &[TreeEntry]) -> TreeMap {
+        t.iter().map(|e| (e.path.clone(), e.node.clone())).collect()
+    }
+
+    #[test]
+    fn a_delta_holds_what_differs_and_hides_what_is_gone() {
+        let base = vec![
+            dir("a"),
+            file("a/x", b"1"),
+            file("a/y", b"2"),
+            file("b", b"3"),
+            dir("c"),
+            file("c/z", b"4"),
+            file("d", b"5"),
+            dir("e"),
+            file("e/keep", b"6"),
+        ];
+        let tree = vec![
+            dir("a"),
+            file("a/x", b"changed"),
+            file("b", b"3"),
+            file("c", b"c is a file now"),
+            dir("e"),
+            file("e/keep", b"6"),
+            dir("n"),
+            file("n/m", b"7"),
+        ];
+        let d = delta(&tree, &map(&base));
+        let made: Vec<&str> = d.entries.iter().map(|e| e.path.to_str().unwrap()).collect();
+        // `a` is made to hold `a/x` and the whiteout of `a/y`; `e` and `b`
+        // are the base's; `c/z` is hidden by the file `c`.
+        assert_eq!(made, ["a", "a/x", "c", "n", "n/m"]);
+        assert_eq!(d.whiteouts, [PathBuf::from("a/y"), PathBuf::from("d")]);
+        // A mode change alone is a difference; the same tree is none.
+        let mut moded = base.clone();
+        moded[1].node = Node::File {
+            hash: hash(b"1"),
+            mode: 0o755,
+            size: 1,
+        };
+        assert_eq!(delta(&moded, &map(&base)).len(), 2);
+        assert!(delta(&base, &map(&base)).is_empty());
+        // A directory removed whole takes one whiteout.
+        let gone: Vec<TreeEntry> = base
+            .iter()
+            .filter(|e| !e.path.starts_with("a"))
+            .cloned()
+            .collect();
+        assert_eq!(delta(&gone, &map(&base)).whiteouts, [PathBuf::from("a")]);
+    }
+
+    #[test]
+    fn close_trees_stack_thin_layers_and_eviction_keeps_what_they_sit_on() {
+        let d = tmp("stack");
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        let mut tree = vec![dir("src")];
+        for i in 0..20 {
+            let c = format!("int f{i};");
+            cas.put(&hash(c.as_bytes()), c.as_bytes()).unwrap();
+            tree.push(file(&format!("src/f{i}.c"), c.as_bytes()));
+        }
+        let lowers = Arc::new(Lowers::new(&d.join("lowers"), 1));
+        let first = lowers.get(&cas, &tree, None).unwrap();
+        assert_eq!(first.stack().len(), 1);
+        // One more file (the next compile's object): a layer of its own,
+        // holding just that file, on top of the first.
+        cas.put(&hash(b"obj"), b"obj").unwrap();
+        let mut next = tree.clone();
+        next.push(file("src/f0.o", b"obj"));
+        let second = lowers.get(&cas, &next, None).unwrap();
+        let stack = second.stack();
+        assert_eq!(stack, [second.path.clone(), first.path.clone()]);
+        let top: Vec<_> = fs::read_dir(second.path.join("src"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(top, ["f0.o"]);
+        // The same tree again is the same layer.
+        assert_eq!(lowers.get(&cas, &next, None).unwrap().stack(), stack);
+        drop(first);
+        // The first layer is unused but the second sits on it.
+        lowers.evict();
+        assert!(stack.iter().all(|p| p.is_dir()));
+        // A tree far from both is made whole.
+        let far: Vec<TreeEntry> = (0..30).map(|i| file(&format!("o{i}"), b"obj")).collect();
+        let far_l = lowers.get(&cas, &far, None).unwrap();
+        assert_eq!(far_l.stack().len(), 1);
+        drop(second);
+        drop(far_l);
+        // Keep one unused layer: the most recent (`far`); the stack goes.
+        lowers.evict();
+        assert!(stack.iter().all(|p| !p.exists()));
+        assert_eq!(lowers.counts(), (1, 0));
+        // Made again, from scratch, after it was evicted.
+        let again = lowers.get(&cas, &next, None).unwrap();
+        assert!(again.path.join("src/f0.o").is_file());
+        drop(again);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_stack_is_made_whole_again_past_its_depth() {
+        let d = tmp("depth");
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        let mut tree = vec![];
+        for i in 0..40 {
+            let c = format!("{i}");
+            cas.put(&hash(c.as_bytes()), c.as_bytes()).unwrap();
+            tree.push(file(&format!("f{i}"), c.as_bytes()));
+        }
+        let lowers = Arc::new(Lowers::new(&d.join("lowers"), 64));
+        let mut depths = Vec::new();
+        for i in 0..40 {
+            let c = format!("new {i}");
+            cas.put(&hash(c.as_bytes()), c.as_bytes()).unwrap();
+            tree.push(file(&format!("n{i}"), c.as_bytes()));
+            let l = lowers.get(&cas, &tree, None).unwrap();
+            // Never more than a cap's worth in one layer over a base.
+            if l.stack().len() > 1 {
+                assert!(fs::read_dir(&l.path).unwrap().count() <= delta_cap(tree.len()));
+            }
+            depths.push(l.stack().len());
+        }
+        // A growing tree: each layer on the last, up to the depth; then
+        // thin layers on the deepest allowed base, until one would be too
+        // thick and the tree is made whole again.
+        let want: Vec<usize> = (1..=MAX_DEPTH + 1).collect();
+        assert_eq!(depths[..=MAX_DEPTH], want, "{depths:?}");
+        assert!(depths.iter().all(|d| *d <= MAX_DEPTH + 1), "{depths:?}");
+        assert!(depths[MAX_DEPTH + 1..].contains(&1), "{depths:?}");
         fs::remove_dir_all(&d).unwrap();
     }
 }
