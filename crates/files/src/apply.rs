@@ -125,14 +125,14 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
         }
     }
     preflight(root, cs)?;
-    let mut id = [0u8; 8];
-    if rand::rngs::SysRng.try_fill_bytes(&mut id).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        id = (t ^ u64::from(std::process::id())).to_be_bytes();
+    let id = fresh_id();
+    if let [e] = cs.entries.as_slice() {
+        if let Change::File { mode, data } = &e.change {
+            if let Some(r) = put_one(root, &e.path, *mode, data, id, crash) {
+                return r;
+            }
+        }
     }
-    let id = u64::from_be_bytes(id);
     // Set the directory up under another name, lock it, and only then give
     // it the name `recover` looks at: a concurrent recovery never sees a
     // staging directory whose lock is not held yet.
@@ -154,6 +154,58 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
     run(root, &stage, &steps, crash)?;
     fs::remove_dir_all(&stage).map_err(io_err(&stage))?;
     sync_dir(root)
+}
+
+fn fresh_id() -> u64 {
+    let mut id = [0u8; 8];
+    if rand::rngs::SysRng.try_fill_bytes(&mut id).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        id = (t ^ u64::from(std::process::id())).to_be_bytes();
+    }
+    u64::from_be_bytes(id)
+}
+
+/// A change set of one file (a compiler's object file: most tasks of a
+/// build) where its directory is there already and no directory stands
+/// at its path: written beside the tree's root under a set-up name,
+/// synced, and renamed into place. The rename is the commit; there is
+/// nothing to journal, and a crash before it leaves only the set-up file,
+/// which [`recover`] removes once stale. `None` when the general path
+/// must do it.
+fn put_one(
+    root: &Path,
+    rel: &Path,
+    mode: u32,
+    data: &[u8],
+    id: u64,
+    crash: Crash,
+) -> Option<Result<(), ApplyError>> {
+    let target = root.join(rel);
+    let parent = target.parent()?;
+    if !fs::symlink_metadata(parent).is_ok_and(|m| m.is_dir())
+        || fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir())
+    {
+        return None;
+    }
+    let tmp = root.join(format!("{PREP_PREFIX}{id:016x}"));
+    let r = (|| {
+        if crash == Crash::Staging(0) {
+            return Err(ApplyError::Injected);
+        }
+        let mut f = fs::File::create_new(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(data).map_err(io_err(&tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        // The commit point: no step comes after it to crash in.
+        fs::rename(&tmp, &target).map_err(io_err(&target))
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    Some(r)
 }
 
 /// Refuses, before anything is written, a change set that would write
@@ -356,7 +408,8 @@ pub fn recover(root: &Path) -> Result<usize, ApplyError> {
                 Err(_) => true,
             };
             if old && free {
-                let _ = fs::remove_dir_all(e.path());
+                // A directory, or the file of a one-file commit.
+                let _ = remove_any(&e.path());
             }
             continue;
         }
@@ -645,6 +698,51 @@ mod tests {
         let gone = d.join("gone");
         apply(&gone, &ChangeSet::default()).unwrap();
         assert!(!gone.exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn one_file_commits_by_a_rename_and_a_crash_before_it_leaves_nothing() {
+        let d = tmp("one");
+        base(&d);
+        let before = snapshot(&d);
+        let cs = ChangeSet {
+            entries: vec![e(
+                "src/new.o",
+                Change::File {
+                    mode: 0o640,
+                    data: b"object".to_vec(),
+                },
+            )],
+        };
+        // Crashed while writing: the tree is as it was, bar the set-up
+        // file, which a recovery removes once it is stale.
+        assert!(matches!(
+            apply_with(&d, &cs, Crash::Staging(0)),
+            Err(ApplyError::Injected)
+        ));
+        assert_eq!(snapshot(&d), before);
+        let leftover = d.join(format!("{PREP_PREFIX}0123456789abcdef"));
+        fs::write(&leftover, "half an object").unwrap();
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert!(leftover.exists(), "a fresh one may be a live commit's");
+        let old = std::time::SystemTime::now() - PREP_STALE * 2;
+        fs::File::options()
+            .write(true)
+            .open(&leftover)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(recover(&d).unwrap(), 0);
+        assert_eq!(snapshot(&d), before);
+        // Applied: the file with its mode, and nothing else left over.
+        apply(&d, &cs).unwrap();
+        let after = snapshot(&d);
+        assert_eq!(
+            after.get("src/new.o").map(String::as_str),
+            Some("file 640 object")
+        );
+        assert_eq!(after.len(), before.len() + 1);
         fs::remove_dir_all(&d).unwrap();
     }
 
