@@ -57,6 +57,9 @@ impl Stamp {
 pub struct HashCache {
     file: Option<PathBuf>,
     map: HashMap<PathBuf, Stamp>,
+    /// The paths asked for since loading: what is saved (entries of files
+    /// gone from the tree are dropped).
+    used: std::collections::HashSet<PathBuf>,
     dirty: bool,
     /// Contents actually read and hashed (for tests and `--verbose`).
     pub hashed: u64,
@@ -68,9 +71,17 @@ impl HashCache {
         Self::default()
     }
 
-    /// The per-user cache file: `$XDG_CACHE_HOME/shoal/hashes`, else
-    /// `~/.cache/shoal/hashes`.
-    pub fn default_file() -> Option<PathBuf> {
+    /// The per-user cache file of the tree at `root`:
+    /// `$XDG_CACHE_HOME/shoal/trees/ID`, else `~/.cache/shoal/trees/ID`,
+    /// where ID is named after `root`. One file per tree, so that a run
+    /// reads the entries of its own tree and nothing else.
+    pub fn file_for(root: &Path) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        let id = hex::encode(&hash(root.as_os_str().as_bytes())[..12]);
+        Some(Self::cache_dir()?.join("trees").join(id))
+    }
+
+    fn cache_dir() -> Option<PathBuf> {
         let base = std::env::var_os("XDG_CACHE_HOME")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
@@ -79,7 +90,13 @@ impl HashCache {
                     .filter(|v| !v.is_empty())
                     .map(|h| PathBuf::from(h).join(".cache"))
             })?;
-        Some(base.join("shoal").join("hashes"))
+        Some(base.join("shoal"))
+    }
+
+    /// The cache of the tree at `root` ([`HashCache::file_for`]), or one in
+    /// memory when there is no home to keep it in.
+    pub fn for_root(root: &Path) -> Self {
+        Self::file_for(root).map_or_else(Self::in_memory, |f| Self::load(&f))
     }
 
     /// The cache kept in `file`; empty if the file is absent, unreadable
@@ -96,6 +113,7 @@ impl HashCache {
         Self {
             file: Some(file.to_owned()),
             map,
+            used: Default::default(),
             dirty: false,
             hashed: 0,
         }
@@ -107,6 +125,9 @@ impl HashCache {
     /// # Errors
     /// The file cannot be read.
     pub fn hash_file(&mut self, path: &Path, meta: &fs::Metadata) -> io::Result<Hash> {
+        if self.file.is_some() {
+            self.used.insert(path.to_owned());
+        }
         if let Some(s) = self.map.get(path) {
             if *s == Stamp::of(meta, s.hash) {
                 return Ok(s.hash);
@@ -131,8 +152,9 @@ impl HashCache {
         Ok(h)
     }
 
-    /// Writes the cache back (atomically) if it learnt anything. Errors
-    /// are returned for logging; the cache is optional.
+    /// Writes the cache back (atomically) if it learnt anything or holds
+    /// files no longer asked for. Errors are returned for logging; the
+    /// cache is optional.
     ///
     /// # Errors
     /// The directory or file cannot be written.
@@ -140,10 +162,15 @@ impl HashCache {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        if !self.dirty {
+        let stale = self.map.keys().any(|p| !self.used.contains(p));
+        if !self.dirty && !stale {
             return Ok(());
         }
-        let mut v: Vec<(&PathBuf, &Stamp)> = self.map.iter().collect();
+        let mut v: Vec<(&PathBuf, &Stamp)> = self
+            .map
+            .iter()
+            .filter(|(p, _)| self.used.contains(*p))
+            .collect();
         if v.len() > MAX_ENTRIES {
             v.clear();
         }
@@ -198,11 +225,36 @@ mod tests {
         assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
         assert_eq!(c.hashed, 2);
 
+        // A file gone from the tree is dropped from the saved cache.
+        let b = d.join("b");
+        fs::write(&b, "bee").unwrap();
+        old(&b);
+        let mut c = HashCache::load(&store);
+        let mb = fs::symlink_metadata(&b).unwrap();
+        c.hash_file(&b, &mb).unwrap();
+        c.save().unwrap();
+        let c = HashCache::load(&store);
+        assert_eq!(
+            c.map.keys().collect::<Vec<_>>(),
+            [&b],
+            "only b was asked for"
+        );
+
         // A corrupt cache file is an empty cache.
         fs::write(&store, b"shoalhc1\xff\xff\xff").unwrap();
         let mut c = HashCache::load(&store);
         assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
         assert_eq!(c.hashed, 1);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn each_tree_has_a_cache_file_of_its_own() {
+        let a = HashCache::file_for(Path::new("/home/alice/a"));
+        let b = HashCache::file_for(Path::new("/home/alice/b"));
+        if a.is_some() {
+            assert_ne!(a, b);
+            assert_eq!(a, HashCache::file_for(Path::new("/home/alice/a")));
+        }
     }
 }

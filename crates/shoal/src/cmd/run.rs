@@ -334,16 +334,22 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
         let image = a.image.clone();
         move || -> Result<_, String> {
             // Files unchanged since an earlier run are not read again.
-            let mut cache = HashCache::default_file()
-                .map_or_else(HashCache::in_memory, |f| HashCache::load(&f));
+            let mut cache = HashCache::for_root(&cwd);
             let m = tree::scan_with(&cwd, &mut cache).map_err(|e| e.to_string())?;
-            let img = match image {
-                Some(p) => Some(image::scan(&p, &mut cache).map_err(|e| e.to_string())?),
-                None => None,
-            };
             if let Err(e) = cache.save() {
                 tracing::debug!(error = %e, "hash cache not saved");
             }
+            let img = match image {
+                Some(p) => {
+                    let mut cache = HashCache::for_root(&p);
+                    let img = image::scan(&p, &mut cache).map_err(|e| e.to_string())?;
+                    if let Err(e) = cache.save() {
+                        tracing::debug!(error = %e, "hash cache not saved");
+                    }
+                    Some(img)
+                }
+                None => None,
+            };
             Ok((m, img.map(Arc::new)))
         }
     })
