@@ -649,6 +649,7 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
                         m,
                         vec!["/proc/self/exe".into(), "__spawner".into()],
                         size,
+                        Some(cfg.data_dir.join("warm")),
                     )
                 })
                 .map(Arc::new);

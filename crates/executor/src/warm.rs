@@ -26,6 +26,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -190,7 +191,7 @@ fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
 ///
 /// # Errors
 /// The socket failed.
-pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
+pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     // Die with the agent's thread that made us, and stay out of its
     // terminal's process group (a Ctrl-C to the agent is not for us).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
@@ -212,6 +213,26 @@ pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
     let host_net = std::fs::File::open("/proc/self/ns/net")?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
     crate::workspace::loopback_up()?;
+    // The system part of every task's root, assembled once in a mount
+    // namespace of our own: a task then mounts only /proc, /tmp and its
+    // tree (and its exit unmounts only those).
+    let base = match root {
+        Some(r) => match crate::workspace::assemble_base(r) {
+            Ok(()) => Some(r.to_owned()),
+            Err(e) => {
+                let m = format!("assembling the slot's root at {}: {e}", r.display());
+                reply(
+                    sock,
+                    &Reply::Failed {
+                        errno: None,
+                        message: m.clone(),
+                    },
+                )?;
+                return Err(io::Error::other(m));
+            }
+        },
+        None => None,
+    };
     reply(sock, &Reply::Ready)?;
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
@@ -219,14 +240,14 @@ pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
             return Ok(());
         };
         let r = match postcard::from_bytes::<Request>(&buf[..n]) {
-            Ok(req) => start(req, fds, host_net.as_fd()),
+            Ok(req) => start(req, fds, host_net.as_fd(), base.as_deref()),
             Err(e) => Err(Reply::Failed {
                 errno: None,
                 message: format!("malformed request: {e}"),
             }),
         };
         match r {
-            Ok(mut child) => {
+            Ok((mut child, made)) => {
                 reply(sock, &Reply::Started { pid: child.id() })?;
                 let status = loop {
                     match child.wait() {
@@ -234,6 +255,13 @@ pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
                         r => break r?,
                     }
                 };
+                // The mount points of its tree, made on the shared root:
+                // the next task of the slot sees nothing of this one.
+                // (What they lead into on the host is bound read-only, so
+                // only the root's own directories can go.)
+                for d in made.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
                 reply(
                     sock,
                     &Reply::Exited {
@@ -246,18 +274,34 @@ pub fn serve(sock: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Starts one task; returns it with the directories its workspace makes
+/// on the slot's shared root.
 fn start(
     mut req: Request,
     fds: Vec<OwnedFd>,
     host_net: BorrowedFd<'_>,
-) -> Result<std::process::Child, Reply> {
+    base: Option<&Path>,
+) -> Result<(std::process::Child, Vec<PathBuf>), Reply> {
     let fail = |errno: Option<i32>, message: String| Reply::Failed { errno, message };
     let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
         .try_into()
         .map_err(|_| fail(None, "a request without its three descriptors".into()))?;
     let host = req.spec.net == Net::Host;
     req.spec.net = Net::Inherit;
-    let plan = Plan::new(&req.spec).map_err(|e| fail(None, format!("workspace: {e}")))?;
+    let plan = match base {
+        Some(b) => Plan::on_base(&req.spec, b),
+        None => Plan::new(&req.spec),
+    }
+    .map_err(|e| fail(None, format!("workspace: {e}")))?;
+    let made = match (&req.spec.tree, base) {
+        // Those the root lacks now (its own mount points stay).
+        (Some(t), Some(b)) if plan.on_shared_root() => crate::workspace::tree_dirs(b, &t.at)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| std::fs::symlink_metadata(d).is_err())
+            .collect(),
+        _ => Vec::new(),
+    };
     let Some(mut cmd) = req.command([stdin, stdout, stderr]) else {
         return Err(fail(None, "an empty command".into()));
     };
@@ -281,14 +325,18 @@ fn start(
         });
     }
     plan.apply(&mut cmd);
-    cmd.spawn()
-        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))?;
+    Ok((child, made))
 }
 
 /// One warm slot: its cgroup and the spawner inside it.
 #[derive(Debug)]
 pub struct Slot {
     name: String,
+    /// Where its spawner assembled the slot's root, if it did.
+    root: Option<PathBuf>,
     sock: OwnedFd,
     spawner: std::process::Child,
     oom_base: u64,
@@ -376,6 +424,10 @@ impl Slot {
     fn kill(mut self, mgr: &dyn CgroupManager) {
         let _ = self.spawner.kill();
         let _ = self.spawner.wait();
+        if let Some(r) = &self.root {
+            // Empty here: its root was mounted in the spawner's namespace.
+            let _ = std::fs::remove_dir(r);
+        }
         if let Err(e) = mgr.remove(&self.name) {
             tracing::warn!(slot = %self.name, error = %e, "warm slot's cgroup not removed");
         }
@@ -396,6 +448,9 @@ struct Inner {
     /// The spawner's command line: the agent's binary and its hidden
     /// subcommand.
     command: Vec<OsString>,
+    /// Where each spawner assembles its slot's root (`ROOTS/warm-N`,
+    /// passed as its last argument), if the spawners assemble one.
+    roots: Option<PathBuf>,
     size: usize,
     state: Mutex<State>,
     wake: Condvar,
@@ -417,13 +472,24 @@ impl Pool {
     /// A pool of `size` slots under `mgr`, whose spawners run `command`
     /// (which must call [`serve`] with its stdin). Makes them in the
     /// background. `None` where slots cannot be reused (cgroup v2).
-    pub fn new(mgr: Arc<dyn CgroupManager>, command: Vec<OsString>, size: usize) -> Option<Self> {
+    pub fn new(
+        mgr: Arc<dyn CgroupManager>,
+        command: Vec<OsString>,
+        size: usize,
+        roots: Option<PathBuf>,
+    ) -> Option<Self> {
         if mgr.version() != crate::cgroup::CgroupVersion::V1 || size == 0 || command.is_empty() {
             return None;
+        }
+        if let Some(r) = &roots {
+            // Mount points of an earlier life's spawners (their mounts
+            // went with them).
+            let _ = std::fs::remove_dir_all(r);
         }
         let inner = Arc::new(Inner {
             mgr,
             command,
+            roots,
             size,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -566,12 +632,18 @@ impl Inner {
             cmd.args(&self.command[1..])
                 .stdin(Stdio::from(theirs))
                 .stdout(Stdio::null());
+            let root = self.roots.as_ref().map(|r| r.join(&name));
+            if let Some(r) = &root {
+                std::fs::create_dir_all(r).map_err(link)?;
+                cmd.arg(r);
+            }
             spawn_into(&mut cmd, self.mgr.as_ref(), &name)?;
             // The slow move into the cgroup happens here, off every task's
             // path.
             let spawner = cmd.spawn().map_err(link)?;
             let slot = Slot {
                 name: name.clone(),
+                root,
                 sock: ours,
                 spawner,
                 oom_base: 0,

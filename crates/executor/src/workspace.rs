@@ -168,6 +168,8 @@ pub struct Plan {
     net: Net,
     idle: bool,
     tty: bool,
+    /// On a root shared with other workspaces (a warm slot's).
+    shared_root: bool,
 }
 
 fn c(p: impl AsRef<OsStr>) -> Result<CString, WorkspaceError> {
@@ -188,76 +190,48 @@ impl Plan {
     /// # Errors
     /// A bad path or image, or the run directory cannot be made.
     pub fn new(spec: &Spec) -> Result<Self, WorkspaceError> {
+        Self::build(spec, None)
+    }
+
+    /// As [`Plan::new`], on a root assembled already at `base` by
+    /// [`assemble_base`] in the calling process's mount namespace (a warm
+    /// slot's spawner): only `/proc`, `/tmp` and the tree are mounted per
+    /// workspace. A spec with an image of its own gets a whole plan.
+    ///
+    /// # Errors
+    /// As [`Plan::new`].
+    pub fn on_base(spec: &Spec, base: &Path) -> Result<Self, WorkspaceError> {
+        match spec.root {
+            Root::Host => Self::build(spec, Some(base)),
+            Root::Image(_) => Self::build(spec, None),
+        }
+    }
+
+    /// Whether the plan runs on a shared assembled root (whose tree
+    /// directories [`tree_dirs`] the caller removes after the task).
+    pub fn on_shared_root(&self) -> bool {
+        self.shared_root
+    }
+
+    fn build(spec: &Spec, base: Option<&Path>) -> Result<Self, WorkspaceError> {
         for p in [&spec.cwd, &spec.run_dir] {
             if !p.is_absolute() {
                 return Err(WorkspaceError::Relative(p.clone()));
             }
         }
-        let root_dir = spec.run_dir.join("root");
-        std::fs::create_dir_all(&root_dir).map_err(io_err(&root_dir))?;
-        let sys = match &spec.root {
-            Root::Host => PathBuf::from("/"),
-            Root::Image(p) => {
-                if !(p.join("bin").exists() || p.join("usr").is_dir()) {
-                    return Err(WorkspaceError::NotARootfs(p.clone()));
-                }
-                p.clone()
+        let root_dir = match base {
+            Some(b) => b.to_owned(),
+            None => {
+                let r = spec.run_dir.join("root");
+                std::fs::create_dir_all(&r).map_err(io_err(&r))?;
+                r
             }
         };
         let nr = |rel: &str| root_dir.join(rel);
-        let mut steps = vec![Step::Mount {
-            src: Some(c("shoal-root")?),
-            target: c(&root_dir)?,
-            fstype: Some(c("tmpfs")?),
-            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            data: Some(c("mode=0755,size=16m")?),
-        }];
-        let dirs = match spec.root {
-            Root::Host => SYSTEM,
-            Root::Image(_) => IMAGE_SYSTEM,
+        let mut steps = match base {
+            Some(_) => Vec::new(),
+            None => base_steps(&spec.root, &root_dir)?,
         };
-        for d in dirs {
-            let src = sys.join(d);
-            let Ok(meta) = std::fs::symlink_metadata(&src) else {
-                continue;
-            };
-            if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&src).map_err(io_err(&src))?;
-                steps.push(Step::Symlink {
-                    target: c(&target)?,
-                    link: c(nr(d))?,
-                });
-            } else if meta.is_dir() {
-                steps.push(Step::Mkdir(c(nr(d))?));
-                bind_ro(&mut steps, c(&src)?, c(nr(d))?);
-            }
-        }
-        for f in MASKED_FILES {
-            if sys.join(f).exists() {
-                steps.push(Step::Mount {
-                    src: Some(c("/dev/null")?),
-                    target: c(nr(f))?,
-                    fstype: None,
-                    flags: MsFlags::MS_BIND,
-                    data: None,
-                });
-            }
-        }
-        for d in MASKED_DIRS {
-            if sys.join(d).is_dir() {
-                steps.push(Step::Mount {
-                    src: Some(c("masked")?),
-                    target: c(nr(d))?,
-                    fstype: Some(c("tmpfs")?),
-                    flags: MsFlags::MS_RDONLY
-                        | MsFlags::MS_NOSUID
-                        | MsFlags::MS_NODEV
-                        | MsFlags::MS_NOEXEC,
-                    data: Some(c("size=4k")?),
-                });
-            }
-        }
-        steps.push(Step::Mkdir(c(nr("proc"))?));
         steps.push(Step::Mount {
             src: Some(c("proc")?),
             target: c(nr("proc"))?,
@@ -265,40 +239,6 @@ impl Plan {
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             data: None,
         });
-        steps.push(Step::Mkdir(c(nr("dev"))?));
-        steps.push(Step::Mount {
-            src: Some(c("shoal-dev")?),
-            target: c(nr("dev"))?,
-            fstype: Some(c("tmpfs")?),
-            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            data: Some(c("mode=0755,size=64k")?),
-        });
-        for d in DEVICES {
-            let host = Path::new("/dev").join(d);
-            if host.exists() {
-                steps.push(Step::Touch(c(nr(&format!("dev/{d}")))?));
-                steps.push(Step::Mount {
-                    src: Some(c(&host)?),
-                    target: c(nr(&format!("dev/{d}")))?,
-                    fstype: None,
-                    flags: MsFlags::MS_BIND,
-                    data: None,
-                });
-            }
-        }
-        for (link, target) in [
-            ("dev/fd", "/proc/self/fd"),
-            ("dev/stdin", "/proc/self/fd/0"),
-            ("dev/stdout", "/proc/self/fd/1"),
-            ("dev/stderr", "/proc/self/fd/2"),
-        ] {
-            steps.push(Step::Symlink {
-                target: c(target)?,
-                link: c(nr(link))?,
-            });
-        }
-        steps.push(Step::Mkdir(c(nr("dev/shm"))?));
-        steps.push(Step::Mkdir(c(nr("tmp"))?));
         steps.push(Step::Mount {
             src: Some(c("shoal-tmp")?),
             target: c(nr("tmp"))?,
@@ -307,13 +247,8 @@ impl Plan {
             data: Some(c("mode=1777,size=256m")?),
         });
         if let Some(t) = &spec.tree {
-            if !t.at.is_absolute() {
-                return Err(WorkspaceError::Relative(t.at.clone()));
-            }
-            let mut acc = root_dir.clone();
-            for comp in t.at.components().skip(1) {
-                acc.push(comp);
-                steps.push(Step::Mkdir(c(&acc)?));
+            for dir in tree_dirs(&root_dir, &t.at)? {
+                steps.push(Step::Mkdir(c(dir)?));
             }
             if t.lower.is_empty() {
                 return Err(WorkspaceError::NoLower(t.at.clone()));
@@ -327,13 +262,12 @@ impl Plan {
             );
             steps.push(Step::Mount {
                 src: Some(c("shoal-tree")?),
-                target: c(&acc)?,
+                target: c(root_dir.join(t.at.strip_prefix("/").unwrap_or(&t.at)))?,
                 fstype: Some(c("overlay")?),
                 flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
                 data: Some(c(data)?),
             });
         }
-        steps.push(Step::Mkdir(c(nr(".oldroot"))?));
         let mut flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
@@ -354,6 +288,7 @@ impl Plan {
             net: spec.net,
             idle: spec.idle,
             tty: spec.tty,
+            shared_root: base.is_some(),
         })
     }
 
@@ -441,59 +376,18 @@ impl Plan {
             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
             None::<&str>,
         )?;
-        for s in &self.steps {
-            match s {
-                Step::Mkdir(p) => {
-                    match nix::unistd::mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)) {
-                        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Step::Symlink { target, link } => {
-                    nix::unistd::symlinkat(target.as_c_str(), None, link.as_c_str())?;
-                }
-                Step::Touch(p) => {
-                    let fd = nix::fcntl::open(
-                        p.as_c_str(),
-                        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
-                        Mode::from_bits_truncate(0o644),
-                    )?;
-                    nix::unistd::close(fd)?;
-                }
-                Step::Mount {
-                    src,
-                    target,
-                    fstype,
-                    flags,
-                    data,
-                } => {
-                    mount(
-                        src.as_deref(),
-                        target.as_c_str(),
-                        fstype.as_deref(),
-                        *flags,
-                        data.as_deref(),
-                    )?;
-                    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
-                        mount(
-                            None::<&str>,
-                            target.as_c_str(),
-                            None::<&str>,
-                            *flags | MsFlags::MS_REMOUNT,
-                            None::<&str>,
-                        )?;
-                    }
-                }
-            }
-        }
+        run_steps(&self.steps)?;
         nix::unistd::pivot_root(self.new_root.as_c_str(), self.old_root.as_c_str())?;
         nix::unistd::chdir("/")?;
         umount2(self.old_root_rel.as_c_str(), MntFlags::MNT_DETACH)?;
-        nix::unistd::unlinkat(
-            None,
-            self.old_root_rel.as_c_str(),
-            nix::unistd::UnlinkatFlags::RemoveDir,
-        )?;
+        if !self.shared_root {
+            // (A shared root keeps its mount point for the next task.)
+            nix::unistd::unlinkat(
+                None,
+                self.old_root_rel.as_c_str(),
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            )?;
+        }
         // The assembled root itself is read-only; /tmp and the tree are not.
         mount(
             None::<&str>,
@@ -513,6 +407,207 @@ impl Plan {
         nix::unistd::setresuid(u, u, u)?;
         Ok(())
     }
+}
+
+/// The directories to make under `root_dir` for a tree seen at `at`
+/// (absolute), outermost first.
+///
+/// # Errors
+/// `at` is not absolute.
+pub fn tree_dirs(root_dir: &Path, at: &Path) -> Result<Vec<PathBuf>, WorkspaceError> {
+    if !at.is_absolute() {
+        return Err(WorkspaceError::Relative(at.to_owned()));
+    }
+    let mut acc = root_dir.to_owned();
+    Ok(at
+        .components()
+        .skip(1)
+        .map(|comp| {
+            acc.push(comp);
+            acc.clone()
+        })
+        .collect())
+}
+
+/// The steps that assemble a root at `root_dir` with everything but
+/// `/proc`, `/tmp` and the task's tree: a tmpfs with the system
+/// directories bound read-only, `/etc`'s secrets masked, a `/dev` of its
+/// own, and the mount points for the rest.
+fn base_steps(root: &Root, root_dir: &Path) -> Result<Vec<Step>, WorkspaceError> {
+    let sys = match root {
+        Root::Host => PathBuf::from("/"),
+        Root::Image(p) => {
+            if !(p.join("bin").exists() || p.join("usr").is_dir()) {
+                return Err(WorkspaceError::NotARootfs(p.clone()));
+            }
+            p.clone()
+        }
+    };
+    let nr = |rel: &str| root_dir.join(rel);
+    let mut steps = vec![Step::Mount {
+        src: Some(c("shoal-root")?),
+        target: c(root_dir)?,
+        fstype: Some(c("tmpfs")?),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        data: Some(c("mode=0755,size=16m")?),
+    }];
+    let dirs = match root {
+        Root::Host => SYSTEM,
+        Root::Image(_) => IMAGE_SYSTEM,
+    };
+    for d in dirs {
+        let src = sys.join(d);
+        let Ok(meta) = std::fs::symlink_metadata(&src) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&src).map_err(io_err(&src))?;
+            steps.push(Step::Symlink {
+                target: c(&target)?,
+                link: c(nr(d))?,
+            });
+        } else if meta.is_dir() {
+            steps.push(Step::Mkdir(c(nr(d))?));
+            bind_ro(&mut steps, c(&src)?, c(nr(d))?);
+        }
+    }
+    for f in MASKED_FILES {
+        if sys.join(f).exists() {
+            steps.push(Step::Mount {
+                src: Some(c("/dev/null")?),
+                target: c(nr(f))?,
+                fstype: None,
+                flags: MsFlags::MS_BIND,
+                data: None,
+            });
+        }
+    }
+    for d in MASKED_DIRS {
+        if sys.join(d).is_dir() {
+            steps.push(Step::Mount {
+                src: Some(c("masked")?),
+                target: c(nr(d))?,
+                fstype: Some(c("tmpfs")?),
+                flags: MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                data: Some(c("size=4k")?),
+            });
+        }
+    }
+    steps.push(Step::Mkdir(c(nr("proc"))?));
+    steps.push(Step::Mkdir(c(nr("dev"))?));
+    steps.push(Step::Mount {
+        src: Some(c("shoal-dev")?),
+        target: c(nr("dev"))?,
+        fstype: Some(c("tmpfs")?),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        data: Some(c("mode=0755,size=64k")?),
+    });
+    for d in DEVICES {
+        let host = Path::new("/dev").join(d);
+        if host.exists() {
+            steps.push(Step::Touch(c(nr(&format!("dev/{d}")))?));
+            steps.push(Step::Mount {
+                src: Some(c(&host)?),
+                target: c(nr(&format!("dev/{d}")))?,
+                fstype: None,
+                flags: MsFlags::MS_BIND,
+                data: None,
+            });
+        }
+    }
+    for (link, target) in [
+        ("dev/fd", "/proc/self/fd"),
+        ("dev/stdin", "/proc/self/fd/0"),
+        ("dev/stdout", "/proc/self/fd/1"),
+        ("dev/stderr", "/proc/self/fd/2"),
+    ] {
+        steps.push(Step::Symlink {
+            target: c(target)?,
+            link: c(nr(link))?,
+        });
+    }
+    steps.push(Step::Mkdir(c(nr("dev/shm"))?));
+    steps.push(Step::Mkdir(c(nr("tmp"))?));
+    steps.push(Step::Mkdir(c(nr(".oldroot"))?));
+    Ok(steps)
+}
+
+/// Assembles the host-system root of [`base_steps`] at `root_dir` once,
+/// in a mount namespace of the calling process's own (a warm slot's
+/// spawner, which then starts every task of the slot on it with
+/// [`Plan::on_base`]). Mounts made on the host later still reach it; its
+/// own never reach the host, and go with the process.
+///
+/// # Errors
+/// A namespace or mount the kernel refused, or a bad path.
+pub fn assemble_base(root_dir: &Path) -> Result<(), WorkspaceError> {
+    let steps = base_steps(&Root::Host, root_dir)?;
+    let sys = |e: nix::errno::Errno| io_err(root_dir)(e.into());
+    std::fs::create_dir_all(root_dir).map_err(io_err(root_dir))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(sys)?;
+    run_steps(&steps).map_err(io_err(root_dir))
+}
+
+/// Carries out prepared steps (between fork and exec: system calls on
+/// data prepared before, nothing allocated).
+fn run_steps(steps: &[Step]) -> io::Result<()> {
+    for s in steps {
+        match s {
+            Step::Mkdir(p) => {
+                match nix::unistd::mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Step::Symlink { target, link } => {
+                nix::unistd::symlinkat(target.as_c_str(), None, link.as_c_str())?;
+            }
+            Step::Touch(p) => {
+                let fd = nix::fcntl::open(
+                    p.as_c_str(),
+                    nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o644),
+                )?;
+                nix::unistd::close(fd)?;
+            }
+            Step::Mount {
+                src,
+                target,
+                fstype,
+                flags,
+                data,
+            } => {
+                mount(
+                    src.as_deref(),
+                    target.as_c_str(),
+                    fstype.as_deref(),
+                    *flags,
+                    data.as_deref(),
+                )?;
+                if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
+                    mount(
+                        None::<&str>,
+                        target.as_c_str(),
+                        None::<&str>,
+                        *flags | MsFlags::MS_REMOUNT,
+                        None::<&str>,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Puts the calling process (and, by inheritance, everything it starts)

@@ -67,7 +67,11 @@ enum Command {
     Retry(cmd::retry::RetryArgs),
     /// A warm slot's spawner, started by the agent (internal).
     #[command(name = "__spawner", hide = true)]
-    Spawner,
+    Spawner {
+        /// Where to assemble the slot's root (in a mount namespace of its
+        /// own).
+        root: Option<std::path::PathBuf>,
+    },
 }
 
 /// The error and its causes, each cause only when the text so far does
@@ -110,7 +114,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => cmd::logs::run(&a),
         Command::Cancel(a) => cmd::cancel::run(&a),
         Command::Retry(a) => cmd::retry::run(&a),
-        Command::Spawner => cmd::spawner::run(),
+        Command::Spawner { root } => cmd::spawner::run(root.as_deref()),
         Command::Submit(a) => match cmd::submit::run(&a) {
             Ok(code) => return code,
             Err(e) => {

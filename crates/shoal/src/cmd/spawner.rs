@@ -4,8 +4,9 @@
 
 use std::os::fd::AsFd;
 
-/// Serves the agent on stdin until it closes.
-pub fn run() -> anyhow::Result<()> {
-    shoal_executor::warm::serve(std::io::stdin().as_fd())?;
+/// Serves the agent on stdin until it closes; assembles the slot's root
+/// at `root` first, if given.
+pub fn run(root: Option<&std::path::Path>) -> anyhow::Result<()> {
+    shoal_executor::warm::serve(std::io::stdin().as_fd(), root)?;
     Ok(())
 }
