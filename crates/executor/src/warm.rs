@@ -40,7 +40,7 @@ use nix::sys::time::TimeVal;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{spawn_into, CgroupError, CgroupManager, Limits, Usage};
-use crate::workspace::{Net, Plan, Spec};
+use crate::workspace::{Net, Plan, Root, Spec};
 
 /// Why a warm slot could not be made or used. The caller falls back to a
 /// fresh cgroup, except for [`WarmError::Task`].
@@ -241,13 +241,25 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
         };
         let r = match postcard::from_bytes::<Request>(&buf[..n]) {
             Ok(req) => start(req, fds, host_net.as_fd(), base.as_deref()),
-            Err(e) => Err(Reply::Failed {
-                errno: None,
-                message: format!("malformed request: {e}"),
-            }),
+            Err(e) => (
+                Err(Reply::Failed {
+                    errno: None,
+                    message: format!("malformed request: {e}"),
+                }),
+                Vec::new(),
+            ),
+        };
+        // The mount points of its tree, made on the shared root: the next
+        // task of the slot sees nothing of this one. (What they lead into
+        // on the host is bound read-only, so only the root's own
+        // directories can go.)
+        let forget = |made: &[PathBuf]| {
+            for d in made.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
         };
         match r {
-            Ok((mut child, made)) => {
+            (Ok(mut child), made) => {
                 reply(sock, &Reply::Started { pid: child.id() })?;
                 let status = loop {
                     match child.wait() {
@@ -255,13 +267,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                         r => break r?,
                     }
                 };
-                // The mount points of its tree, made on the shared root:
-                // the next task of the slot sees nothing of this one.
-                // (What they lead into on the host is bound read-only, so
-                // only the root's own directories can go.)
-                for d in made.iter().rev() {
-                    let _ = std::fs::remove_dir(d);
-                }
+                forget(&made);
                 reply(
                     sock,
                     &Reply::Exited {
@@ -269,19 +275,40 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                     },
                 )?;
             }
-            Err(f) => reply(sock, &f)?,
+            (Err(f), made) => {
+                forget(&made);
+                reply(sock, &f)?;
+            }
         }
     }
 }
 
-/// Starts one task; returns it with the directories its workspace makes
-/// on the slot's shared root.
+/// Starts one task; returns it (or why not) with the directories its
+/// workspace makes on the slot's shared root, to remove once it ended.
 fn start(
+    req: Request,
+    fds: Vec<OwnedFd>,
+    host_net: BorrowedFd<'_>,
+    base: Option<&Path>,
+) -> (Result<std::process::Child, Reply>, Vec<PathBuf>) {
+    let made = match (&req.spec.tree, base, &req.spec.root) {
+        // Those the root lacks now (its own mount points stay).
+        (Some(t), Some(b), Root::Host) => crate::workspace::tree_dirs(b, &t.at)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| std::fs::symlink_metadata(d).is_err())
+            .collect(),
+        _ => Vec::new(),
+    };
+    (start_in(req, fds, host_net, base), made)
+}
+
+fn start_in(
     mut req: Request,
     fds: Vec<OwnedFd>,
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
-) -> Result<(std::process::Child, Vec<PathBuf>), Reply> {
+) -> Result<std::process::Child, Reply> {
     let fail = |errno: Option<i32>, message: String| Reply::Failed { errno, message };
     let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
         .try_into()
@@ -293,15 +320,6 @@ fn start(
         None => Plan::new(&req.spec),
     }
     .map_err(|e| fail(None, format!("workspace: {e}")))?;
-    let made = match (&req.spec.tree, base) {
-        // Those the root lacks now (its own mount points stay).
-        (Some(t), Some(b)) if plan.on_shared_root() => crate::workspace::tree_dirs(b, &t.at)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|d| std::fs::symlink_metadata(d).is_err())
-            .collect(),
-        _ => Vec::new(),
-    };
     let Some(mut cmd) = req.command([stdin, stdout, stderr]) else {
         return Err(fail(None, "an empty command".into()));
     };
@@ -325,10 +343,8 @@ fn start(
         });
     }
     plan.apply(&mut cmd);
-    let child = cmd
-        .spawn()
-        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))?;
-    Ok((child, made))
+    cmd.spawn()
+        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))
 }
 
 /// One warm slot: its cgroup and the spawner inside it.

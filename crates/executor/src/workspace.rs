@@ -196,7 +196,9 @@ impl Plan {
     /// As [`Plan::new`], on a root assembled already at `base` by
     /// [`assemble_base`] in the calling process's mount namespace (a warm
     /// slot's spawner): only `/proc`, `/tmp` and the tree are mounted per
-    /// workspace. A spec with an image of its own gets a whole plan.
+    /// workspace, and the caller removes the directories [`tree_dirs`]
+    /// made on the shared root once the task ended. A spec with an image
+    /// of its own gets a whole plan.
     ///
     /// # Errors
     /// As [`Plan::new`].
@@ -205,12 +207,6 @@ impl Plan {
             Root::Host => Self::build(spec, Some(base)),
             Root::Image(_) => Self::build(spec, None),
         }
-    }
-
-    /// Whether the plan runs on a shared assembled root (whose tree
-    /// directories [`tree_dirs`] the caller removes after the task).
-    pub fn on_shared_root(&self) -> bool {
-        self.shared_root
     }
 
     fn build(spec: &Spec, base: Option<&Path>) -> Result<Self, WorkspaceError> {
