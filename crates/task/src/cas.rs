@@ -204,16 +204,14 @@ impl Cas {
     /// As [`Cas::materialize`]; no right to make a whiteout.
     pub fn materialize_delta(
         &self,
-        tree: &[TreeEntry],
-        base: &TreeMap,
+        d: &Delta<'_>,
         dest: &Path,
         owner: Option<(u32, u32)>,
     ) -> Result<(), CasError> {
-        let d = delta(tree, base);
         let now = SystemTime::now();
         fs::create_dir_all(dest).map_err(io_err(dest))?;
         chown(dest, owner)?;
-        for e in d.entries {
+        for e in &d.entries {
             self.make(e, dest, owner, now)?;
         }
         for w in &d.whiteouts {
@@ -424,7 +422,20 @@ impl Delta<'_> {
 /// made; a non-directory hides whatever the base has at its path; a
 /// whiteout hides a removed entry (and everything under it).
 pub fn delta<'a>(tree: &'a [TreeEntry], base: &TreeMap) -> Delta<'a> {
-    let new: HashMap<&Path, &Node> = tree.iter().map(|e| (e.path.as_path(), &e.node)).collect();
+    delta_by(tree, &by_path(tree), base)
+}
+
+/// `tree` by path, as [`delta_by`] takes it.
+fn by_path(tree: &[TreeEntry]) -> HashMap<&Path, &Node> {
+    tree.iter().map(|e| (e.path.as_path(), &e.node)).collect()
+}
+
+/// [`delta`], with the tree by path made once for many bases.
+fn delta_by<'a>(
+    tree: &'a [TreeEntry],
+    new: &HashMap<&Path, &'a Node>,
+    base: &TreeMap,
+) -> Delta<'a> {
     let is_dir = |n: Option<&Node>| matches!(n, Some(Node::Dir { .. }));
     let mut need: HashSet<&Path> = HashSet::new();
     fn mark<'p>(need: &mut HashSet<&'p Path>, p: &'p Path) {
@@ -635,12 +646,13 @@ impl Lowers {
                 .collect::<Vec<_>>()
         };
         // The closest layer to build on, if building on it is cheaper.
+        let new = by_path(tree);
         let best = candidates
             .iter()
-            .map(|(k, t)| (delta(tree, t).len(), k, t))
-            .min_by_key(|(n, k, _)| (*n, (*k).clone()))
-            .filter(|(n, _, _)| *n <= delta_cap(tree.len()));
-        let base = best.and_then(|(_, k, t)| {
+            .map(|(k, t)| (delta_by(tree, &new, t), k))
+            .min_by_key(|(d, k)| (d.len(), (*k).clone()))
+            .filter(|(d, _)| d.len() <= delta_cap(tree.len()));
+        let base = best.and_then(|(d, k)| {
             let mut st = self.lock();
             if !st.layers.contains_key(k) {
                 return None; // evicted meanwhile
@@ -655,12 +667,12 @@ impl Lowers {
                 return None;
             }
             st.hold(&keys);
-            Some((keys, t.clone()))
+            Some((keys, d))
         });
         let tmp = self.dir.join(format!(".{key}.{}", unique()));
         let built = match &base {
-            Some((_, t)) => cas
-                .materialize_delta(tree, t, &tmp, owner)
+            Some((_, d)) => cas
+                .materialize_delta(d, &tmp, owner)
                 .map(|()| true)
                 .or_else(|_| {
                     // E.g. no right to make whiteouts: make it whole.
