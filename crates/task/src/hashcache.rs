@@ -25,9 +25,14 @@ use crate::tree::hash;
 const MAGIC: &[u8; 8] = b"shoalhc1";
 /// Beyond this many entries the cache starts over (it is rebuilt by use).
 const MAX_ENTRIES: usize = 500_000;
-/// A file modified this recently may change again within the same
-/// timestamp tick: it is hashed but not remembered ("racily clean").
-const RACY: Duration = Duration::from_secs(2);
+/// A file changed this recently may change again within the same
+/// timestamp tick, its stat data unchanged: it is hashed but not remembered
+/// ("racily clean"). The tick of a file system with nanosecond time stamps
+/// is the kernel's clock tick (at most 10 ms)...
+const RACY: Duration = Duration::from_millis(100);
+/// ...and where time stamps are whole seconds (FAT, old ext3 inodes, some
+/// network file systems), up to two seconds.
+const RACY_COARSE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
@@ -140,11 +145,20 @@ impl HashCache {
         // only if its stat data still match and it is not racily new.
         let after = fs::symlink_metadata(path)?;
         let stamp = Stamp::of(&after, h);
-        let settled = after
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_some_and(|age| age >= RACY);
+        // The change time, which no one can set back (the modification
+        // time can be, by `touch -d`).
+        let window = if after.ctime_nsec() == 0 {
+            RACY_COARSE
+        } else {
+            RACY
+        };
+        let changed = u64::try_from(after.ctime()).ok().map(|s| {
+            SystemTime::UNIX_EPOCH
+                + Duration::new(s, u32::try_from(after.ctime_nsec()).unwrap_or(0))
+        });
+        let settled = changed
+            .and_then(|c| SystemTime::now().duration_since(c).ok())
+            .is_some_and(|age| age >= window);
         if stamp == Stamp::of(meta, h) && settled && data.len() as u64 == after.size() {
             self.map.insert(path.to_owned(), stamp);
             self.dirty = true;
@@ -192,10 +206,11 @@ impl HashCache {
 mod tests {
     use super::*;
 
+    /// Lets `p` settle: its change time (which only moves forward) must
+    /// be older than the racy window.
     fn old(p: &Path) {
-        let f = fs::File::options().write(true).open(p).unwrap();
-        f.set_modified(SystemTime::now() - Duration::from_secs(60))
-            .unwrap();
+        assert!(p.exists());
+        std::thread::sleep(RACY + Duration::from_millis(20));
     }
 
     #[test]
@@ -225,6 +240,26 @@ mod tests {
         assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
         assert_eq!(c.hashed, 2);
 
+        // A modification time set back (`touch -d`) does not make a file
+        // just written settled: its change time says when it changed.
+        fs::write(&a, "three").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        let m = fs::symlink_metadata(&a).unwrap();
+        let before = c.hashed;
+        c.hash_file(&a, &m).unwrap();
+        c.hash_file(&a, &m).unwrap();
+        assert_eq!(c.hashed, before + 2, "racily clean, read each time");
+        old(&a);
+        c.hash_file(&a, &m).unwrap();
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"three"));
+        assert_eq!(c.hashed, before + 3, "settled: read once more, then kept");
+        let m = fs::symlink_metadata(&a).unwrap();
+
         // A file gone from the tree is dropped from the saved cache.
         let b = d.join("b");
         fs::write(&b, "bee").unwrap();
@@ -243,7 +278,7 @@ mod tests {
         // A corrupt cache file is an empty cache.
         fs::write(&store, b"shoalhc1\xff\xff\xff").unwrap();
         let mut c = HashCache::load(&store);
-        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"two"));
+        assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"three"));
         assert_eq!(c.hashed, 1);
         fs::remove_dir_all(&d).unwrap();
     }
