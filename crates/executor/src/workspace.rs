@@ -14,6 +14,14 @@
 //! Everything the child does between fork and exec is prepared before the
 //! fork ([`Plan`]): paths as C strings, a list of mount steps. The child
 //! only makes system calls.
+//!
+//! An agent that is not root gets the same workspace inside a user
+//! namespace of its own: the child maps the agent's ids to the guest's
+//! (one line each, after giving up `setgroups`), then mounts as before; the
+//! overlay keeps its marks in `user.` attributes (`userxattr`). The guest
+//! runs as the agent's user outside, keeps the agent's supplementary
+//! groups (the kernel allows no other way without a setuid helper), and
+//! cannot do more than that user could.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -170,6 +178,57 @@ pub struct Plan {
     tty: bool,
     /// On a root shared with other workspaces (a warm slot's).
     shared_root: bool,
+    /// An agent that is not root: the workspace gets a user namespace of
+    /// its own, in which the agent's identity is the guest's.
+    user_ns: Option<IdMaps>,
+}
+
+/// The one-line id maps of a workspace's user namespace, written by the
+/// child itself (an unprivileged process may map its own ids, once it
+/// gave up `setgroups`).
+#[derive(Debug)]
+struct IdMaps {
+    uid_map: CString,
+    gid_map: CString,
+}
+
+impl IdMaps {
+    /// `inside` ids as the ids `(ou, og)` of the process outside.
+    fn new(uid: u32, gid: u32, (ou, og): (u32, u32)) -> Self {
+        Self {
+            // A formatted integer holds no NUL.
+            uid_map: CString::new(format!("{uid} {ou} 1\n")).unwrap_or_default(),
+            gid_map: CString::new(format!("{gid} {og} 1\n")).unwrap_or_default(),
+        }
+    }
+
+    /// Maps the ids of the calling process, which has just entered a new
+    /// user namespace. System calls on prepared strings only.
+    fn write(&self) -> io::Result<()> {
+        fn put(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+            let fd = nix::fcntl::open(
+                path,
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            // SAFETY: `fd` was just opened here and is closed only below.
+            #[allow(unsafe_code)]
+            let written =
+                nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, data);
+            nix::unistd::close(fd)?;
+            if written? != data.len() {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            Ok(())
+        }
+        // A process whose ids were just changed (a root parent's
+        // `Command::uid`) is not dumpable, which makes its /proc files
+        // root's; it is the caller's own identity either way.
+        nix::sys::prctl::set_dumpable(true)?;
+        put(c"/proc/self/setgroups", b"deny")?;
+        put(c"/proc/self/uid_map", self.uid_map.as_bytes())?;
+        put(c"/proc/self/gid_map", self.gid_map.as_bytes())
+    }
 }
 
 fn c(p: impl AsRef<OsStr>) -> Result<CString, WorkspaceError> {
@@ -190,7 +249,19 @@ impl Plan {
     /// # Errors
     /// A bad path or image, or the run directory cannot be made.
     pub fn new(spec: &Spec) -> Result<Self, WorkspaceError> {
-        Self::build(spec, None)
+        Self::build(spec, None, unprivileged())
+    }
+
+    /// As [`Plan::new`], for a child that will run as `uid`/`gid` (not
+    /// root) before the plan is carried out (`Command::uid`): the
+    /// workspace gets a user namespace in which those ids are the guest's.
+    /// This is what an agent that is not root gets from [`Plan::new`];
+    /// with it, a root process can try that path.
+    ///
+    /// # Errors
+    /// As [`Plan::new`].
+    pub fn as_user(spec: &Spec, uid: u32, gid: u32) -> Result<Self, WorkspaceError> {
+        Self::build(spec, None, Some((uid, gid)))
     }
 
     /// As [`Plan::new`], on a root assembled already at `base` by
@@ -204,12 +275,18 @@ impl Plan {
     /// As [`Plan::new`].
     pub fn on_base(spec: &Spec, base: &Path) -> Result<Self, WorkspaceError> {
         match spec.root {
-            Root::Host => Self::build(spec, Some(base)),
-            Root::Image(_) => Self::build(spec, None),
+            Root::Host => Self::build(spec, Some(base), unprivileged()),
+            Root::Image(_) => Self::build(spec, None, unprivileged()),
         }
     }
 
-    fn build(spec: &Spec, base: Option<&Path>) -> Result<Self, WorkspaceError> {
+    /// `outside`: the ids the child runs as when they are not root.
+    fn build(
+        spec: &Spec,
+        base: Option<&Path>,
+        outside: Option<(u32, u32)>,
+    ) -> Result<Self, WorkspaceError> {
+        let unprivileged = outside.is_some();
         for p in [&spec.cwd, &spec.run_dir] {
             if !p.is_absolute() {
                 return Err(WorkspaceError::Relative(p.clone()));
@@ -251,10 +328,13 @@ impl Plan {
             }
             let lower: Vec<String> = t.lower.iter().map(|l| l.display().to_string()).collect();
             let data = format!(
-                "lowerdir={},upperdir={},workdir={}",
+                "lowerdir={},upperdir={},workdir={}{}",
                 lower.join(":"),
                 t.upper.display(),
-                t.work.display()
+                t.work.display(),
+                // In a user namespace the overlay keeps its marks (opaque
+                // directories) in `user.` attributes.
+                if unprivileged { ",userxattr" } else { "" }
             );
             steps.push(Step::Mount {
                 src: Some(c("shoal-tree")?),
@@ -271,6 +351,13 @@ impl Plan {
         if spec.net == Net::Loopback {
             flags |= CloneFlags::CLONE_NEWNET;
         }
+        // Without root, the namespaces and mounts are made inside a user
+        // namespace of the workspace's own (overlay, tmpfs, proc and bind
+        // mounts are allowed there since Linux 5.11).
+        let user_ns = outside.map(|o| {
+            flags |= CloneFlags::CLONE_NEWUSER;
+            IdMaps::new(spec.uid, spec.gid, o)
+        });
         Ok(Self {
             new_root: c(&root_dir)?,
             steps,
@@ -285,6 +372,7 @@ impl Plan {
             idle: spec.idle,
             tty: spec.tty,
             shared_root: base.is_some(),
+            user_ns,
         })
     }
 
@@ -317,6 +405,9 @@ impl Plan {
             idle_class()?;
         }
         nix::sched::unshare(self.flags)?;
+        if let Some(maps) = &self.user_ns {
+            maps.write()?;
+        }
         let (status_r, status_w) = nix::unistd::pipe()?;
         // SAFETY: we are in a forked child that runs no other thread; the
         // parent side of this fork only supervises (see `supervise`).
@@ -397,12 +488,23 @@ impl Plan {
             loopback_up()?;
         }
         nix::unistd::chdir(self.cwd.as_c_str())?;
-        nix::unistd::setgroups(&[])?;
+        if self.user_ns.is_none() {
+            // (In a user namespace `setgroups` was given up; the agent's
+            // own supplementary groups stay, as the kernel requires.)
+            nix::unistd::setgroups(&[])?;
+        }
         let (g, u) = (Gid::from_raw(self.gid), Uid::from_raw(self.uid));
         nix::unistd::setresgid(g, g, g)?;
         nix::unistd::setresuid(u, u, u)?;
         Ok(())
     }
+}
+
+/// The effective ids of this process when they are not root's: its
+/// workspaces need a user namespace.
+fn unprivileged() -> Option<(u32, u32)> {
+    let uid = nix::unistd::geteuid();
+    (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getegid().as_raw()))
 }
 
 /// The directories to make under `root_dir` for a tree seen at `at`
