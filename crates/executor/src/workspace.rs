@@ -945,15 +945,99 @@ pub(crate) fn loopback_up() -> io::Result<()> {
 /// # Errors
 /// The directory could not be removed.
 pub fn cleanup(spec: &Spec) -> io::Result<()> {
-    match std::fs::remove_dir_all(&spec.run_dir) {
+    remove_all(&spec.run_dir)
+}
+
+/// Removes the directory tree at `path` (absent is fine). An agent that is
+/// not root cannot list a directory without read permission, and the
+/// overlay leaves its work directory at mode 0 (as a task may leave its
+/// own): such directories, which the agent owns, are opened up first.
+///
+/// # Errors
+/// What could still not be removed.
+pub fn remove_all(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            open_up(path);
+            match std::fs::remove_dir_all(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Gives the owner rwx on every directory under `dir` (not following
+/// links).
+fn open_up(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                open_up(&e.path());
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::kernel_at_least;
+
+    #[test]
+    fn trees_with_closed_directories_are_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("shoal-rmall-{}", std::process::id()));
+        std::fs::create_dir_all(d.join("work/work/inner")).unwrap();
+        std::fs::write(d.join("work/work/inner/f"), "x").unwrap();
+        for p in ["work/work/inner", "work/work"] {
+            std::fs::set_permissions(d.join(p), std::fs::Permissions::from_mode(0o000)).unwrap();
+        }
+        // As root (who reads any directory), as the user who owns the
+        // tree, the way an agent that is not root removes it.
+        let user = crate::creds::User {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+        };
+        if nix::unistd::geteuid().is_root() {
+            for e in [
+                "",
+                "work",
+                "work/work",
+                "work/work/inner",
+                "work/work/inner/f",
+            ] {
+                let p = d.join(e);
+                std::os::unix::fs::chown(&p, Some(user.uid), Some(user.gid)).unwrap();
+            }
+        }
+        let (dd, plain) = (d.clone(), d.clone());
+        let as_owner = |f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
+            if nix::unistd::geteuid().is_root() {
+                crate::creds::as_user(&user, f).unwrap()
+            } else {
+                f()
+            }
+        };
+        // Plainly, it cannot list the closed directories.
+        assert!(as_owner(Box::new(move || std::fs::remove_dir_all(&plain))).is_err());
+        as_owner(Box::new(move || super::remove_all(&dd))).unwrap();
+        assert!(!d.exists());
+        super::remove_all(&d).unwrap();
+    }
 
     #[test]
     fn kernel_releases_compare_by_major_and_minor() {

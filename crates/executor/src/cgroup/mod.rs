@@ -125,6 +125,19 @@ pub fn check_name(name: &str) -> Result<(), CgroupError> {
     }
 }
 
+/// A parent group: one or more safe names joined by `/` (a subtree
+/// delegated to the agent's user, say `shoal/alice`).
+///
+/// # Errors
+/// An empty, absolute or unsafe path.
+pub fn check_parent(parent: &str) -> Result<(), CgroupError> {
+    if parent.split('/').all(|c| check_name(c).is_ok()) {
+        Ok(())
+    } else {
+        Err(CgroupError::BadName(parent.to_owned()))
+    }
+}
+
 /// The resource quantum of one task. `None` means no limit.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Limits {
@@ -366,7 +379,7 @@ pub fn spawn_into(
 /// # Errors
 /// No usable hierarchy, or a bad parent name.
 pub fn open(root: &Path, parent: &str) -> Result<Box<dyn CgroupManager>, CgroupError> {
-    check_name(parent)?;
+    check_parent(parent)?;
     match detect(root) {
         Some(CgroupVersion::V1) => Ok(Box::new(V1::new(root, parent))),
         Some(CgroupVersion::V2) => Ok(Box::new(V2::new(root, parent)?)),

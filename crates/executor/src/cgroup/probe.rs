@@ -1,7 +1,7 @@
 //! Probe: can we create a cgroup with a CPU, memory and pids limit?
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{io_err, CgroupError};
 
@@ -52,57 +52,79 @@ pub fn detect(root: &Path) -> Option<CgroupVersion> {
         .then_some(CgroupVersion::V1)
 }
 
-/// Creates a cgroup named `shoal-check-<pid>` in every controller needed,
-/// sets a CPU quota, a memory limit and a pids limit, and removes it.
+/// Creates a cgroup named `check-<pid>` under `parent` (made if absent:
+/// `shoal-<node>` for a root agent, a delegated subtree for another user)
+/// in every controller needed, sets a CPU quota, a memory limit and a pids
+/// limit, and removes what it made.
 ///
 /// # Errors
-/// No hierarchy found, or a step failed (what was made is removed).
-pub fn probe_cgroups(root: &Path) -> Result<CgroupVersion, CgroupError> {
+/// No usable hierarchy, a bad parent, or a group or limit the kernel (or
+/// the permissions) refused, named.
+pub fn probe_cgroups(root: &Path, parent: &str) -> Result<CgroupVersion, CgroupError> {
+    super::check_parent(parent)?;
     let version = detect(root).ok_or_else(|| CgroupError::NotFound(root.to_owned()))?;
-    let name = format!("shoal-check-{}", std::process::id());
-    match version {
-        CgroupVersion::V1 => {
-            let mut made = Vec::new();
-            let r = (|| {
-                for (ctrl, file, value) in V1_LIMITS {
-                    let dir = root.join(ctrl).join(&name);
-                    fs::create_dir(&dir).map_err(io_err(&dir))?;
-                    made.push(dir.clone());
-                    let f = dir.join(file);
-                    fs::write(&f, value).map_err(io_err(&f))?;
+    let name = format!("check-{}", std::process::id());
+    // Every directory made here, removed again (innermost first).
+    let mut made: Vec<PathBuf> = Vec::new();
+    let mkdir = |d: &Path, made: &mut Vec<PathBuf>| -> Result<(), CgroupError> {
+        fs::create_dir(d).map_err(io_err(d))?;
+        made.push(d.to_owned());
+        Ok(())
+    };
+    let r = match version {
+        CgroupVersion::V1 => (|| {
+            for (ctrl, file, value) in V1_LIMITS {
+                let mut at = root.join(ctrl);
+                for c in parent.split('/') {
+                    at.push(c);
+                    if !at.is_dir() {
+                        mkdir(&at, &mut made)?;
+                    }
                 }
-                Ok(())
-            })();
-            for d in made.iter().rev() {
-                let _ = fs::remove_dir(d);
+                let dir = at.join(&name);
+                mkdir(&dir, &mut made)?;
+                let f = dir.join(file);
+                fs::write(&f, value).map_err(io_err(&f))?;
             }
-            r.map(|()| version)
-        }
-        CgroupVersion::V2 => {
-            let ctl = root.join("cgroup.subtree_control");
-            let enabled = fs::read_to_string(&ctl).map_err(io_err(&ctl))?;
-            for c in ["cpu", "memory", "pids"] {
-                if !enabled.split_whitespace().any(|w| w == c) {
-                    fs::write(&ctl, format!("+{c}")).map_err(io_err(&ctl))?;
+            Ok(())
+        })(),
+        CgroupVersion::V2 => (|| {
+            let mut at = root.to_owned();
+            enable(&at)?;
+            for c in parent.split('/') {
+                at.push(c);
+                if !at.is_dir() {
+                    mkdir(&at, &mut made)?;
                 }
+                enable(&at)?;
             }
-            let dir = root.join(&name);
-            fs::create_dir(&dir).map_err(io_err(&dir))?;
-            let r = V2_LIMITS
-                .iter()
-                .try_for_each(|(file, value)| {
-                    let f = dir.join(file);
-                    fs::write(&f, value).map_err(io_err(&f))
-                })
-                .and_then(|()| {
-                    // The freezer: guests we cannot stop must not run.
-                    let f = dir.join("cgroup.freeze");
-                    fs::metadata(&f).map(|_| ()).map_err(io_err(&f))
-                });
-            let _ = fs::remove_dir(&dir);
-            r.map(|()| version)
+            let dir = at.join(&name);
+            mkdir(&dir, &mut made)?;
+            V2_LIMITS.iter().try_for_each(|(file, value)| {
+                let f = dir.join(file);
+                fs::write(&f, value).map_err(io_err(&f))
+            })?;
+            // The freezer: guests we cannot stop must not run.
+            let f = dir.join("cgroup.freeze");
+            fs::metadata(&f).map(|_| ()).map_err(io_err(&f))
+        })(),
+    };
+    for d in made.iter().rev() {
+        let _ = fs::remove_dir(d);
+    }
+    r.map(|()| version)
+}
+
+/// Hands cpu, memory and pids on to `dir`'s children (v2), where not yet.
+fn enable(dir: &Path) -> Result<(), CgroupError> {
+    let ctl = dir.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&ctl).map_err(io_err(&ctl))?;
+    for c in ["cpu", "memory", "pids"] {
+        if !enabled.split_whitespace().any(|w| w == c) {
+            fs::write(&ctl, format!("+{c}")).map_err(io_err(&ctl))?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -133,7 +155,11 @@ mod tests {
         fs::create_dir_all(&none).unwrap();
         assert_eq!(detect(&none), None);
         assert!(matches!(
-            probe_cgroups(&none),
+            probe_cgroups(&v1, "../escape"),
+            Err(CgroupError::BadName(_))
+        ));
+        assert!(matches!(
+            probe_cgroups(&none, "shoal-x"),
             Err(CgroupError::NotFound(_))
         ));
         fs::remove_dir_all(&base).unwrap();
@@ -146,9 +172,10 @@ mod tests {
             eprintln!("skipped: the cgroup probe needs root and a cgroup hierarchy");
             return;
         }
-        probe_cgroups(root).unwrap();
-        let name = format!("shoal-check-{}", std::process::id());
-        assert!(!root.join("cpu").join(&name).exists());
-        assert!(!root.join(&name).exists());
+        let parent = format!("shoal-probe-{}", std::process::id());
+        probe_cgroups(root, &parent).unwrap();
+        assert!(!root.join("cpu").join(&parent).exists(), "parent removed");
+        assert!(!root.join("memory").join(&parent).exists());
+        assert!(!root.join(&parent).exists());
     }
 }

@@ -37,11 +37,18 @@ impl V2 {
     /// # Errors
     /// The parent cannot be made or the controllers cannot be enabled.
     pub fn new(root: &Path, parent: &str) -> Result<Self, CgroupError> {
-        let p = root.join(parent);
-        delegate(root)?;
-        fs::create_dir_all(&p).map_err(io_err(&p))?;
-        delegate(&p)?;
-        Ok(Self { parent: p })
+        // Every group from the root down to the parent hands the
+        // controllers on (those above a delegated subtree already do).
+        let mut at = root.to_owned();
+        delegate(&at)?;
+        for c in parent.split('/') {
+            at.push(c);
+            if !at.is_dir() {
+                fs::create_dir(&at).map_err(io_err(&at))?;
+            }
+            delegate(&at)?;
+        }
+        Ok(Self { parent: at })
     }
 
     /// A manager over an existing directory without touching the root
