@@ -21,15 +21,19 @@ fn check_data_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Runs every check (blocking: a few tens of milliseconds).
-pub fn verify(data_dir: &Path, cgroup_root: &Path) -> Verified {
+pub fn verify(data_dir: &Path, cgroup_root: &Path, cgroup_parent: &str) -> Verified {
     // The benchmark first, before the probes fork and write.
     let cpu_score = shoal_facts::bench::run(15);
     let mut checks = Checks::default();
     if let Err(e) = shoal_executor::probe_namespaces() {
         checks.failed.push(format!("namespaces: {e}"));
     }
-    match shoal_executor::probe_cgroups(cgroup_root) {
+    match shoal_executor::probe_cgroups(cgroup_root, cgroup_parent) {
         Ok(v) => checks.cgroup = v.as_str().to_owned(),
+        Err(e) if !nix::unistd::geteuid().is_root() => checks.failed.push(format!(
+            "cgroups: {e} (an agent that is not root needs a cgroup subtree its \
+             user owns, named by `cgroup_parent`)"
+        )),
         Err(e) => checks.failed.push(format!("cgroups: {e}")),
     }
     if let Err(e) = check_data_dir(data_dir) {
@@ -55,6 +59,7 @@ mod tests {
         let v = verify(
             Path::new("/nonexistent/shoal"),
             Path::new("/nonexistent/cgroup"),
+            "shoal-test",
         );
         let names = v.checks.summary();
         assert!(names.contains("data-dir"), "{names}");

@@ -90,6 +90,10 @@ pub struct FileConfig {
     /// Warm task cgroups kept ready (default: twice the cores, at least 4;
     /// 0: every task gets a fresh cgroup).
     pub warm_slots: Option<u32>,
+    /// The cgroup under which the agent makes its groups, relative to each
+    /// hierarchy (default `shoal-<name>`). An agent that is not root needs
+    /// one its user owns: a subtree the administrator delegated to it.
+    pub cgroup_parent: Option<String>,
     /// The owner's policy (`[policy]`).
     pub policy: Option<shoal_owner::PolicyConfig>,
     /// `policy`, compiled and checked by [`parse_file`].
@@ -174,6 +178,8 @@ pub struct AgentConfig {
     pub slots: Option<u32>,
     /// Warm task cgroups kept ready (`None`: twice the cores, at least 4).
     pub warm_slots: Option<u32>,
+    /// The parent of the agent's cgroups, relative to each hierarchy.
+    pub cgroup_parent: String,
     /// The owner's policy.
     pub policy: shoal_owner::Policy,
     /// The config file named on the command line (`None`: the default,
@@ -309,7 +315,32 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
             })
         }
     };
+    let cgroup_parent = match file.cgroup_parent {
+        Some(p) => {
+            if shoal_executor::cgroup::check_parent(&p).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "cgroup_parent",
+                    message: format!(
+                        "{p:?} is not a relative cgroup path (names of letters, digits, \
+                         '-', '_' and '.', joined by '/')"
+                    ),
+                });
+            }
+            p
+        }
+        None => format!("shoal-{name}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect(),
+    };
     Ok(AgentConfig {
+        cgroup_parent,
         policy: file.compiled_policy.unwrap_or_default(),
         config_path: flags.config_path,
         swim_profile,
@@ -414,6 +445,26 @@ broadcast = false
             .unwrap_err()
             .to_string()
             .contains("discovery.group"));
+    }
+
+    #[test]
+    fn the_cgroup_parent_is_the_nodes_by_default_or_a_safe_relative_path() {
+        let named = |n: &str| Flags {
+            name: Some(n.into()),
+            ..Flags::default()
+        };
+        let c = resolve(FileConfig::default(), named("lab pc.1")).unwrap();
+        assert_eq!(c.cgroup_parent, "shoal-lab_pc_1");
+        let with = |p: &str| FileConfig {
+            cgroup_parent: Some(p.into()),
+            ..FileConfig::default()
+        };
+        let c = resolve(with("user.slice/alice/shoal"), named("a")).unwrap();
+        assert_eq!(c.cgroup_parent, "user.slice/alice/shoal");
+        for bad in ["", "/abs", "a/../b", "a//b", "a b", "x/"] {
+            let e = resolve(with(bad), named("a")).unwrap_err().to_string();
+            assert!(e.contains("cgroup_parent"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -276,13 +276,23 @@ impl ExecEnv {
             p.close();
         }
         if let Some(m) = &self.cgroups {
-            if let Err(e) = m.destroy() {
+            // A root agent's parent group is its own; another agent's is
+            // the subtree its administrator gave it, which stays.
+            let r = if nix::unistd::geteuid().is_root() {
+                m.destroy()
+            } else {
+                m.list()
+                    .unwrap_or_default()
+                    .iter()
+                    .try_for_each(|n| m.remove(n))
+            };
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "cgroups not fully removed");
             }
         }
         if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
             for e in rd.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
+                let _ = workspace::remove_all(&e.path());
             }
         }
     }
@@ -304,7 +314,7 @@ impl ExecEnv {
         }
         if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
             for e in rd.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
+                let _ = workspace::remove_all(&e.path());
                 tracing::info!(dir = %e.path().display(), "removed a task directory left by a previous run");
             }
         }
@@ -340,7 +350,7 @@ impl Drop for TaskGuard {
         // Unmounted: its shared lower layer and image may go.
         self.lower = None;
         self.image = None;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = workspace::remove_all(&self.dir);
     }
 }
 
@@ -817,14 +827,19 @@ async fn prepare(
         let tree = spec.tree.clone();
         let (upper, work) = (upper.clone(), work.clone());
         let r = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let lower = lowers
-                .get(&cas, &tree, Some((GUEST_ID, GUEST_ID)))
-                .map_err(|e| e.to_string())?;
+            // A root agent hands the tree to the guest uid; another
+            // agent's own uid is the guest's inside the workspace's user
+            // namespace, so its files stay its own.
+            let guest = nix::unistd::geteuid()
+                .is_root()
+                .then_some((GUEST_ID, GUEST_ID));
+            let lower = lowers.get(&cas, &tree, guest).map_err(|e| e.to_string())?;
             for d in [&upper, &work] {
                 std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
             }
-            std::os::unix::fs::chown(&upper, Some(GUEST_ID), Some(GUEST_ID))
-                .map_err(|e| e.to_string())?;
+            if let Some((u, g)) = guest {
+                std::os::unix::fs::chown(&upper, Some(u), Some(g)).map_err(|e| e.to_string())?;
+            }
             Ok(lower)
         })
         .await;

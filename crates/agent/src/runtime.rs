@@ -259,7 +259,14 @@ fn control_socket(data_dir: &Path) -> Result<(UnixListener, PathBuf), AgentError
     // Anyone on this machine may ask for nodes and run tasks (as the
     // guest user, in a workspace); only root or the agent's user may make
     // it leave (checked by peer credentials).
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+    // An agent that is not root serves its own user only: it can run
+    // tasks, and act on files, as no one else.
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o666
+    } else {
+        0o600
+    };
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
     Ok((l, path))
 }
 
@@ -582,16 +589,7 @@ async fn measure_all(rep: &mut NodesReport, key: &ClusterKey, cluster: &str) {
 /// the cgroups (only when the start-up checks passed). Cleans up what a
 /// previous life of the agent left.
 async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
-    let parent: String = format!("shoal-{}", cfg.name)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let parent = cfg.cgroup_parent.clone();
     let cgroups = if verified.checks.ok() {
         match shoal_executor::cgroup::open(Path::new("/sys/fs/cgroup"), &parent) {
             Ok(m) => Some(Arc::from(m)),
@@ -641,9 +639,12 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
                 || (2 * shoal_facts::probe::cores() as usize).max(4),
                 |n| n as usize,
             );
+            // (Warm slots need root: each spawner makes a mount namespace
+            // of its own for the slot's root.)
             env.warm = env
                 .cgroups
                 .clone()
+                .filter(|_| nix::unistd::geteuid().is_root())
                 .and_then(|m| {
                     shoal_executor::warm::Pool::new(
                         m,
@@ -772,16 +773,18 @@ async fn run_inner(
     };
 
     let verified = {
-        let dir = cfg.data_dir.clone();
-        tokio::task::spawn_blocking(move || checks::verify(&dir, Path::new("/sys/fs/cgroup")))
-            .await
-            .unwrap_or_else(|_| Verified {
-                checks: shoal_facts::Checks {
-                    failed: vec!["checks: the check task panicked".into()],
-                    cgroup: String::new(),
-                },
-                cpu_score: 0,
-            })
+        let (dir, parent) = (cfg.data_dir.clone(), cfg.cgroup_parent.clone());
+        tokio::task::spawn_blocking(move || {
+            checks::verify(&dir, Path::new("/sys/fs/cgroup"), &parent)
+        })
+        .await
+        .unwrap_or_else(|_| Verified {
+            checks: shoal_facts::Checks {
+                failed: vec!["checks: the check task panicked".into()],
+                cgroup: String::new(),
+            },
+            cpu_score: 0,
+        })
     };
 
     let id = NodeId::new(me, cfg.name.clone(), started_ms);

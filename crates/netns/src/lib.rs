@@ -276,6 +276,48 @@ impl Lab {
     /// # Errors
     /// The agent could not be started.
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) -> Result<(), LabError> {
+        self.start(i, extra, None)
+    }
+
+    /// As [`Lab::start_agent`], the agent running as `uid`/`gid` (not
+    /// root): its data directory and a copy of the key are made theirs,
+    /// and it runs a link to the binary in the lab directory (which any
+    /// user can reach). [`Lab::user_shoal`] is that binary.
+    ///
+    /// # Errors
+    /// The files could not be prepared or the agent not started.
+    pub fn start_agent_as(
+        &mut self,
+        i: usize,
+        uid: u32,
+        gid: u32,
+        extra: &[&str],
+    ) -> Result<(), LabError> {
+        self.start(i, extra, Some((uid, gid)))
+    }
+
+    /// The shoal binary as every user can run it: a link (or copy) in the
+    /// lab directory.
+    ///
+    /// # Errors
+    /// Neither a link nor a copy could be made.
+    pub fn user_shoal(&self) -> Result<PathBuf, LabError> {
+        let p = self.dir.join("shoal");
+        if !p.exists() && fs::hard_link(&self.shoal, &p).is_err() {
+            fs::copy(&self.shoal, &p).map_err(|source| LabError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        Ok(p)
+    }
+
+    fn start(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> Result<(), LabError> {
         let h = self.hosts[i].clone();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -290,7 +332,30 @@ impl Lab {
             path: config.clone(),
             source,
         })?;
-        let mut c = self.cmd(i, &self.shoal);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LabError::Io { path, source }
+        };
+        let mut key = self.dir.join("cluster.key");
+        let mut c = match user {
+            None => self.cmd(i, &self.shoal),
+            Some((uid, gid)) => {
+                let own =
+                    |p: &Path| std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(io(p));
+                fs::create_dir_all(&h.data_dir).map_err(io(&h.data_dir))?;
+                own(&h.data_dir)?;
+                let k = self.dir.join(format!("h{i}.key"));
+                fs::copy(&key, &k).map_err(io(&k))?;
+                own(&k)?;
+                key = k;
+                let mut c = self.cmd(i, "setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg(self.user_shoal()?);
+                c
+            }
+        };
         c.arg("agent")
             .args([
                 "--name",
@@ -305,7 +370,7 @@ impl Lab {
             .arg("--data-dir")
             .arg(&h.data_dir)
             .arg("--key")
-            .arg(self.dir.join("cluster.key"))
+            .arg(&key)
             .args(extra)
             .env(
                 "SHOAL_LOG",
