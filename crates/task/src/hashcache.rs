@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -55,16 +56,43 @@ impl Stamp {
             hash,
         }
     }
+
+    // (The nanosecond fields are signed on some targets.)
+    #[allow(clippy::unnecessary_cast)]
+    fn of_stat(st: &rustix::fs::Stat, hash: Hash) -> Self {
+        let ns = |s: i64, n: u64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as u64),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as u64),
+            hash,
+        }
+    }
+
+    /// Whether a file last changed at this stamp's change time has
+    /// settled: see [`RACY`].
+    fn settled(&self) -> bool {
+        let window = if self.ctime_ns % 1_000_000_000 == 0 {
+            RACY_COARSE
+        } else {
+            RACY
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.ctime_ns >= window.as_nanos() as i128
+    }
 }
 
 /// File hashes remembered by path and stat data.
 #[derive(Debug, Default)]
 pub struct HashCache {
     file: Option<PathBuf>,
-    map: HashMap<PathBuf, Stamp>,
-    /// The paths asked for since loading: what is saved (entries of files
-    /// gone from the tree are dropped).
-    used: std::collections::HashSet<PathBuf>,
+    /// By the path's bytes (hashing a `Path` walks its components, which
+    /// cost more than the `stat` it saves), with whether it was asked for.
+    map: HashMap<Box<[u8]>, (Stamp, bool)>,
     dirty: bool,
     /// Contents actually read and hashed (for tests and `--verbose`).
     pub hashed: u64,
@@ -113,12 +141,20 @@ impl HashCache {
                 let body = b.strip_prefix(MAGIC.as_slice())?;
                 postcard::from_bytes::<Vec<(PathBuf, Stamp)>>(body).ok()
             })
-            .map(|v| v.into_iter().collect())
+            .map(|v| {
+                v.into_iter()
+                    .map(|(p, st)| {
+                        (
+                            p.into_os_string().into_vec().into_boxed_slice(),
+                            (st, false),
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         Self {
             file: Some(file.to_owned()),
             map,
-            used: Default::default(),
             dirty: false,
             hashed: 0,
         }
@@ -130,37 +166,81 @@ impl HashCache {
     /// # Errors
     /// The file cannot be read.
     pub fn hash_file(&mut self, path: &Path, meta: &fs::Metadata) -> io::Result<Hash> {
-        if self.file.is_some() {
-            self.used.insert(path.to_owned());
-        }
-        if let Some(s) = self.map.get(path) {
-            if *s == Stamp::of(meta, s.hash) {
+        let before = Stamp::of(meta, [0; 32]);
+        self.hash_with(path, before, || {
+            let data = fs::read(path)?;
+            let after = fs::symlink_metadata(path)?;
+            Ok((data, Stamp::of(&after, [0; 32])))
+        })
+    }
+
+    /// As [`HashCache::hash_file`], for the file `name` in the directory
+    /// open as `dir` (no path walk), known here as `path`, whose stat data
+    /// are `st`.
+    ///
+    /// # Errors
+    /// The file cannot be opened or read.
+    pub fn hash_at(
+        &mut self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        path: &Path,
+        st: &rustix::fs::Stat,
+    ) -> io::Result<Hash> {
+        use rustix::fs::{Mode, OFlags};
+        let before = Stamp::of_stat(st, [0; 32]);
+        self.hash_with(path, before, || {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY,
+                Mode::empty(),
+            )?;
+            let mut f = fs::File::from(fd);
+            let mut data = Vec::with_capacity(usize::try_from(st.st_size).unwrap_or(0));
+            io::Read::read_to_end(&mut f, &mut data)?;
+            // The very file read, not whatever the name means now.
+            let after = rustix::fs::fstat(&f)?;
+            Ok((data, Stamp::of_stat(&after, [0; 32])))
+        })
+    }
+
+    /// The hash of the file at `path` whose stat data were `before`: the
+    /// cached one when they match, else what `read` gives (its contents and
+    /// its stat data once read), remembered when nothing moved meanwhile
+    /// and the file has settled.
+    fn hash_with(
+        &mut self,
+        path: &Path,
+        before: Stamp,
+        read: impl FnOnce() -> io::Result<(Vec<u8>, Stamp)>,
+    ) -> io::Result<Hash> {
+        let key = path.as_os_str().as_bytes();
+        if let Some((s, used)) = self.map.get_mut(key) {
+            if *s
+                == (Stamp {
+                    hash: s.hash,
+                    ..before
+                })
+            {
+                *used = true;
                 return Ok(s.hash);
             }
         }
-        let data = fs::read(path)?;
+        let (data, after) = read()?;
         let h = hash(&data);
         self.hashed += 1;
         // The file may have changed while it was read: remember the hash
         // only if its stat data still match and it is not racily new.
-        let after = fs::symlink_metadata(path)?;
-        let stamp = Stamp::of(&after, h);
-        // The change time, which no one can set back (the modification
-        // time can be, by `touch -d`).
-        let window = if after.ctime_nsec() == 0 {
-            RACY_COARSE
-        } else {
-            RACY
-        };
-        let changed = u64::try_from(after.ctime()).ok().map(|s| {
-            SystemTime::UNIX_EPOCH
-                + Duration::new(s, u32::try_from(after.ctime_nsec()).unwrap_or(0))
-        });
-        let settled = changed
-            .and_then(|c| SystemTime::now().duration_since(c).ok())
-            .is_some_and(|age| age >= window);
-        if stamp == Stamp::of(meta, h) && settled && data.len() as u64 == after.size() {
-            self.map.insert(path.to_owned(), stamp);
+        let stamp = Stamp { hash: h, ..after };
+        if stamp == (Stamp { hash: h, ..before })
+            && stamp.settled()
+            && data.len() as u64 == after.size
+        {
+            self.map.insert(key.into(), (stamp, true));
+            self.dirty = true;
+        } else if self.map.remove(key).is_some() {
+            // What it says of the file is no longer so.
             self.dirty = true;
         }
         Ok(h)
@@ -176,14 +256,15 @@ impl HashCache {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let stale = self.map.keys().any(|p| !self.used.contains(p));
+        let stale = self.map.values().any(|(_, used)| !used);
         if !self.dirty && !stale {
             return Ok(());
         }
-        let mut v: Vec<(&PathBuf, &Stamp)> = self
+        let mut v: Vec<(&Path, &Stamp)> = self
             .map
             .iter()
-            .filter(|(p, _)| self.used.contains(*p))
+            .filter(|(_, (_, used))| *used)
+            .map(|(p, (st, _))| (Path::new(std::ffi::OsStr::from_bytes(p)), st))
             .collect();
         if v.len() > MAX_ENTRIES {
             v.clear();
@@ -270,8 +351,8 @@ mod tests {
         c.save().unwrap();
         let c = HashCache::load(&store);
         assert_eq!(
-            c.map.keys().collect::<Vec<_>>(),
-            [&b],
+            c.map.keys().map(|k| &**k).collect::<Vec<_>>(),
+            [b.as_os_str().as_bytes()],
             "only b was asked for"
         );
 
