@@ -329,7 +329,9 @@ fn write_new(
 }
 
 async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCode> {
-    let scanned = tokio::task::spawn_blocking({
+    // Nothing else runs yet: the scan blocks this (only) runtime thread
+    // rather than start a thread of its own.
+    let scanned = ({
         let cwd = cwd.to_owned();
         let image = a.image.clone();
         move || -> Result<_, String> {
@@ -352,8 +354,7 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
             };
             Ok((m, img.map(Arc::new)))
         }
-    })
-    .await?;
+    })();
     let (manifest, image) = match scanned {
         Ok(x) => x,
         Err(e) => {
