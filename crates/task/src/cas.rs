@@ -392,7 +392,27 @@ impl Cas {
 }
 
 /// A tree as a map, path to node, as a layer remembers it.
-pub type TreeMap = HashMap<PathBuf, Node>;
+///
+/// Keyed by the path's bytes: hashing or comparing a `Path` walks its
+/// components, and a build compares every tree with a few layers' maps.
+/// (A manifest's paths are normal: relative, no `.`, no doubled `/`, so
+/// equal bytes are equal paths.)
+pub type TreeMap = HashMap<Vec<u8>, Node>;
+
+fn key(p: &Path) -> &[u8] {
+    std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str())
+}
+
+fn path(k: &[u8]) -> &Path {
+    Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(k))
+}
+
+/// A tree as a [`TreeMap`].
+pub fn tree_map(tree: &[TreeEntry]) -> TreeMap {
+    tree.iter()
+        .map(|e| (key(&e.path).to_vec(), e.node.clone()))
+        .collect()
+}
 
 /// What a layer on top of `base` must hold to show `tree`: the entries
 /// that differ from the base (with the directories above them) and
@@ -426,45 +446,45 @@ pub fn delta<'a>(tree: &'a [TreeEntry], base: &TreeMap) -> Delta<'a> {
 }
 
 /// `tree` by path, as [`delta_by`] takes it.
-fn by_path(tree: &[TreeEntry]) -> HashMap<&Path, &Node> {
-    tree.iter().map(|e| (e.path.as_path(), &e.node)).collect()
+fn by_path(tree: &[TreeEntry]) -> HashMap<&[u8], &Node> {
+    tree.iter().map(|e| (key(&e.path), &e.node)).collect()
 }
 
 /// [`delta`], with the tree by path made once for many bases.
 fn delta_by<'a>(
     tree: &'a [TreeEntry],
-    new: &HashMap<&Path, &'a Node>,
+    new: &HashMap<&'a [u8], &'a Node>,
     base: &TreeMap,
 ) -> Delta<'a> {
     let is_dir = |n: Option<&Node>| matches!(n, Some(Node::Dir { .. }));
-    let mut need: HashSet<&Path> = HashSet::new();
-    fn mark<'p>(need: &mut HashSet<&'p Path>, p: &'p Path) {
+    let mut need: HashSet<&[u8]> = HashSet::new();
+    fn mark<'p>(need: &mut HashSet<&'p [u8]>, p: &'p Path) {
         for a in p.ancestors() {
-            if a.as_os_str().is_empty() || !need.insert(a) {
+            if a.as_os_str().is_empty() || !need.insert(key(a)) {
                 break;
             }
         }
     }
     for e in tree {
-        if base.get(&e.path) != Some(&e.node) {
+        if base.get(key(&e.path)) != Some(&e.node) {
             mark(&mut need, &e.path);
         }
     }
     let mut whiteouts = Vec::new();
-    for p in base.keys() {
-        if new.contains_key(p.as_path()) {
+    for k in base.keys() {
+        if new.contains_key(k.as_slice()) {
             continue;
         }
+        let p = path(k);
         let parent = p.parent().unwrap_or(Path::new(""));
         // Under a directory both have, the overlay would show the base's
         // entry: hide it. Anywhere else a whiteout higher up, or the
         // tree's own non-directory, hides it already.
-        if parent.as_os_str().is_empty()
-            || (is_dir(new.get(parent).copied()) && is_dir(base.get(parent)))
-        {
-            whiteouts.push(p.clone());
-            if let Some(parent) = new.get_key_value(parent).map(|(k, _)| *k) {
-                mark(&mut need, parent);
+        let pk = key(parent);
+        if parent.as_os_str().is_empty() || (is_dir(new.get(pk).copied()) && is_dir(base.get(pk))) {
+            whiteouts.push(p.to_owned());
+            if let Some(parent) = new.get_key_value(pk).map(|(k, _)| *k) {
+                mark(&mut need, path(parent));
             }
         }
     }
@@ -472,7 +492,7 @@ fn delta_by<'a>(
     Delta {
         entries: tree
             .iter()
-            .filter(|e| need.contains(e.path.as_path()))
+            .filter(|e| need.contains(key(&e.path)))
             .collect(),
         whiteouts,
     }
@@ -724,11 +744,7 @@ impl Lowers {
             Layer {
                 base: base_key,
                 depth,
-                tree: Some(Arc::new(
-                    tree.iter()
-                        .map(|e| (e.path.clone(), e.node.clone()))
-                        .collect(),
-                )),
+                tree: Some(Arc::new(tree_map(tree))),
                 used: 0,
             },
         );
@@ -1012,7 +1028,7 @@ mod tests {
     }
 
     fn map(t: &[TreeEntry]) -> TreeMap {
-        t.iter().map(|e| (e.path.clone(), e.node.clone())).collect()
+        tree_map(t)
     }
 
     #[test]
