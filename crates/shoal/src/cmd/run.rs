@@ -206,24 +206,27 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        if let Err(e) = tokio::net::UnixStream::connect(&socket).await {
-            if a.image.is_some() {
-                // Without the agent there is no workspace to put it in.
-                eprintln!(
-                    "shoal: no agent at {} ({e}); --image needs one",
-                    socket.display()
-                );
-                return Ok(ExitCode::from(125));
+        let first = match tokio::net::UnixStream::connect(&socket).await {
+            Ok(s) => s,
+            Err(e) => {
+                if a.image.is_some() {
+                    // Without the agent there is no workspace to put it in.
+                    eprintln!(
+                        "shoal: no agent at {} ({e}); --image needs one",
+                        socket.display()
+                    );
+                    return Ok(ExitCode::from(125));
+                }
+                if a.verbose {
+                    eprintln!(
+                        "shoal: running locally: no agent at {} ({e})",
+                        socket.display()
+                    );
+                }
+                return run_plain(&a.command);
             }
-            if a.verbose {
-                eprintln!(
-                    "shoal: running locally: no agent at {} ({e})",
-                    socket.display()
-                );
-            }
-            return run_plain(&a.command);
-        }
-        session(a, &socket, &cwd).await
+        };
+        session(a, &socket, &cwd, first).await
     })
 }
 
@@ -328,7 +331,14 @@ fn write_new(
     Ok(())
 }
 
-async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCode> {
+async fn session(
+    a: RunArgs,
+    socket: &Path,
+    cwd: &Path,
+    first: tokio::net::UnixStream,
+) -> anyhow::Result<ExitCode> {
+    // The connection that found the agent serves the first attempt.
+    let mut first = Some(first);
     // Nothing else runs yet: the scan blocks this (only) runtime thread
     // rather than start a thread of its own.
     let scanned = ({
@@ -392,7 +402,11 @@ async fn session(a: RunArgs, socket: &Path, cwd: &Path) -> anyhow::Result<ExitCo
     let mut evictions = 0u32;
     let mut attempt = 0u32;
     loop {
-        let stream = match tokio::net::UnixStream::connect(socket).await {
+        let connected = match first.take() {
+            Some(s) => Ok(s),
+            None => tokio::net::UnixStream::connect(socket).await,
+        };
+        let stream = match connected {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("shoal: lost the agent at {} ({e})", socket.display());
@@ -659,7 +673,7 @@ async fn attempt_once(
 /// read (so that `make -j` jobs do not fight over it) and the task sees
 /// end of input.
 fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, tty: bool) {
-    if std::io::stdin().is_terminal() && !tty {
+    if (std::io::stdin().is_terminal() && !tty) || stdin_is_null() {
         let _ = tx.try_send(ToExec::StdinEof);
         return;
     }
@@ -681,6 +695,17 @@ fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, tty: bool) {
             }
         }
     });
+}
+
+/// Whether stdin is `/dev/null` (as for most commands a build runs): its
+/// end is known without a thread to read it.
+fn stdin_is_null() -> bool {
+    let Ok(st) = rustix::fs::fstat(std::io::stdin()) else {
+        return false;
+    };
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+        && rustix::fs::major(st.st_rdev) == 1
+        && rustix::fs::minor(st.st_rdev) == 3
 }
 
 /// Forwards SIGINT, SIGTERM and SIGHUP to the task, and with `-t` the
