@@ -1064,10 +1064,13 @@ async fn as_submitter<R: Send + 'static>(
     uid: u32,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, String> {
-    tokio::task::spawn_blocking(move || creds::as_user(&creds::User::lookup(uid), f))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    creds::spawn_as(uid, move || {
+        let _ = tx.send(f());
+    })
+    .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| format!("the work as uid {uid} panicked"))
 }
 
 /// A fresh staging directory (the output directory made on the way), as

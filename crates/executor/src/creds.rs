@@ -10,8 +10,133 @@
 //! user's. Linux keeps credentials per thread; the raw system calls below
 //! change only the calling thread (glibc's wrappers would change every
 //! thread of the agent), and the thread ends with the closure.
+//!
+//! A batch does such work several times per task, so [`spawn_as`] keeps a
+//! worker thread per user, its credentials taken once, for as long as it
+//! has work (it ends after [`IDLE`] without any, and the next one looks the
+//! user up afresh).
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// How long a user's worker waits for more work before it ends.
+pub const IDLE: Duration = Duration::from_secs(10);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Workers a user may have at once: file work with `fsync`s waits on the
+/// disk, and one user's tasks end many at a time.
+const PER_USER: usize = 4;
+
+/// One worker: its generation, where its work goes, and how much of it is
+/// waiting or running.
+struct Worker {
+    generation: u64,
+    tx: mpsc::Sender<Job>,
+    pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The live workers, by uid.
+fn workers() -> &'static Mutex<HashMap<u32, Vec<Worker>>> {
+    static W: OnceLock<Mutex<HashMap<u32, Vec<Worker>>>> = OnceLock::new();
+    W.get_or_init(Default::default)
+}
+
+/// Runs `job` as the user `uid` on one of that user's worker threads (an
+/// idle one, else a new one while there are fewer than four, else the least
+/// busy), and returns at once. A new worker looks the user up and takes the
+/// credentials first. A job that panics is caught; its worker goes on.
+///
+/// # Errors
+/// A new worker could not be started or could not take the user's
+/// credentials (nothing of `job` ran).
+pub fn spawn_as(uid: u32, job: impl FnOnce() + Send + 'static) -> Result<(), CredsError> {
+    use std::sync::atomic::Ordering;
+    let mut map = workers().lock().unwrap_or_else(|e| e.into_inner());
+    let list = map.entry(uid).or_default();
+    // Sent under the lock: a worker that ends takes itself out of the map
+    // under it first, so whatever was sent before is still run.
+    let idle = list
+        .iter()
+        .position(|w| w.pending.load(Ordering::Acquire) == 0);
+    let pick = match idle {
+        Some(i) => Some(i),
+        None if list.len() < PER_USER => None,
+        None => list
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.pending.load(Ordering::Acquire))
+            .map(|(i, _)| i),
+    };
+    let i = match pick {
+        Some(i) => i,
+        None => {
+            list.push(start_worker(uid)?);
+            list.len() - 1
+        }
+    };
+    let w = &list[i];
+    let pending = w.pending.clone();
+    pending.fetch_add(1, Ordering::AcqRel);
+    let job: Job = Box::new(move || {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        pending.fetch_sub(1, Ordering::AcqRel);
+    });
+    w.tx.send(job)
+        .map_err(|_| CredsError::Thread(format!("the worker for uid {uid} ended")))
+}
+
+/// Starts a worker for `uid` and waits until it took the credentials.
+fn start_worker(uid: u32) -> Result<Worker, CredsError> {
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), CredsError>>();
+    std::thread::Builder::new()
+        .name(format!("as-uid-{uid}"))
+        .spawn(move || {
+            let user = User::lookup(uid);
+            if nix::unistd::geteuid().as_raw() != uid {
+                if let Err(source) = switch(&user) {
+                    let _ = ready_tx.send(Err(CredsError::Switch { uid, source }));
+                    return;
+                }
+            }
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                match rx.recv_timeout(IDLE) {
+                    Ok(job) => job(),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let mut map = workers().lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(list) = map.get_mut(&uid) {
+                            list.retain(|w| w.generation != generation);
+                            if list.is_empty() {
+                                map.remove(&uid);
+                            }
+                        }
+                        drop(map);
+                        // Sent before it left the map: run them still.
+                        while let Ok(job) = rx.try_recv() {
+                            job();
+                        }
+                        return;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })
+        .map_err(|e| CredsError::Thread(e.to_string()))?;
+    ready_rx
+        .recv()
+        .map_err(|_| CredsError::Thread("the worker ended before it was ready".into()))??;
+    Ok(Worker {
+        generation,
+        tx,
+        pending: Default::default(),
+    })
+}
 
 /// A user to act as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +249,39 @@ fn switch(user: &User) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_worker_is_reused_survives_a_panic_and_keeps_the_agent_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: needs root to change credentials");
+            return;
+        }
+        let uid = 65533; // a uid of its own: no other test's worker
+        let ask = || {
+            let (tx, rx) = mpsc::channel();
+            spawn_as(uid, move || {
+                let _ = tx.send((nix::unistd::geteuid().as_raw(), std::thread::current().id()));
+            })
+            .unwrap();
+            rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        };
+        let mut threads = std::collections::HashSet::new();
+        for i in 0..20 {
+            if i == 5 {
+                spawn_as(uid, || panic!("a job that panics (expected)")).unwrap();
+            }
+            let (u, t) = ask();
+            assert_eq!(u, uid);
+            assert_ne!(t, std::thread::current().id());
+            threads.insert(t);
+        }
+        assert!(
+            threads.len() <= PER_USER,
+            "{} threads for 21 jobs: the workers are reused, also after a panic",
+            threads.len()
+        );
+        assert!(nix::unistd::geteuid().is_root(), "only the worker changed");
+    }
 
     #[test]
     fn a_closure_runs_with_the_users_credentials_and_the_agent_keeps_its_own() {
