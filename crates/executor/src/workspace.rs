@@ -328,18 +328,13 @@ impl Plan {
             }
             let lower: Vec<String> = t.lower.iter().map(|l| l.display().to_string()).collect();
             let data = format!(
-                "lowerdir={},upperdir={},workdir={}{}{}",
+                "lowerdir={},upperdir={},workdir={}{}",
                 lower.join(":"),
                 t.upper.display(),
                 t.work.display(),
                 // In a user namespace the overlay keeps its marks (opaque
                 // directories) in `user.` attributes.
-                if unprivileged { ",userxattr" } else { "" },
-                // The upper layer is read once the task ended and then
-                // removed; what is kept is written (and synced) elsewhere.
-                // Without this, every unmount syncs the whole file system
-                // the upper layer is on.
-                if overlay_volatile() { ",volatile" } else { "" }
+                if unprivileged { ",userxattr" } else { "" }
             );
             steps.push(Step::Mount {
                 src: Some(c("shoal-tree")?),
@@ -502,31 +497,6 @@ impl Plan {
         nix::unistd::setresgid(g, g, g)?;
         nix::unistd::setresuid(u, u, u)?;
         Ok(())
-    }
-}
-
-/// Whether this kernel's overlay takes `volatile` (Linux 5.10 and later):
-/// no sync of the upper file system, at unmount either.
-fn overlay_volatile() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        let uts = nix::sys::utsname::uname().ok();
-        let release = uts
-            .as_ref()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        kernel_at_least(&release, (5, 10))
-    })
-}
-
-/// Whether a kernel release string (`6.18.0-1-amd64`) is at least `want`.
-fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
-    let mut it = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().ok());
-    match (it.next().flatten(), it.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= want,
-        _ => false,
     }
 }
 
@@ -994,7 +964,6 @@ fn open_up(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::kernel_at_least;
 
     #[test]
     fn trees_with_closed_directories_are_removed() {
@@ -1037,16 +1006,5 @@ mod tests {
         as_owner(Box::new(move || super::remove_all(&dd))).unwrap();
         assert!(!d.exists());
         super::remove_all(&d).unwrap();
-    }
-
-    #[test]
-    fn kernel_releases_compare_by_major_and_minor() {
-        assert!(kernel_at_least("6.18.0-1-amd64", (5, 10)));
-        assert!(kernel_at_least("5.10.0", (5, 10)));
-        assert!(!kernel_at_least("5.4.0-150-generic", (5, 10)));
-        assert!(!kernel_at_least("4.19.300", (5, 10)));
-        assert!(kernel_at_least("5.15", (5, 10)));
-        assert!(!kernel_at_least("", (5, 10)));
-        assert!(!kernel_at_least("linux", (5, 10)));
     }
 }
