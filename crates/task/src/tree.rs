@@ -152,7 +152,9 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
                 source: e.into(),
             }
         };
-        let mut names: Vec<(std::ffi::CString, FileType)> = Vec::new();
+        // (Each entry is stat'ed below anyway: the listing's own type may be
+        // unknown on some file systems.)
+        let mut names: Vec<std::ffi::CString> = Vec::new();
         let dir = rustix::fs::Dir::read_from(&fd).map_err(unreadable(abs_dir.clone()))?;
         for e in dir {
             let e = e.map_err(unreadable(abs_dir.clone()))?;
@@ -160,10 +162,10 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
             if n == b"." || n == b".." {
                 continue;
             }
-            names.push((e.file_name().to_owned(), e.file_type()));
+            names.push(e.file_name().to_owned());
         }
-        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let has = |f: &str| names.iter().any(|(n, _)| n.to_bytes() == f.as_bytes());
+        names.sort_unstable();
+        let has = |f: &str| names.iter().any(|n| n.to_bytes() == f.as_bytes());
         let pushed = IGNORE_FILES.iter().any(|f| has(f));
         if pushed {
             let mut kinds: [Option<ignore::gitignore::Gitignore>; 3] = [None, None, None];
@@ -178,7 +180,7 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
             }
             self.levels.push(Level { kinds });
         }
-        for (name, ty) in &names {
+        for name in &names {
             let os = OsStr::from_bytes(name.to_bytes());
             let n = os.to_string_lossy();
             if n == ".git" || shoal_files::is_internal(&n) {
@@ -192,7 +194,6 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
             let st = rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(unreadable(abs.clone()))?;
             let kind = FileType::from_raw_mode(st.st_mode);
-            let _ = ty; // (the listing's type may be unknown; the stat's is not)
             if self.ignored(&abs, kind == FileType::Directory) {
                 continue;
             }
