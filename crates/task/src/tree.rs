@@ -191,8 +191,13 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
                 continue;
             }
             let abs = self.root.join(&rel_child);
-            let st = rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(unreadable(abs.clone()))?;
+            // A file deleted since the listing (a build's temporary, say) is
+            // simply not part of the tree.
+            let st =
+                match rustix::fs::statat(fd.as_fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    r => r.map_err(unreadable(abs.clone()))?,
+                };
             let kind = FileType::from_raw_mode(st.st_mode);
             if self.ignored(&abs, kind == FileType::Directory) {
                 continue;
@@ -200,21 +205,27 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
             let mode = st.st_mode & 0o7777;
             let node = match kind {
                 FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(fd.as_fd(), name.as_c_str(), Vec::new())
-                        .map_err(unreadable(abs.clone()))?;
+                    let target =
+                        match rustix::fs::readlinkat(fd.as_fd(), name.as_c_str(), Vec::new()) {
+                            Err(rustix::io::Errno::NOENT) => continue,
+                            r => r.map_err(unreadable(abs.clone()))?,
+                        };
                     Node::Symlink {
                         target: PathBuf::from(OsStr::from_bytes(target.to_bytes())),
                     }
                 }
                 FileType::Directory => Node::Dir { mode },
                 FileType::RegularFile => {
-                    let h = self
-                        .cache
-                        .hash_at(fd.as_fd(), name.as_c_str(), &abs, &st)
-                        .map_err(|source| TreeError::Unreadable {
-                            path: abs.clone(),
-                            source,
-                        })?;
+                    let h = match self.cache.hash_at(fd.as_fd(), name.as_c_str(), &abs, &st) {
+                        Ok(h) => h,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(source) => {
+                            return Err(TreeError::Unreadable {
+                                path: abs.clone(),
+                                source,
+                            })
+                        }
+                    };
                     let size = u64::try_from(st.st_size).unwrap_or(0);
                     self.m.bytes += size;
                     self.m.sources.entry(h).or_insert_with(|| abs.clone());
@@ -232,13 +243,16 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
                 node,
             });
             if is_dir {
-                let sub = rustix::fs::openat(
+                let sub = match rustix::fs::openat(
                     fd.as_fd(),
                     name.as_c_str(),
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
-                )
-                .map_err(unreadable(abs.clone()))?;
+                ) {
+                    // Gone since: shipped empty.
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    r => r.map_err(unreadable(abs.clone()))?,
+                };
                 self.dir(sub, &rel_child)?;
             }
         }
@@ -399,6 +413,33 @@ mod tests {
             }
         }
         fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_file_deleted_during_the_scan_is_left_out() {
+        let d = std::env::temp_dir().join(format!("shoal-gone-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(d.join("sub")).unwrap();
+        for f in ["a.c", "gone.o", "sub/gone.tmp", "sub/z.c"] {
+            fs::write(d.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink("a.c", d.join("gone-link")).unwrap();
+        // Deleted after the directory was listed, just before its turn.
+        let root = d.clone();
+        let m = scan_filtered(&d, &mut HashCache::in_memory(), move |rel| {
+            if rel.to_string_lossy().contains("gone") {
+                let _ = fs::remove_file(root.join(rel));
+            }
+            true
+        })
+        .unwrap();
+        let paths: Vec<String> = m
+            .entries
+            .iter()
+            .map(|e| e.path.display().to_string())
+            .collect();
+        assert_eq!(paths, ["a.c", "sub", "sub/z.c"]);
+        fs::remove_dir_all(&d).unwrap();
     }
 
     fn walk_all(d: &Path) -> Vec<PathBuf> {
