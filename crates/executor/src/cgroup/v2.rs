@@ -272,6 +272,31 @@ user_usec 1000
         fs::remove_dir_all(&base).unwrap();
     }
 
+    /// A parent several levels down (a delegated subtree): each level is
+    /// made where missing and hands the controllers on, and one that
+    /// already has them is not written.
+    #[test]
+    fn a_nested_parent_is_made_and_delegated_level_by_level() {
+        let base = std::env::temp_dir().join(format!("shoal-v2n-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("user.slice")).unwrap();
+        let ctl = "cgroup.subtree_control";
+        fs::write(base.join(ctl), "cpu memory pids\n").unwrap();
+        fs::write(base.join("user.slice").join(ctl), "cpu memory pids\n").unwrap();
+        let m = V2::new(&base, "user.slice/alice/shoal").unwrap();
+        assert_eq!(m.parent, base.join("user.slice/alice/shoal"));
+        // Already delegated: left as it was (a plain file here would keep
+        // only the last write).
+        assert_eq!(
+            fs::read_to_string(base.join("user.slice").join(ctl)).unwrap(),
+            "cpu memory pids\n"
+        );
+        for level in ["user.slice/alice", "user.slice/alice/shoal"] {
+            assert!(base.join(level).join(ctl).exists(), "{level} was delegated");
+        }
+        fs::remove_dir_all(&base).unwrap();
+    }
+
     #[test]
     fn limits_land_in_the_v2_files() {
         let base = std::env::temp_dir().join(format!("shoal-v2-{}", std::process::id()));
