@@ -250,7 +250,7 @@ impl Batch {
             }
             st.adopt.extend(running);
             // As the submitter, in their directory.
-            let r = creds::as_user(&creds::User::lookup(rec.uid), move || {
+            let r = creds::as_user(rec.uid, move || {
                 for (i, fence) in done {
                     let fin = out.join(i.to_string());
                     let stage = out.join(format!(".shoal-{i}-{fence}"));

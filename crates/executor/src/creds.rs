@@ -5,16 +5,16 @@
 //! agent at files they may not read (another user's home, through a path
 //! or a symbolic link swapped in later) or make it write, or `chown`,
 //! through a link into `/etc`. HTCondor's schedd switches to the user for
-//! such work; so does this: [`as_user`] runs a closure on a thread of its
-//! own whose credentials (user, group, supplementary groups) are the
-//! user's. Linux keeps credentials per thread; the raw system calls below
-//! change only the calling thread (glibc's wrappers would change every
-//! thread of the agent), and the thread ends with the closure.
+//! such work; so does this: [`spawn_as`] (and [`as_user`], which waits for
+//! the result) runs a closure on a worker thread whose credentials (user,
+//! group, supplementary groups) are the user's. Linux keeps credentials per
+//! thread; the raw system calls below change only the calling thread
+//! (glibc's wrappers would change every thread of the agent).
 //!
-//! A batch does such work several times per task, so [`spawn_as`] keeps a
-//! worker thread per user, its credentials taken once, for as long as it
-//! has work (it ends after [`IDLE`] without any, and the next one looks the
-//! user up afresh).
+//! A batch does such work several times per task, so a user's workers are
+//! kept, their credentials taken once, for as long as they have work (each
+//! ends after [`IDLE`] without any, and the next one looks the user up
+//! afresh).
 
 use std::collections::HashMap;
 use std::io;
@@ -176,7 +176,7 @@ impl User {
     }
 }
 
-/// Why [`as_user`] could not run the closure.
+/// Why [`spawn_as`] or [`as_user`] could not run the closure.
 #[derive(Debug, thiserror::Error)]
 pub enum CredsError {
     /// The thread could not take the user's credentials (the agent is not
@@ -193,32 +193,23 @@ pub enum CredsError {
     Thread(String),
 }
 
-/// Runs `f` as `user` on a thread of its own and returns its result.
-/// When the process already runs as that user, `f` runs on a thread all
-/// the same, with nothing to change.
+/// Runs `f` as the user `uid` on one of that user's workers ([`spawn_as`])
+/// and waits for its result. When the process already runs as that user,
+/// `f` runs on a worker all the same, with nothing to change.
 ///
 /// # Errors
-/// The credentials could not be taken (nothing of `f` ran), or the thread
-/// failed.
+/// The credentials could not be taken (nothing of `f` ran), or `f`
+/// panicked.
 pub fn as_user<R: Send + 'static>(
-    user: &User,
+    uid: u32,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, CredsError> {
-    let user = user.clone();
-    let t = std::thread::Builder::new()
-        .name(format!("as-uid-{}", user.uid))
-        .spawn(move || -> Result<R, CredsError> {
-            if nix::unistd::geteuid().as_raw() != user.uid {
-                switch(&user).map_err(|source| CredsError::Switch {
-                    uid: user.uid,
-                    source,
-                })?;
-            }
-            Ok(f())
-        })
-        .map_err(|e| CredsError::Thread(e.to_string()))?;
-    t.join()
-        .map_err(|_| CredsError::Thread("the closure panicked".into()))?
+    let (tx, rx) = mpsc::channel();
+    spawn_as(uid, move || {
+        let _ = tx.send(f());
+    })?;
+    rx.recv()
+        .map_err(|_| CredsError::Thread("the closure panicked".into()))
 }
 
 /// Sets this thread's groups, group and user (in that order: once the user
@@ -298,13 +289,8 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
-        let u = User {
-            uid: 65534,
-            gid: 65534,
-            groups: vec![],
-        };
         let (p, made) = (d.join("rootonly"), d.join("made"));
-        let (read, wrote, ids) = as_user(&u, move || {
+        let (read, wrote, ids) = as_user(65534, move || {
             (
                 std::fs::read(&p).map_err(|e| e.kind()),
                 std::fs::write(&made, "x").map_err(|e| e.kind()),

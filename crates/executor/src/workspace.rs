@@ -976,11 +976,7 @@ mod tests {
         }
         // As root (who reads any directory), as the user who owns the
         // tree, the way an agent that is not root removes it.
-        let user = crate::creds::User {
-            uid: 65534,
-            gid: 65534,
-            groups: Vec::new(),
-        };
+        let nobody = 65534;
         if nix::unistd::geteuid().is_root() {
             for e in [
                 "",
@@ -990,13 +986,13 @@ mod tests {
                 "work/work/inner/f",
             ] {
                 let p = d.join(e);
-                std::os::unix::fs::chown(&p, Some(user.uid), Some(user.gid)).unwrap();
+                std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
             }
         }
         let (dd, plain) = (d.clone(), d.clone());
         let as_owner = |f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
             if nix::unistd::geteuid().is_root() {
-                crate::creds::as_user(&user, f).unwrap()
+                crate::creds::as_user(nobody, f).unwrap()
             } else {
                 f()
             }
