@@ -274,42 +274,39 @@ fn ignore_error(e: ignore::Error, file: &Path) -> TreeError {
     }
 }
 
-/// The reference walk: the `ignore` crate's walker with the settings the
-/// scan follows, giving the paths it keeps (what [`scan_filtered`] must
-/// agree with).
-#[cfg(test)]
-fn reference_paths(root: &Path) -> Vec<PathBuf> {
-    let root_owned = root.to_owned();
-    ignore::WalkBuilder::new(root)
-        .hidden(false)
-        .git_ignore(true)
-        .git_global(false)
-        .git_exclude(false)
-        .require_git(false)
-        .parents(false)
-        .add_custom_ignore_filename(".shoalignore")
-        .follow_links(false)
-        .sort_by_file_path(|a, b| a.cmp(b))
-        .filter_entry(move |e| {
-            let n = e.file_name().to_string_lossy();
-            let _ = &root_owned;
-            n != ".git" && !shoal_files::is_internal(&n)
-        })
-        .build()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let rel = e.path().strip_prefix(root).ok()?.to_owned();
-            let t = e.file_type()?;
-            (!rel.as_os_str().is_empty() && (t.is_dir() || t.is_file() || t.is_symlink()))
-                .then_some(rel)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+
+    /// The reference walk: the `ignore` crate's walker with the settings the
+    /// scan follows, giving the paths it keeps (what [`scan_filtered`] must
+    /// agree with).
+    fn reference_paths(root: &Path) -> Vec<PathBuf> {
+        ignore::WalkBuilder::new(root)
+            .hidden(false)
+            .git_ignore(true)
+            .git_global(false)
+            .git_exclude(false)
+            .require_git(false)
+            .parents(false)
+            .add_custom_ignore_filename(".shoalignore")
+            .follow_links(false)
+            .sort_by_file_path(|a, b| a.cmp(b))
+            .filter_entry(move |e| {
+                let n = e.file_name().to_string_lossy();
+                n != ".git" && !shoal_files::is_internal(&n)
+            })
+            .build()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let rel = e.path().strip_prefix(root).ok()?.to_owned();
+                let t = e.file_type()?;
+                (!rel.as_os_str().is_empty() && (t.is_dir() || t.is_file() || t.is_symlink()))
+                    .then_some(rel)
+            })
+            .collect()
+    }
 
     /// Random trees with nested ignore files (negations, directory-only and
     /// anchored patterns, a nested repository, links): the scan keeps
