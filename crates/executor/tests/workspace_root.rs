@@ -3,19 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // tests panic on purpose
 
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::{assert_tree_changes, text, Dir};
 use shoal_executor::cgroup::{self, spawn_into, Limits};
 use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec, Tree};
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn scratch(name: &str) -> Option<Dir> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -53,10 +49,6 @@ fn run(spec: &Spec, script: &str) -> Output {
     let out = c.output().unwrap();
     cleanup(spec).unwrap();
     out
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).trim().to_owned()
 }
 
 #[test]
@@ -200,26 +192,7 @@ fn writes_land_in_upper_and_lower_is_untouched() {
     );
     let t = text(&out.stdout);
     assert!(out.status.success(), "{t} {}", text(&out.stderr));
-    assert!(t.starts_with("/home/alice/project\noriginal"), "{t}");
-    assert_eq!(
-        std::fs::read_to_string(lower.join("a.txt")).unwrap(),
-        "original\n"
-    );
-    assert!(lower.join("gone.txt").exists());
-    assert_eq!(
-        std::fs::read_to_string(upper.join("a.txt")).unwrap(),
-        "changed\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(upper.join("b.txt")).unwrap(),
-        "new\n"
-    );
-    // A deletion is a whiteout (a 0:0 character device) in the upper layer.
-    use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::symlink_metadata(upper.join("gone.txt"))
-        .unwrap()
-        .file_type()
-        .is_char_device());
+    assert_tree_changes(&t, &lower, &upper);
 }
 
 #[test]

@@ -1,0 +1,49 @@
+//! What the workspace tests share.
+
+#![allow(clippy::unwrap_used, dead_code)] // tests panic on purpose; each file uses part
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+/// A scratch directory, removed when the test ends (also when it fails).
+pub struct Dir(pub PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A command's output as trimmed text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_owned()
+}
+
+/// What a tree test's script (`pwd; cat a.txt; echo changed > a.txt; echo
+/// new > b.txt; rm gone.txt; …`, run at `/home/alice/project` over a lower
+/// layer holding `a.txt` and `gone.txt`) must leave: the lower layer
+/// untouched, the changes in the upper one, the deletion as a whiteout (a
+/// 0:0 character device).
+pub fn assert_tree_changes(stdout: &str, lower: &Path, upper: &Path) {
+    assert!(
+        stdout.starts_with("/home/alice/project\noriginal"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lower.join("a.txt")).unwrap(),
+        "original\n"
+    );
+    assert!(lower.join("gone.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(upper.join("a.txt")).unwrap(),
+        "changed\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(upper.join("b.txt")).unwrap(),
+        "new\n"
+    );
+    assert!(std::fs::symlink_metadata(upper.join("gone.txt"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
