@@ -9,9 +9,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_tree_changes, text, Dir};
+use common::{assert_tree_changes, text, with_tree, Dir};
 use shoal_executor::cgroup::{self, spawn_into, Limits};
-use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec, Tree};
+use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec};
 
 fn scratch(name: &str) -> Option<Dir> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -175,15 +175,8 @@ fn writes_land_in_upper_and_lower_is_untouched() {
         Some(nix::unistd::Gid::from_raw(65534)),
     )
     .unwrap();
-    let at = PathBuf::from("/home/alice/project");
     let mut s = spec(&d.0);
-    s.tree = Some(Tree {
-        lower: vec![lower.clone()],
-        upper: upper.clone(),
-        work,
-        at: at.clone(),
-    });
-    s.cwd = at;
+    with_tree(&mut s, &lower, &upper, work, "/home/alice/project");
     s.uid = 0; // overlay copy-up of root-owned files needs it; the fs is still isolated
     s.gid = 0;
     let out = run(
@@ -260,15 +253,8 @@ fn a_tasks_changes_read_from_upper_and_applied_match_what_it_saw() {
     std::fs::write(lower.join("src/old/a.c"), "a\n").unwrap();
     std::fs::write(lower.join("README"), "readme\n").unwrap();
     std::fs::write(lower.join("obsolete"), "x\n").unwrap();
-    let at = PathBuf::from("/work/proj");
     let mut s = spec(&d.0);
-    s.tree = Some(Tree {
-        lower: vec![lower.clone()],
-        upper: upper.clone(),
-        work,
-        at: at.clone(),
-    });
-    s.cwd = at;
+    with_tree(&mut s, &lower, &upper, work, "/work/proj");
     s.uid = 0;
     s.gid = 0;
     let script = "set -e; echo more >> README; rm obsolete; mkdir -p build; echo obj > build/main.o; \

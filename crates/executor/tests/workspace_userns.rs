@@ -14,8 +14,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_tree_changes, text, Dir};
-use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec, Tree};
+use common::{assert_tree_changes, text, with_tree, Dir};
+use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec};
 
 const NOBODY: u32 = 65534;
 
@@ -150,15 +150,8 @@ fn an_unprivileged_guests_tree_is_an_overlay_whose_changes_stay_in_upper() {
         std::fs::write(lower.join(f), body).unwrap();
         own(&lower.join(f));
     }
-    let at = PathBuf::from("/home/alice/project");
     let mut s = spec(&d.0);
-    s.tree = Some(Tree {
-        lower: vec![lower.clone()],
-        upper: upper.clone(),
-        work,
-        at: at.clone(),
-    });
-    s.cwd = at;
+    with_tree(&mut s, &lower, &upper, work, "/home/alice/project");
     // A directory replaced whole needs the overlay's "opaque" mark, which
     // in a user namespace lives in a `user.` attribute.
     let Some(out) = run(

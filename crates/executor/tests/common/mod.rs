@@ -5,6 +5,8 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use shoal_executor::workspace::{Spec, Tree};
+
 /// A scratch directory, removed when the test ends (also when it fails).
 pub struct Dir(pub PathBuf);
 
@@ -12,6 +14,18 @@ impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Gives `s` the tree `lower` (one layer) with `upper` and `work`, seen at
+/// `at`, which becomes the working directory.
+pub fn with_tree(s: &mut Spec, lower: &Path, upper: &Path, work: PathBuf, at: &str) {
+    s.tree = Some(Tree {
+        lower: vec![lower.to_owned()],
+        upper: upper.to_owned(),
+        work,
+        at: PathBuf::from(at),
+    });
+    s.cwd = PathBuf::from(at);
 }
 
 /// A command's output as trimmed text.
