@@ -9,7 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_tree_changes, text, with_tree, Dir};
+use common::{assert_isolated, assert_tree_changes, text, with_tree, Dir, ISOLATION_PROBE};
 use shoal_executor::cgroup::{self, spawn_into, Limits};
 use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec};
 
@@ -54,28 +54,10 @@ fn run(spec: &Spec, script: &str) -> Output {
 #[test]
 fn guest_is_isolated() {
     let Some(d) = scratch("iso") else { return };
-    let out = run(
-        &spec(&d.0),
-        "echo pid=$$; echo host=$(cat /proc/sys/kernel/hostname); echo uid=$(id -u); \
-         echo nets=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
-         echo shadow=$(cat /etc/shadow 2>/dev/null | wc -c); ls /root /home /var 2>/dev/null | wc -l; \
-         touch /usr/x 2>/dev/null && echo wrote-usr; touch /x 2>/dev/null && echo wrote-root; \
-         touch /tmp/ok && echo tmp-ok",
-    );
+    let out = run(&spec(&d.0), ISOLATION_PROBE);
     let t = text(&out.stdout);
     assert!(out.status.success(), "{t}\n{}", text(&out.stderr));
-    assert!(
-        t.contains("pid=2"),
-        "the command runs under a small init: {t}"
-    );
-    assert!(t.contains("host=guest"), "{t}");
-    assert!(t.contains("uid=65534"), "{t}");
-    assert!(t.contains("nets=lo,"), "only loopback: {t}");
-    assert!(t.contains("shadow=0"), "{t}");
-    assert!(!t.contains("wrote-usr") && !t.contains("wrote-root"), "{t}");
-    assert!(t.contains("tmp-ok"), "{t}");
-    let lines: Vec<&str> = t.lines().collect();
-    assert!(lines.contains(&"0"), "no /root, /home or /var inside: {t}");
+    assert_isolated(&t);
     assert!(!d.0.join("run").exists(), "run dir removed");
 }
 

@@ -28,6 +28,34 @@ pub fn with_tree(s: &mut Spec, lower: &Path, upper: &Path, work: PathBuf, at: &s
     s.cwd = PathBuf::from(at);
 }
 
+/// A script that prints what a guest can see and do, for
+/// [`assert_isolated`].
+pub const ISOLATION_PROBE: &str =
+    "echo pid=$$; echo host=$(cat /proc/sys/kernel/hostname); echo uid=$(id -u); \
+     echo nets=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
+     echo shadow=$(cat /etc/shadow 2>/dev/null | wc -c); ls /root /home /var 2>/dev/null | wc -l; \
+     touch /usr/x 2>/dev/null && echo wrote-usr; touch /x 2>/dev/null && echo wrote-root; \
+     touch /tmp/ok && echo tmp-ok";
+
+/// What [`ISOLATION_PROBE`] must print in a workspace named `guest`: the
+/// command under a small init, the guest's uid, loopback only, no
+/// secrets, read-only system directories, nothing of the host's homes,
+/// a writable `/tmp`.
+pub fn assert_isolated(t: &str) {
+    assert!(
+        t.contains("pid=2"),
+        "the command runs under a small init: {t}"
+    );
+    assert!(t.contains("host=guest"), "{t}");
+    assert!(t.contains("uid=65534"), "the guest's uid inside: {t}");
+    assert!(t.contains("nets=lo,"), "only loopback: {t}");
+    assert!(t.contains("shadow=0"), "{t}");
+    assert!(!t.contains("wrote-usr") && !t.contains("wrote-root"), "{t}");
+    assert!(t.contains("tmp-ok"), "{t}");
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(lines.contains(&"0"), "no /root, /home or /var inside: {t}");
+}
+
 /// A command's output as trimmed text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
