@@ -90,13 +90,13 @@ pub fn probe_cgroups(root: &Path, parent: &str) -> Result<CgroupVersion, CgroupE
         })(),
         CgroupVersion::V2 => (|| {
             let mut at = root.to_owned();
-            enable(&at)?;
+            super::v2::delegate(&at)?;
             for c in parent.split('/') {
                 at.push(c);
                 if !at.is_dir() {
                     mkdir(&at, &mut made)?;
                 }
-                enable(&at)?;
+                super::v2::delegate(&at)?;
             }
             let dir = at.join(&name);
             mkdir(&dir, &mut made)?;
@@ -113,18 +113,6 @@ pub fn probe_cgroups(root: &Path, parent: &str) -> Result<CgroupVersion, CgroupE
         let _ = fs::remove_dir(d);
     }
     r.map(|()| version)
-}
-
-/// Hands cpu, memory and pids on to `dir`'s children (v2), where not yet.
-fn enable(dir: &Path) -> Result<(), CgroupError> {
-    let ctl = dir.join("cgroup.subtree_control");
-    let enabled = fs::read_to_string(&ctl).map_err(io_err(&ctl))?;
-    for c in ["cpu", "memory", "pids"] {
-        if !enabled.split_whitespace().any(|w| w == c) {
-            fs::write(&ctl, format!("+{c}")).map_err(io_err(&ctl))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -18,10 +18,16 @@ pub struct V2 {
     parent: PathBuf,
 }
 
-/// Enables the cpu, memory and pids controllers for the children of `dir`.
-fn delegate(dir: &Path) -> Result<(), CgroupError> {
+/// Enables the cpu, memory and pids controllers for the children of `dir`,
+/// where not yet (a level already delegated is not written). A missing
+/// control file reads as none enabled; any other read error is one.
+pub(super) fn delegate(dir: &Path) -> Result<(), CgroupError> {
     let ctl = dir.join("cgroup.subtree_control");
-    let enabled = read(&ctl).unwrap_or_default();
+    let enabled = match fs::read_to_string(&ctl) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(&ctl)(e)),
+    };
     for c in ["cpu", "memory", "pids"] {
         if !enabled.split_whitespace().any(|w| w == c) {
             write(&ctl, &format!("+{c}"))?;
