@@ -1202,8 +1202,9 @@ impl WarmProc {
     }
 
     fn kill(&self) {
-        // Not yet reaped by its spawner (which reports only after the
-        // wait), so the pid is still this task's.
+        // Not yet known to have ended, so the pid is still this task's
+        // supervisor (its spawner reaps it only after reporting the end;
+        // a kill between the two reaches an exiting process).
         if self.wait.is_some() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid as i32),

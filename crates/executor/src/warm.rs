@@ -13,8 +13,15 @@
 //! ```text
 //!  agent ── Request + stdin/stdout/stderr (SCM_RIGHTS) ──▶ spawner (in cgroup warm-N)
 //!        ◀── Started{pid} | Failed{errno} ──                 └─fork─▶ workspace (crate::workspace)
-//!        ◀── Exited{wait status} ──
+//!        ◀── Exited{wait status} ──  (the workspace's processes are gone)
+//!        ◀── Gone ──                 (and its namespaces and mounts too)
 //! ```
+//!
+//! `Exited` comes as soon as the supervisor knows how the command ended
+//! ([`Plan::report_end_to`]): the task's files are final then, and the
+//! namespaces' teardown (the overlay's unmount syncs the upper layer, about
+//! a millisecond) is off the task's path. The slot serves again after
+//! `Gone`.
 //!
 //! The spawner dies with the thread that made it (`PR_SET_PDEATHSIG`) and
 //! when its socket closes; its task dies with it. Where the counters cannot
@@ -111,9 +118,19 @@ impl Request {
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
     Ready,
-    Started { pid: u32 },
-    Failed { errno: Option<i32>, message: String },
-    Exited { status: i32 },
+    Started {
+        pid: u32,
+    },
+    Failed {
+        errno: Option<i32>,
+        message: String,
+    },
+    Exited {
+        status: i32,
+    },
+    /// After `Exited`: the workspace is gone (its supervisor reaped, its
+    /// namespaces and mounts torn down); the slot may serve again.
+    Gone,
 }
 
 /// Signals a spawner ignores (its tasks do not).
@@ -259,8 +276,15 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
             }
         };
         match r {
-            (Ok(mut child), made) => {
+            (Ok((mut child, early)), made) => {
                 reply(sock, &Reply::Started { pid: child.id() })?;
+                // How it ended, as soon as the supervisor knows; then its
+                // exit (the namespaces' teardown) is waited for.
+                let told = read_end(early.as_fd());
+                drop(early);
+                if let Some(status) = told {
+                    reply(sock, &Reply::Exited { status })?;
+                }
                 let status = loop {
                     match child.wait() {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -268,12 +292,15 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                     }
                 };
                 forget(&made);
-                reply(
-                    sock,
-                    &Reply::Exited {
-                        status: status.into_raw(),
-                    },
-                )?;
+                if told.is_none() {
+                    reply(
+                        sock,
+                        &Reply::Exited {
+                            status: status.into_raw(),
+                        },
+                    )?;
+                }
+                reply(sock, &Reply::Gone)?;
             }
             (Err(f), made) => {
                 forget(&made);
@@ -283,6 +310,32 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     }
 }
 
+/// Reads a supervisor's early report (see [`Plan::report_end_to`]) as a
+/// wait status; `None` when it ended without one (killed).
+fn read_end(fd: BorrowedFd<'_>) -> Option<i32> {
+    let mut buf = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) => return None,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+    match buf {
+        // As wait(2) encodes them: the code in the second byte, or the
+        // signal in the first.
+        [0, code] => Some(i32::from(code) << 8),
+        [1, sig] => Some(i32::from(sig)),
+        _ => None,
+    }
+}
+
+/// A started task: the workspace's supervisor and the read end of its
+/// early report.
+type Spawned = (std::process::Child, OwnedFd);
+
 /// Starts one task; returns it (or why not) with the directories its
 /// workspace makes on the slot's shared root, to remove once it ended.
 fn start(
@@ -290,7 +343,7 @@ fn start(
     fds: Vec<OwnedFd>,
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
-) -> (Result<std::process::Child, Reply>, Vec<PathBuf>) {
+) -> (Result<Spawned, Reply>, Vec<PathBuf>) {
     let made = match (&req.spec.tree, base, &req.spec.root) {
         // Those the root lacks now (its own mount points stay).
         (Some(t), Some(b), Root::Host) => crate::workspace::tree_dirs(b, &t.at)
@@ -308,7 +361,7 @@ fn start_in(
     fds: Vec<OwnedFd>,
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
-) -> Result<std::process::Child, Reply> {
+) -> Result<Spawned, Reply> {
     let fail = |errno: Option<i32>, message: String| Reply::Failed { errno, message };
     let [stdin, stdout, stderr]: [OwnedFd; 3] = fds
         .try_into()
@@ -342,9 +395,15 @@ fn start_in(
             Ok(())
         });
     }
-    plan.apply(&mut cmd);
-    cmd.spawn()
-        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))
+    let (early_r, early_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| fail(Some(e as i32), format!("a pipe: {e}")))?;
+    plan.report_end_to(early_w.as_fd()).apply(&mut cmd);
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))?;
+    // Ours closed: the report ends (EOF) when the supervisor does.
+    drop(early_w);
+    Ok((child, early_r))
 }
 
 /// One warm slot: its cgroup and the spawner inside it.
@@ -356,6 +415,9 @@ pub struct Slot {
     sock: OwnedFd,
     spawner: std::process::Child,
     oom_base: u64,
+    /// Its last task's end was reported and its workspace's teardown
+    /// (`Gone`) is still to come.
+    tearing_down: bool,
 }
 
 impl Slot {
@@ -429,12 +491,29 @@ impl Slot {
     /// say on eviction) is reported as death by SIGKILL.
     pub fn wait(&mut self, mgr: &dyn CgroupManager) -> (ExitStatus, Usage) {
         let status = match self.read_reply(None) {
-            Ok(Reply::Exited { status }) => ExitStatus::from_raw(status),
+            Ok(Reply::Exited { status }) => {
+                self.tearing_down = true;
+                ExitStatus::from_raw(status)
+            }
             _ => ExitStatus::from_raw(libc::SIGKILL),
         };
         let mut usage = mgr.usage(&self.name).unwrap_or_default();
         usage.oom_kills = usage.oom_kills.saturating_sub(self.oom_base);
         (status, usage)
+    }
+
+    /// Waits until the last task's workspace is gone (reported right
+    /// after its end, once its namespaces are torn down). False when the
+    /// spawner did not say so in time: the slot is not to be reused.
+    fn settle(&mut self) -> bool {
+        if !self.tearing_down {
+            return true;
+        }
+        self.tearing_down = false;
+        matches!(
+            self.read_reply(Some(Duration::from_secs(30))),
+            Ok(Reply::Gone)
+        )
     }
 
     fn kill(mut self, mgr: &dyn CgroupManager) {
@@ -532,8 +611,8 @@ impl Pool {
     /// Returns a slot whose task has ended: kept if only its spawner is
     /// left in its cgroup and it is thawed, else removed (and replaced).
     /// Blocks briefly (cgroup reads and writes).
-    pub fn give_back(&self, slot: Slot) {
-        let keep = self.inner.clean(&slot);
+    pub fn give_back(&self, mut slot: Slot) {
+        let keep = slot.settle() && self.inner.clean(&slot);
         let mut st = self.inner.lock();
         st.out = st.out.saturating_sub(1);
         if keep && !st.closed {
@@ -663,6 +742,7 @@ impl Inner {
                 sock: ours,
                 spawner,
                 oom_base: 0,
+                tearing_down: false,
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
                 Ok(Reply::Ready) => Ok(slot),

@@ -25,7 +25,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -181,6 +181,9 @@ pub struct Plan {
     /// An agent that is not root: the workspace gets a user namespace of
     /// its own, in which the agent's identity is the guest's.
     user_ns: Option<IdMaps>,
+    /// Where the supervisor writes how the command ended as soon as it
+    /// knows (see [`Plan::report_end_to`]).
+    early: Option<i32>,
 }
 
 /// The one-line id maps of a workspace's user namespace, written by the
@@ -373,7 +376,22 @@ impl Plan {
             tty: spec.tty,
             shared_root: base.is_some(),
             user_ns,
+            early: None,
         })
+    }
+
+    /// Has the supervisor write how the command ended to `fd` (two bytes:
+    /// 0 and the exit code, or 1 and the signal) as soon as every process
+    /// of the workspace is gone, before it exits itself. Its own exit
+    /// tears the namespaces down (the overlay's unmount syncs the upper
+    /// file system), which takes about a millisecond that the task's
+    /// submitter need not wait for; the files are final by then. The
+    /// descriptor should be close-on-exec (the command must not inherit
+    /// it) and stay open in the caller until the child is spawned.
+    #[must_use]
+    pub fn report_end_to(mut self, fd: BorrowedFd<'_>) -> Self {
+        self.early = Some(fd.as_raw_fd());
+        self
     }
 
     /// Makes `cmd` run inside this workspace. Register it after
@@ -415,7 +433,7 @@ impl Plan {
         match unsafe { nix::unistd::fork() }? {
             ForkResult::Parent { child } => {
                 drop(status_w);
-                supervise(child, false, Report::Read(status_r.as_raw_fd()))
+                supervise(child, false, Report::Read(status_r.as_raw_fd()), self.early)
             }
             ForkResult::Child => drop(status_r),
         }
@@ -424,7 +442,7 @@ impl Plan {
         #[allow(unsafe_code)]
         match unsafe { nix::unistd::fork() }? {
             ForkResult::Parent { child } => {
-                supervise(child, true, Report::Write(status_w.as_raw_fd()))
+                supervise(child, true, Report::Write(status_w.as_raw_fd()), None)
             }
             ForkResult::Child => {
                 drop(status_w);
@@ -776,10 +794,39 @@ enum Report {
     Write(i32),
 }
 
+/// Closes every descriptor of this process but `keep` (at most two),
+/// stdin, stdout and stderr included. Async-signal-safe.
+fn close_all_but(keep: [Option<i32>; 2]) {
+    let (a, b) = match keep {
+        [Some(x), Some(y)] => (x.min(y), Some(x.max(y))),
+        [Some(x), None] | [None, Some(x)] => (x, None),
+        [None, None] => (-1, None),
+    };
+    let mut from = 0u32;
+    for k in [Some(a), b].into_iter().flatten() {
+        if let Ok(k) = u32::try_from(k) {
+            if k > from {
+                // SAFETY: close_range(2) only closes descriptors of this
+                // process.
+                #[allow(unsafe_code)]
+                unsafe {
+                    nix::libc::close_range(from, k - 1, 0);
+                }
+            }
+            from = from.max(k + 1);
+        }
+    }
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe {
+        nix::libc::close_range(from, u32::MAX, 0);
+    }
+}
+
 /// A supervisor: forwards signals to `child`, dies with its own parent
 /// (`SIGKILL`), reaps (every orphan too, when `reap_all`), and ends as the
-/// command ended.
-fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report) -> ! {
+/// command ended, telling `early` first when given.
+fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report, early: Option<i32>) -> ! {
     // The outer supervisor signals pid 1; pid 1 signals the command's
     // process group.
     let target_pid = if reap_all {
@@ -789,19 +836,13 @@ fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report) -> ! {
     };
     INNER.store(target_pid, Ordering::Relaxed);
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    // Keep stdio and the report pipe; close the rest, so that the spawner's
-    // exec-status pipe sees the command's exec, not our lifetime.
-    let keep = match report {
-        Report::Read(fd) | Report::Write(fd) => fd as u32,
+    // Keep only the report pipes. The spawner's exec-status pipe then
+    // sees the command's exec, not our lifetime, and the command's output
+    // ends when the command's processes close it, not when we exit.
+    let fd = match report {
+        Report::Read(fd) | Report::Write(fd) => fd,
     };
-    // SAFETY: close_range(2) only closes descriptors of this process.
-    #[allow(unsafe_code)]
-    unsafe {
-        if keep > 3 {
-            nix::libc::close_range(3, keep - 1, 0);
-        }
-        nix::libc::close_range(keep + 1, u32::MAX, 0);
-    }
+    close_all_but([Some(fd), early]);
     let act = SigAction::new(
         SigHandler::Handler(forward),
         SaFlags::SA_RESTART,
@@ -854,6 +895,14 @@ fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report) -> ! {
                 kind = buf[0];
                 value = i32::from(buf[1]);
             }
+        }
+    }
+    if let Some(fd) = early {
+        let buf = [kind, value as u8];
+        // SAFETY: write(2) on a descriptor we kept, from a local buffer.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::write(fd, buf.as_ptr().cast(), 2);
         }
     }
     if kind == 1 {

@@ -128,6 +128,88 @@ fn exit_codes_and_signals_come_back() {
     cleanup(&s).unwrap();
 }
 
+/// Reads a supervisor's two-byte early report; `None` at end of file.
+fn report(fd: &std::os::fd::OwnedFd) -> Option<[u8; 2]> {
+    let mut b = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(fd), &mut b[got..]).unwrap() {
+            0 => return None,
+            n => got += n,
+        }
+    }
+    Some(b)
+}
+
+#[test]
+fn the_end_is_reported_before_the_supervisor_exits_and_output_ends_with_the_command() {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let Some(d) = scratch("early") else { return };
+    let s = spec(&d.0);
+    let spawn = |script: &str| {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut c = Command::new("/bin/sh");
+        c.args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin");
+        Plan::new(&s)
+            .unwrap()
+            .report_end_to(w.as_fd())
+            .apply(&mut c);
+        let child = c.spawn().unwrap();
+        drop(w);
+        (child, r)
+    };
+    // An exit code, then the same from wait(2).
+    let (mut child, r) = spawn("exit 42");
+    assert_eq!(report(&r), Some([0, 42]));
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+    // Output ends when the command closes it, not when the workspace's
+    // supervisors exit: the command is still running (no report yet).
+    let (mut child, r) = spawn("echo bye; exec >/dev/null 2>&1; sleep 30");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "bye\n");
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&r),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut b = [0u8; 2];
+    assert_eq!(
+        nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&r), &mut b),
+        Err(nix::errno::Errno::EAGAIN),
+        "no end reported while the command runs"
+    );
+    // A signal forwarded to it: reported as the signal.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&r),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .unwrap();
+    assert_eq!(report(&r), Some([1, 15]));
+    assert_eq!(child.wait().unwrap().signal(), Some(15));
+    // A supervisor killed outright reports nothing: end of file.
+    let (mut child, r) = spawn("sleep 30");
+    child.kill().unwrap();
+    assert_eq!(report(&r), None);
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    cleanup(&s).unwrap();
+}
+
 #[test]
 fn missing_command_fails_to_spawn_with_not_found() {
     let Some(d) = scratch("missing") else { return };
