@@ -500,6 +500,13 @@ async fn attempt_once(
     let mut line = serde_json::to_vec(&req)?;
     line.push(b'\n');
     w.write_all(&line).await?;
+    // The task goes with the request, not after the answer (one round
+    // trip less): the agent reads it once it has placed the task, here or
+    // on the node it relays to. A refusal leaves it unread (and may close
+    // the link before it is all written: the refusal is read first).
+    let mut w = Plain(w);
+    let sent = link::send(&mut w, &ToExec::Start(spec.clone())).await;
+    let Plain(w) = w;
     let mut answer = String::new();
     r.read_line(&mut answer).await?;
     let node = match serde_json::from_str::<Response>(&answer) {
@@ -519,6 +526,12 @@ async fn attempt_once(
         Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
         Err(e) => bail!("unexpected answer from the agent ({e}): {answer:?}"),
     };
+    if let Err(e) = sent {
+        return Ok(Outcome::Lost {
+            node,
+            why: format!("sending the task: {e}"),
+        });
+    }
     // One writer task owns the sending half.
     let (out_tx, mut out_rx) = mpsc::channel::<ToExec>(32);
     let writer = tokio::spawn(async move {
@@ -529,7 +542,6 @@ async fn attempt_once(
             }
         }
     });
-    out_tx.send(ToExec::Start(spec.clone())).await?;
     let mut r = Plain(r);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
@@ -625,11 +637,11 @@ async fn attempt_once(
             FromExec::Stdout(d) => write_new(&mut stdout, &d, &mut out_at, &mut progress.out)?,
             FromExec::Stderr(d) => write_new(&mut stderr, &d, &mut err_at, &mut progress.err)?,
             FromExec::Changes(cs) => {
-                let root: PathBuf = cwd.to_owned();
                 let n = cs.len();
-                let res =
-                    tokio::task::spawn_blocking(move || shoal_files::apply(&root, &cs)).await?;
-                if let Err(e) = res {
+                // On this (only) runtime thread: the task has ended, nothing
+                // else is waiting but signals, which may wait for the commit;
+                // a thread of its own would cost more than most commits.
+                if let Err(e) = shoal_files::apply(cwd, &cs) {
                     eprintln!("shoal: the task's file changes were not applied: {e}");
                     break Outcome::Done(ExitCode::from(125));
                 }
