@@ -49,13 +49,41 @@ pub async fn serve(
     }
 }
 
+/// How long a task link may be silent before the kernel probes the peer,
+/// and how often it probes then.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 3;
+/// How long the peer may leave data or probes unacknowledged before the
+/// link is dead: a peer whose machine vanished (powered off, cut off, its
+/// FIN lost) is noticed in 15 to 20 s, and its task killed (a batch
+/// attempt runs on, detached). Without it a half-open link, and its task,
+/// would last as long as the task.
+const USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Small frames go at once; a dead peer is noticed without traffic.
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let sock = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "TCP user timeout not set");
+    }
+}
+
 async fn conn(
     s: TcpStream,
     key: &ClusterKey,
     cluster: &str,
     exec: Option<Arc<ExecEnv>>,
 ) -> Result<(), String> {
-    let _ = s.set_nodelay(true);
+    tune(&s);
     let (mut r, w): (Reader<TcpStream>, Writer<TcpStream>) =
         tokio::time::timeout(Duration::from_secs(10), stream::accept(s, key, cluster))
             .await
@@ -99,7 +127,7 @@ pub async fn connect_task(
         .await
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
+    tune(&s);
     let (r, mut w) = stream::connect(s, key, cluster)
         .await
         .map_err(|e| e.to_string())?;

@@ -434,6 +434,36 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
 }
 
 #[test]
+fn a_task_whose_submitter_is_cut_off_dies_on_the_executor() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run12", 31, 2) else {
+        return;
+    };
+    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "301"]);
+    c.stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let (_node, _err) = until_started(&mut child);
+    assert!(
+        any_process_with_cmdline(b"sleep\x00301\x00"),
+        "the check below can see the task's process"
+    );
+    // The submitter's machine vanishes: nothing it sends (its agent's FIN
+    // when the client dies) reaches the executor, whose link stays
+    // half-open. Only the link's own probes can tell.
+    lab.partition(&[1]).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = wait_for(Duration::from_secs(60), || {
+        (!any_process_with_cmdline(b"sleep\x00301\x00")).then_some(())
+    });
+    lab.heal().unwrap();
+    assert!(
+        gone.is_some(),
+        "the executor kept running a task whose submitter is gone"
+    );
+}
+
+#[test]
 fn make_j4_with_shoal_run_as_cc_across_three_hosts() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if Command::new("make").arg("--version").output().is_err()
