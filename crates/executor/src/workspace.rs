@@ -329,22 +329,28 @@ impl Plan {
             if t.lower.is_empty() {
                 return Err(WorkspaceError::NoLower(t.at.clone()));
             }
-            let lower: Vec<String> = t.lower.iter().map(|l| l.display().to_string()).collect();
-            let data = format!(
-                "lowerdir={},upperdir={},workdir={}{}",
-                lower.join(":"),
-                t.upper.display(),
-                t.work.display(),
+            let mut data = b"lowerdir=".to_vec();
+            for (i, l) in t.lower.iter().enumerate() {
+                if i > 0 {
+                    data.push(b':');
+                }
+                overlay_escape(&mut data, l);
+            }
+            data.extend_from_slice(b",upperdir=");
+            overlay_escape(&mut data, &t.upper);
+            data.extend_from_slice(b",workdir=");
+            overlay_escape(&mut data, &t.work);
+            if unprivileged {
                 // In a user namespace the overlay keeps its marks (opaque
                 // directories) in `user.` attributes.
-                if unprivileged { ",userxattr" } else { "" }
-            );
+                data.extend_from_slice(b",userxattr");
+            }
             steps.push(Step::Mount {
                 src: Some(c("shoal-tree")?),
                 target: c(root_dir.join(t.at.strip_prefix("/").unwrap_or(&t.at)))?,
                 fstype: Some(c("overlay")?),
                 flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                data: Some(c(data)?),
+                data: Some(c(OsStr::from_bytes(&data))?),
             });
         }
         let mut flags = CloneFlags::CLONE_NEWNS
@@ -673,6 +679,18 @@ pub fn assemble_base(root_dir: &Path) -> Result<(), WorkspaceError> {
     )
     .map_err(sys)?;
     run_steps(&steps).map_err(io_err(root_dir))
+}
+
+/// Appends `path` to overlay mount options, its separators (`:` between
+/// layers, `,` between options) and backslashes escaped with a backslash,
+/// as the overlay reads them.
+fn overlay_escape(out: &mut Vec<u8>, path: &Path) {
+    for &b in path.as_os_str().as_bytes() {
+        if matches!(b, b':' | b',' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
 }
 
 /// Carries out prepared steps (between fork and exec: system calls on

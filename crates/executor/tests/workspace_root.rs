@@ -224,7 +224,14 @@ fn missing_command_fails_to_spawn_with_not_found() {
 
 #[test]
 fn writes_land_in_upper_and_lower_is_untouched() {
-    let Some(d) = scratch("tree") else { return };
+    // The second: layers whose paths hold the overlay's separators.
+    for name in ["tree", "odd:dir,with\\seps"] {
+        writes_land_in_upper_of(name);
+    }
+}
+
+fn writes_land_in_upper_of(name: &str) {
+    let Some(d) = scratch(name) else { return };
     let lower = d.0.join("lower");
     let (upper, work) = (d.0.join("upper"), d.0.join("work"));
     for p in [&lower, &upper, &work] {
