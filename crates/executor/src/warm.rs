@@ -67,6 +67,14 @@ pub enum WarmError {
     /// The spawner said something that is not a reply.
     #[error("warm slot {0}: malformed reply from the spawner")]
     Malformed(String),
+    /// The spawner could not make the slot ready (its root).
+    #[error("warm slot {slot}: {message}")]
+    Spawner {
+        /// The slot.
+        slot: String,
+        /// What the spawner said.
+        message: String,
+    },
     /// The slot's cgroup could not be made, set or restarted.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
@@ -746,6 +754,14 @@ impl Inner {
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
                 Ok(Reply::Ready) => Ok(slot),
+                Ok(Reply::Failed { message, .. }) => {
+                    // Its root could not be assembled: say why.
+                    slot.kill(self.mgr.as_ref());
+                    Err(WarmError::Spawner {
+                        slot: name.clone(),
+                        message,
+                    })
+                }
                 Ok(_) => {
                     let e = WarmError::Malformed(name.clone());
                     slot.kill(self.mgr.as_ref());
