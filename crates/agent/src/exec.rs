@@ -624,6 +624,7 @@ where
     guard.slot = slot;
     reader.abort();
     if !link_up && !detach {
+        child.reap().await;
         return Err(LinkError::Closed);
     }
     let mut end = Vec::new();
@@ -680,6 +681,10 @@ where
             }
         }
     }
+    if delivered.is_err() {
+        // Reaped before the guard removes the task's cgroup and files.
+        child.reap().await;
+    }
     match spool.take() {
         None => delivered?,
         Some(_) if delivered.is_ok() => env.detached.forget(&spec.task_id),
@@ -702,6 +707,7 @@ where
         }
     }
     let t_exit = t0.elapsed();
+    child.reap().await;
     // Unmounting and removing the cgroup take a while on cgroup v1: not on
     // the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
@@ -974,7 +980,11 @@ async fn prepare(
         .command(stdio)
         .ok_or_else(|| failed(2, "an empty command"))?;
     spawn_into(&mut cmd, mgr.as_ref(), &cg_name).map_err(|e| err125("cgroup", &e))?;
-    plan.apply(&mut cmd);
+    // The end as soon as the supervisor knows it, before its namespaces'
+    // teardown (as in a warm slot).
+    let (early_r, early_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| err125("pipes", &e))?;
+    plan.report_end_to(early_w.as_fd()).apply(&mut cmd);
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
     let t_setup = t.elapsed();
@@ -986,10 +996,13 @@ async fn prepare(
         spawn_ms = (t.elapsed() - t_setup).as_secs_f64() * 1e3,
         "cgroup and plan, then spawn"
     );
+    drop(early_w);
     match spawned {
-        Ok(child) => io
-            .started(Proc::Cold(child), upper)
-            .map_err(|e| err125("pipes", &e)),
+        Ok(child) => {
+            let early = tokio::net::unix::pipe::Receiver::from_owned_fd(early_r).ok();
+            io.started(Proc::Cold(Box::new(ColdProc { child, early })), upper)
+                .map_err(|e| err125("pipes", &e))
+        }
         Err(e) => Err(not_started(e.raw_os_error(), &e)),
     }
 }
@@ -1128,18 +1141,26 @@ struct Ended {
     slot: Option<(Arc<Pool>, Slot)>,
 }
 
-/// A task's process: forked here into a fresh cgroup, or by a warm slot's
-/// spawner.
+/// A task's process: forked here into a fresh cgroup (with the read end of
+/// its supervisor's early report, [`Plan::report_end_to`]), or by a warm
+/// slot's spawner.
 enum Proc {
-    Cold(tokio::process::Child),
+    Cold(Box<ColdProc>),
     Warm(WarmProc),
+}
+
+/// A task forked here: its supervisor, and the read end of its early
+/// report until read.
+struct ColdProc {
+    child: tokio::process::Child,
+    early: Option<tokio::net::unix::pipe::Receiver>,
 }
 
 impl Proc {
     /// The pid to signal (the workspace's supervisor), while it runs.
     fn id(&self) -> Option<u32> {
         match self {
-            Self::Cold(c) => c.id(),
+            Self::Cold(c) => c.child.id(),
             Self::Warm(w) => w.wait.is_some().then_some(w.pid),
         }
     }
@@ -1148,20 +1169,53 @@ impl Proc {
     fn start_kill(&mut self) {
         match self {
             Self::Cold(c) => {
-                let _ = c.start_kill();
+                let _ = c.child.start_kill();
             }
             Self::Warm(w) => w.kill(),
+        }
+    }
+
+    /// Waits until a supervisor forked here has exited (its namespaces
+    /// torn down), after an early report of the end.
+    async fn reap(&mut self) {
+        if let Self::Cold(c) = self {
+            let _ = c.child.wait().await;
         }
     }
 
     /// Waits for the end. Cancel-safe.
     async fn wait(&mut self) -> std::io::Result<Ended> {
         match self {
-            Self::Cold(c) => Ok(Ended {
-                status: c.wait().await?,
-                usage: None,
-                slot: None,
-            }),
+            Self::Cold(c) => {
+                let ColdProc { child, early } = c.as_mut();
+                if let Some(r) = early.as_mut() {
+                    // Written in one write(2) of two bytes: one read gets
+                    // both (and is cancel-safe), or end of file when the
+                    // supervisor died without reporting.
+                    let mut b = [0u8; 2];
+                    let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
+                    *early = None;
+                    let raw = match (n, b) {
+                        (2, [0, code]) => Some(i32::from(code) << 8),
+                        (2, [1, sig]) => Some(i32::from(sig)),
+                        _ => None,
+                    };
+                    if let Some(raw) = raw {
+                        // The supervisor is still exiting: reaped by
+                        // `reap` before the task's cgroup and files go.
+                        return Ok(Ended {
+                            status: std::process::ExitStatus::from_raw(raw),
+                            usage: None,
+                            slot: None,
+                        });
+                    }
+                }
+                Ok(Ended {
+                    status: child.wait().await?,
+                    usage: None,
+                    slot: None,
+                })
+            }
             Self::Warm(w) => {
                 let Some(h) = w.wait.as_mut() else {
                     return Err(std::io::Error::other("waited twice"));

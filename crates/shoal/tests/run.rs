@@ -296,16 +296,20 @@ fn limits_and_isolation() {
         }
     }
     for (node, cgroup) in [("h1", "/warm-"), ("h2", "/task-")] {
-        let o = out(run(
-            &lab,
-            &tree,
-            &["--node", node, "--", "cat", "/proc/self/cgroup"],
-        ));
-        assert!(
-            s(&o.stdout).contains(&format!("pids:/shoal-{node}{cgroup}")),
-            "{node}: {}",
-            s(&o.stdout)
-        );
+        // (h1's slots are made in the background after its start: until
+        // one is ready, its tasks get fresh cgroups too.)
+        let mut seen = String::new();
+        let found = wait_for(Duration::from_secs(10), || {
+            let o = out(run(
+                &lab,
+                &tree,
+                &["--node", node, "--", "cat", "/proc/self/cgroup"],
+            ));
+            seen = s(&o.stdout);
+            seen.contains(&format!("pids:/shoal-{node}{cgroup}"))
+                .then_some(())
+        });
+        assert!(found.is_some(), "{node}: {seen}");
         let o = out(run(
             &lab,
             &tree,
@@ -374,6 +378,62 @@ fn limits_and_isolation() {
         assert!(!t.contains(host_key.trim()), "the agent key leaked: {t}");
         assert!(t.contains("No such file"), "{t}");
         assert!(t.trim_end().ends_with("65534"), "{t}");
+        // The end is reported before the workspace's teardown, on both
+        // paths: the status, the output and the changes are all there.
+        let o = out(run(
+            &lab,
+            &tree,
+            &[
+                "--node",
+                node,
+                "--",
+                "sh",
+                "-c",
+                &format!("echo {node} > by-{node}.txt; echo out; exit 42"),
+            ],
+        ));
+        assert_eq!(o.status.code(), Some(42), "{node}: {}", s(&o.stderr));
+        assert_eq!(s(&o.stdout), "out\n", "{node}");
+        let o = out(run(
+            &lab,
+            &tree,
+            &[
+                "--node",
+                node,
+                "--commit",
+                "always",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo {node} > by-{node}.txt; kill -KILL $$"),
+            ],
+        ));
+        // Death by a signal is 128 + the signal, as a shell's `$?`.
+        assert_eq!(o.status.code(), Some(137), "{node}: {}", s(&o.stderr));
+        assert_eq!(
+            tree.read(&format!("by-{node}.txt")).as_deref(),
+            Some(format!("{node}\n").as_str()),
+            "{node}: committed"
+        );
+        // And the workspace is gone afterwards: no task directory, and
+        // no task cgroup (h2) or nothing but the spawners (h1).
+        let host = if node == "h1" { 1 } else { 2 };
+        let tasks = lab.hosts[host].data_dir.join("tasks");
+        let clean = wait_for(Duration::from_secs(10), || {
+            let no_dirs = std::fs::read_dir(&tasks)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true);
+            let cg = Path::new("/sys/fs/cgroup/pids").join(format!("shoal-{node}"));
+            let no_tasks = std::fs::read_dir(&cg).map_or(true, |d| {
+                d.flatten()
+                    .all(|e| !e.file_name().to_string_lossy().starts_with("task-"))
+            });
+            (no_dirs && no_tasks).then_some(())
+        });
+        assert!(
+            clean.is_some(),
+            "{node}: a task's directory or cgroup was left"
+        );
     }
 }
 
