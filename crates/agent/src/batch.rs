@@ -864,6 +864,11 @@ impl Batch {
                 FromExec::Unknown => {
                     return End::Lost("the executor no longer has the attempt".into())
                 }
+                // A batch attempt's changes come whole (the executor streams
+                // large files only to `shoal run`).
+                FromExec::Content(_) => {
+                    return End::Failed(2, "protocol: file contents after whole changes".into())
+                }
             }
         }
     }

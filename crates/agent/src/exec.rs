@@ -651,7 +651,12 @@ where
             Commit::Never => false,
         };
         if commit {
-            let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper(&upper))
+            // Large files are read and sent after the change set, piece by
+            // piece; a detached attempt's result is kept whole (it may be
+            // collected after the task's directory is gone).
+            let inline = if detach { u64::MAX } else { INLINE_CHANGES };
+            let up = upper.clone();
+            let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper_within(&up, inline))
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             match cs {
@@ -675,7 +680,11 @@ where
     if link_up {
         delivered = Ok(());
         for m in &end {
-            if let Err(e) = link::send(&mut tx, m).await {
+            let mut sent = link::send(&mut tx, m).await;
+            if let (Ok(()), FromExec::Changes(cs)) = (&sent, m) {
+                sent = send_streamed(&mut tx, &upper, cs, &env.node).await;
+            }
+            if let Err(e) = sent {
                 delivered = Err(e);
                 break;
             }
@@ -725,6 +734,61 @@ where
         images.evict();
         cas.evict();
     });
+    Ok(())
+}
+
+/// File content a change set holds before its files are streamed
+/// instead ([`ChangeSet::from_upper_within`]): what either side holds in
+/// memory of a task's changes.
+const INLINE_CHANGES: u64 = 4 << 20;
+/// The largest piece of a streamed file in one message.
+const CONTENT_PIECE: usize = 256 << 10;
+
+/// Sends the contents of `cs`'s streamed files from the task's upper
+/// layer, in order, piece by piece. A file that no longer has the length
+/// the change set gave it ends the task with `Failed` (the submitter then
+/// applies nothing).
+async fn send_streamed<W: FrameSink>(
+    tx: &mut W,
+    upper: &Path,
+    cs: &ChangeSet,
+    node: &str,
+) -> Result<(), LinkError> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; CONTENT_PIECE];
+    for (rel, size) in cs.streamed() {
+        let path = upper.join(rel);
+        let mut left = size;
+        let r: std::io::Result<()> = async {
+            let mut f = tokio::fs::File::open(&path).await?;
+            while left > 0 {
+                let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let n = f.read(&mut buf[..want]).await?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "shorter than when it was listed",
+                    ));
+                }
+                link::send(tx, &FromExec::Content(buf[..n].to_vec()))
+                    .await
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Err(LinkError::Closed);
+            }
+            let m = failed(
+                125,
+                format!("{node}: reading the task's changes: {}: {e}", rel.display()),
+            );
+            return link::send(tx, &m).await;
+        }
+    }
     Ok(())
 }
 

@@ -51,6 +51,14 @@ pub enum ApplyError {
     /// The journal of an interrupted commit cannot be read.
     #[error("corrupt commit journal {0}")]
     Journal(PathBuf),
+    /// The contents of a change set's streamed files did not add up to
+    /// what it announced.
+    #[error("the changed files' contents {0}")]
+    Stream(&'static str),
+    /// A change set with streamed files given to [`apply`], which has
+    /// no way to receive their contents (use [`Commit`]).
+    #[error("the change set's large files were not sent with it")]
+    NotInline,
     /// A failure injected by a test.
     #[error("injected crash")]
     Injected,
@@ -108,12 +116,29 @@ pub fn apply(root: &Path, cs: &ChangeSet) -> Result<(), ApplyError> {
 }
 
 pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<(), ApplyError> {
-    cs.validate()?;
+    check(root, cs)?;
     if cs.is_empty() {
         // Nothing to make atomic: no staging, no journal, no sync (most
         // compiler runs in a build change one file; `true` changes none).
         return Ok(());
     }
+    if cs.streamed().next().is_some() {
+        return Err(ApplyError::NotInline);
+    }
+    if let [e] = cs.entries.as_slice() {
+        if let Change::File { mode, data } = &e.change {
+            if let Some(r) = put_one(root, &e.path, *mode, data, fresh_id(), crash) {
+                return r;
+            }
+        }
+    }
+    Commit::begin_checked(root, cs, crash)?.finish()
+}
+
+/// Refuses, before anything is written, a change set with unsafe paths,
+/// paths into shoal's own files, or paths through symbolic links.
+fn check(root: &Path, cs: &ChangeSet) -> Result<(), ApplyError> {
+    cs.validate()?;
     for e in &cs.entries {
         let first = e
             .path
@@ -124,36 +149,199 @@ pub(crate) fn apply_with(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<()
             return Err(ChangeError::UnsafePath(e.path.clone()).into());
         }
     }
-    preflight(root, cs)?;
-    let id = fresh_id();
-    if let [e] = cs.entries.as_slice() {
-        if let Change::File { mode, data } = &e.change {
-            if let Some(r) = put_one(root, &e.path, *mode, data, id, crash) {
-                return r;
+    preflight(root, cs)
+}
+
+/// A change set being applied whose streamed files' contents are still
+/// to come ([`crate::Change::Streamed`]): [`Commit::begin`] stages what
+/// the change set holds, [`Commit::feed`] takes the streamed contents in
+/// order as they arrive (written to the staging directory, never held in
+/// memory), [`Commit::finish`] seals the journal and applies it, all or
+/// nothing as [`apply`]. Dropped before `finish`, it leaves the tree as
+/// it was.
+#[derive(Debug)]
+pub struct Commit {
+    root: PathBuf,
+    stage: PathBuf,
+    /// Held while the staging directory is ours (see [`recover`]).
+    _lock: fs::File,
+    steps: Vec<Step>,
+    /// Streamed files still to fill, in order: staged path and bytes
+    /// still to come.
+    pending: std::collections::VecDeque<(PathBuf, u64)>,
+    /// The one being filled.
+    current: Option<fs::File>,
+    /// How many files were staged (for crash tests).
+    staged: usize,
+    crash: Crash,
+    /// The journal is sealed: the staging belongs to the commit (or to
+    /// [`recover`]) from now on.
+    sealed: bool,
+}
+
+impl Commit {
+    /// Checks `cs` against the tree at `root` and stages every content it
+    /// holds.
+    ///
+    /// # Errors
+    /// Unsafe paths (nothing is touched), or a filesystem failure (the
+    /// tree is untouched).
+    pub fn begin(root: &Path, cs: &ChangeSet) -> Result<Self, ApplyError> {
+        check(root, cs)?;
+        Self::begin_checked(root, cs, Crash::Never)
+    }
+
+    fn begin_checked(root: &Path, cs: &ChangeSet, crash: Crash) -> Result<Self, ApplyError> {
+        let id = fresh_id();
+        // Set the directory up under another name, lock it, and only then
+        // give it the name `recover` looks at: a concurrent recovery never
+        // sees a staging directory whose lock is not held yet.
+        let prep = root.join(format!("{PREP_PREFIX}{id:016x}"));
+        let stage = root.join(format!("{STAGING_PREFIX}{id:016x}"));
+        fs::create_dir(&prep).map_err(io_err(&prep))?;
+        let lock_path = prep.join(LOCK);
+        let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
+        fs::rename(&prep, &stage).map_err(io_err(&stage))?;
+        let mut c = Self {
+            root: root.to_owned(),
+            stage,
+            _lock: lock,
+            steps: Vec::with_capacity(cs.entries.len()),
+            pending: std::collections::VecDeque::new(),
+            current: None,
+            staged: 0,
+            crash,
+            sealed: false,
+        };
+        // (On error, dropping `c` removes the staging.)
+        c.stage_all(cs)?;
+        Ok(c)
+    }
+
+    /// Writes every content the change set holds under the staging
+    /// directory, and makes the streamed files' (empty) places there.
+    fn stage_all(&mut self, cs: &ChangeSet) -> Result<(), ApplyError> {
+        for e in &cs.entries {
+            let op = match &e.change {
+                Change::File { mode, .. } | Change::Streamed { mode, .. } => {
+                    if self.crash == Crash::Staging(self.staged) {
+                        return Err(ApplyError::Injected);
+                    }
+                    let n = self.staged;
+                    let p = self.stage.join(n.to_string());
+                    let mut f = fs::File::create(&p).map_err(io_err(&p))?;
+                    f.set_permissions(fs::Permissions::from_mode(*mode & 0o7777))
+                        .map_err(io_err(&p))?;
+                    match &e.change {
+                        Change::Streamed { size, .. } if *size > 0 => {
+                            self.pending.push_back((p, *size));
+                        }
+                        Change::File { data, .. } => {
+                            f.write_all(data).map_err(io_err(&p))?;
+                            f.sync_all().map_err(io_err(&p))?;
+                        }
+                        _ => f.sync_all().map_err(io_err(&p))?,
+                    }
+                    self.staged += 1;
+                    Op::Put(n)
+                }
+                Change::Dir { mode } => Op::Mkdir(*mode),
+                Change::OpaqueDir { mode } => Op::Clear(*mode),
+                Change::Symlink { target } => Op::Symlink(target.clone()),
+                Change::Delete => Op::Delete,
+            };
+            self.steps.push(Step {
+                path: e.path.clone(),
+                op,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of the streamed files still expected.
+    pub fn missing(&self) -> u64 {
+        self.pending.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Takes the next piece of the streamed files' contents (their bytes
+    /// one after another, in the change set's order).
+    ///
+    /// # Errors
+    /// More bytes than announced, or a filesystem failure (the disk
+    /// full): the commit is then to be dropped.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), ApplyError> {
+        while !data.is_empty() {
+            let Some((path, left)) = self.pending.front_mut() else {
+                return Err(ApplyError::Stream("are longer than announced"));
+            };
+            let f = match &mut self.current {
+                Some(f) => f,
+                None => {
+                    let f = fs::OpenOptions::new()
+                        .append(true)
+                        .open(&*path)
+                        .map_err(io_err(path))?;
+                    self.current.insert(f)
+                }
+            };
+            let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+            f.write_all(&data[..n]).map_err(io_err(path))?;
+            *left -= n as u64;
+            data = &data[n..];
+            if *left == 0 {
+                f.sync_all().map_err(io_err(path))?;
+                self.current = None;
+                self.pending.pop_front();
             }
         }
+        Ok(())
     }
-    // Set the directory up under another name, lock it, and only then give
-    // it the name `recover` looks at: a concurrent recovery never sees a
-    // staging directory whose lock is not held yet.
-    let prep = root.join(format!("{PREP_PREFIX}{id:016x}"));
-    let stage = root.join(format!("{STAGING_PREFIX}{id:016x}"));
-    fs::create_dir(&prep).map_err(io_err(&prep))?;
-    let lock_path = prep.join(LOCK);
-    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
-    fs::rename(&prep, &stage).map_err(io_err(&stage))?;
-    let staged = stage_all(&stage, cs, crash);
-    let steps = match staged {
-        Ok(steps) => steps,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&stage);
-            return Err(e);
+
+    /// Seals the journal and applies every change.
+    ///
+    /// # Errors
+    /// Contents missing (the tree is untouched), or a filesystem failure:
+    /// before the journal is sealed the tree is untouched; after, [`recover`]
+    /// finishes the job.
+    pub fn finish(mut self) -> Result<(), ApplyError> {
+        if !self.pending.is_empty() {
+            return Err(ApplyError::Stream("ended before all of them came"));
         }
-    };
-    run(root, &stage, &steps, crash)?;
-    fs::remove_dir_all(&stage).map_err(io_err(&stage))?;
-    sync_dir(root)
+        if self.crash == Crash::Staging(self.staged) {
+            return Err(ApplyError::Injected);
+        }
+        self.seal()?;
+        run(&self.root, &self.stage, &self.steps, self.crash)?;
+        fs::remove_dir_all(&self.stage).map_err(io_err(&self.stage))?;
+        sync_dir(&self.root)
+    }
+
+    /// Makes the journal durable: from here on the commit happens, now or
+    /// at recovery.
+    fn seal(&mut self) -> Result<(), ApplyError> {
+        let stage = &self.stage;
+        let bytes =
+            postcard::to_stdvec(&self.steps).map_err(|_| ApplyError::Journal(stage.clone()))?;
+        let tmp = stage.join("journal.tmp");
+        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err(&tmp))?;
+        let j = stage.join(JOURNAL);
+        fs::rename(&tmp, &j).map_err(io_err(&j))?;
+        self.sealed = true;
+        sync_dir(stage)
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        if !self.sealed {
+            // Not committed: nothing of it may stay.
+            let _ = fs::remove_dir_all(&self.stage);
+        }
+    }
 }
 
 fn fresh_id() -> u64 {
@@ -236,51 +424,6 @@ fn preflight(root: &Path, cs: &ChangeSet) -> Result<(), ApplyError> {
         }
     }
     Ok(())
-}
-
-/// Writes every new content under `stage` and seals the journal.
-fn stage_all(stage: &Path, cs: &ChangeSet, crash: Crash) -> Result<Vec<Step>, ApplyError> {
-    let mut steps = Vec::with_capacity(cs.entries.len());
-    let mut n = 0;
-    for e in &cs.entries {
-        let op = match &e.change {
-            Change::File { mode, data } => {
-                if crash == Crash::Staging(n) {
-                    return Err(ApplyError::Injected);
-                }
-                let p = stage.join(n.to_string());
-                let mut f = fs::File::create(&p).map_err(io_err(&p))?;
-                f.write_all(data).map_err(io_err(&p))?;
-                f.set_permissions(fs::Permissions::from_mode(*mode & 0o7777))
-                    .map_err(io_err(&p))?;
-                f.sync_all().map_err(io_err(&p))?;
-                n += 1;
-                Op::Put(n - 1)
-            }
-            Change::Dir { mode } => Op::Mkdir(*mode),
-            Change::OpaqueDir { mode } => Op::Clear(*mode),
-            Change::Symlink { target } => Op::Symlink(target.clone()),
-            Change::Delete => Op::Delete,
-        };
-        steps.push(Step {
-            path: e.path.clone(),
-            op,
-        });
-    }
-    if crash == Crash::Staging(n) {
-        return Err(ApplyError::Injected);
-    }
-    let bytes = postcard::to_stdvec(&steps).map_err(|_| ApplyError::Journal(stage.to_owned()))?;
-    let tmp = stage.join("journal.tmp");
-    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err(&tmp))?;
-    // Sealed: from here on the commit happens, now or at recovery.
-    let j = stage.join(JOURNAL);
-    fs::rename(&tmp, &j).map_err(io_err(&j))?;
-    sync_dir(stage)?;
-    Ok(steps)
 }
 
 /// Makes every ancestor of `rel` inside `root` a real directory, refusing
@@ -853,5 +996,85 @@ mod tests {
             fs::remove_dir_all(&clean).unwrap();
             fs::remove_dir_all(&d).unwrap();
         }
+    }
+
+    /// `sample()` with two of its files streamed: their contents follow.
+    fn streamed_sample() -> (ChangeSet, Vec<u8>) {
+        let mut cs = sample();
+        let mut follow = Vec::new();
+        for e in &mut cs.entries {
+            if let Change::File { mode, data } = &e.change {
+                if e.path.as_os_str() != "README" {
+                    follow.extend_from_slice(data);
+                    e.change = Change::Streamed {
+                        mode: *mode,
+                        size: data.len() as u64,
+                    };
+                }
+            }
+        }
+        // And an empty one, which takes no bytes.
+        cs.entries.push(e(
+            "empty",
+            Change::Streamed {
+                mode: 0o640,
+                size: 0,
+            },
+        ));
+        (cs, follow)
+    }
+
+    #[test]
+    fn streamed_contents_fed_in_pieces_give_the_same_tree() {
+        let (whole, streamed) = (tmp("whole"), tmp("streamed"));
+        base(&whole);
+        base(&streamed);
+        apply(&whole, &sample()).unwrap();
+        fs::write(whole.join("empty"), "").unwrap();
+        fs::set_permissions(whole.join("empty"), fs::Permissions::from_mode(0o640)).unwrap();
+        let (cs, follow) = streamed_sample();
+        assert!(matches!(apply(&streamed, &cs), Err(ApplyError::NotInline)));
+        assert_eq!(
+            snapshot(&streamed).get("README").unwrap(),
+            "file 644 hi",
+            "untouched"
+        );
+        let mut c = Commit::begin(&streamed, &cs).unwrap();
+        assert_eq!(c.missing(), follow.len() as u64);
+        // Pieces that straddle the files' boundaries.
+        for piece in follow.chunks(2) {
+            c.feed(piece).unwrap();
+        }
+        assert_eq!(c.missing(), 0);
+        c.finish().unwrap();
+        assert_eq!(snapshot(&whole), snapshot(&streamed));
+        fs::remove_dir_all(&whole).unwrap();
+        fs::remove_dir_all(&streamed).unwrap();
+    }
+
+    #[test]
+    fn streamed_contents_short_or_long_leave_the_tree_as_it_was() {
+        let d = tmp("short");
+        base(&d);
+        let before = snapshot(&d);
+        let (cs, follow) = streamed_sample();
+        // Short: finish refuses.
+        let mut c = Commit::begin(&d, &cs).unwrap();
+        c.feed(&follow[..follow.len() - 1]).unwrap();
+        assert!(matches!(c.finish(), Err(ApplyError::Stream(_))));
+        assert_eq!(snapshot(&d), before, "nothing applied, no staging left");
+        // Long: feed refuses; dropped, nothing stays.
+        let mut c = Commit::begin(&d, &cs).unwrap();
+        let mut more = follow.clone();
+        more.push(b'!');
+        assert!(matches!(c.feed(&more), Err(ApplyError::Stream(_))));
+        drop(c);
+        assert_eq!(snapshot(&d), before);
+        // Abandoned half-way (the link broke): nothing stays either.
+        let mut c = Commit::begin(&d, &cs).unwrap();
+        c.feed(&follow[..1]).unwrap();
+        drop(c);
+        assert_eq!(snapshot(&d), before);
+        fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -17,6 +17,16 @@ pub enum Change {
         /// The whole content.
         data: Vec<u8>,
     },
+    /// A new or modified regular file whose content is not in the change
+    /// set (too large to hold in memory with the rest): it follows the
+    /// change set, these files in order, as raw bytes
+    /// ([`crate::Commit::feed`]).
+    Streamed {
+        /// Permission bits (0o7777 at most).
+        mode: u32,
+        /// Its length in bytes.
+        size: u64,
+    },
     /// A directory that must exist, with its permission bits.
     Dir {
         /// Permission bits.
@@ -104,9 +114,31 @@ impl ChangeSet {
     /// # Errors
     /// Unreadable entries or special files.
     pub fn from_upper(upper: &Path) -> Result<Self, ChangeError> {
+        Self::from_upper_within(upper, u64::MAX)
+    }
+
+    /// As [`ChangeSet::from_upper`], holding at most `inline` bytes of
+    /// file content: a file that does not fit in what is left is
+    /// [`Change::Streamed`], to be read from `upper` and sent after the
+    /// change set (a task's outputs may be larger than the memory of
+    /// either side).
+    ///
+    /// # Errors
+    /// Unreadable entries or special files.
+    pub fn from_upper_within(upper: &Path, inline: u64) -> Result<Self, ChangeError> {
         let mut cs = Self::default();
-        walk(upper, Path::new(""), &mut cs)?;
+        let mut left = inline;
+        walk(upper, Path::new(""), &mut cs, &mut left)?;
         Ok(cs)
+    }
+
+    /// The streamed files, in the order their contents follow the change
+    /// set, with their lengths.
+    pub fn streamed(&self) -> impl Iterator<Item = (&Path, u64)> {
+        self.entries.iter().filter_map(|e| match e.change {
+            Change::Streamed { size, .. } => Some((e.path.as_path(), size)),
+            _ => None,
+        })
     }
 
     /// Number of entries.
@@ -128,7 +160,7 @@ impl ChangeSet {
     }
 }
 
-fn walk(dir: &Path, rel: &Path, cs: &mut ChangeSet) -> Result<(), ChangeError> {
+fn walk(dir: &Path, rel: &Path, cs: &mut ChangeSet, left: &mut u64) -> Result<(), ChangeError> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(io_err(dir))?
         .map(|e| e.map(|e| e.file_name()))
@@ -152,8 +184,17 @@ fn walk(dir: &Path, rel: &Path, cs: &mut ChangeSet) -> Result<(), ChangeError> {
                 path: r,
                 change: Change::Symlink { target },
             });
+        } else if ft.is_file() && meta.len() > *left {
+            cs.entries.push(Entry {
+                path: r,
+                change: Change::Streamed {
+                    mode,
+                    size: meta.len(),
+                },
+            });
         } else if ft.is_file() {
             let data = fs::read(&p).map_err(io_err(&p))?;
+            *left = left.saturating_sub(data.len() as u64);
             cs.entries.push(Entry {
                 path: r,
                 change: Change::File { mode, data },
@@ -168,7 +209,7 @@ fn walk(dir: &Path, rel: &Path, cs: &mut ChangeSet) -> Result<(), ChangeError> {
                 path: r.clone(),
                 change,
             });
-            walk(&p, &r, cs)?;
+            walk(&p, &r, cs, left)?;
         } else {
             return Err(ChangeError::Unsupported(r));
         }
@@ -213,6 +254,35 @@ mod tests {
         );
         assert_eq!(cs.entries[1].change, Change::Symlink { target: "a".into() });
         cs.validate().unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn files_beyond_the_inline_budget_are_streamed_in_order() {
+        let d = std::env::temp_dir().join(format!("shoal-cs-budget-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::write(d.join("a"), vec![b'a'; 40]).unwrap();
+        fs::write(d.join("b"), vec![b'b'; 100]).unwrap();
+        fs::write(d.join("c"), vec![b'c'; 50]).unwrap();
+        fs::write(d.join("sub/d"), vec![b'd'; 10]).unwrap();
+        let cs = ChangeSet::from_upper_within(&d, 95).unwrap();
+        // a fits (55 left), b does not, c does (5 left), sub/d does not.
+        let streamed: Vec<_> = cs
+            .streamed()
+            .map(|(p, n)| (p.to_string_lossy().into_owned(), n))
+            .collect();
+        assert_eq!(streamed, [("b".to_owned(), 100), ("sub/d".to_owned(), 10)]);
+        let inline: usize = cs
+            .entries
+            .iter()
+            .map(|e| match &e.change {
+                Change::File { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(inline, 90);
+        assert_eq!(ChangeSet::from_upper(&d).unwrap().streamed().count(), 0);
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -5,6 +5,7 @@
 //!  executor: overlay upper dir ──ChangeSet::from_upper──▶ ChangeSet (serde)
 //!                                                            │ (wire)
 //!  submitter: tree ◀──apply (staged + journal, then renames)─┘
+//!             (large files: Commit::begin, feed their bytes, finish)
 //!                  ◀──recover (after a crash: roll the journal forward,
 //!                      or drop an unfinished staging)
 //! ```
@@ -21,5 +22,5 @@
 mod apply;
 mod changes;
 
-pub use apply::{apply, is_internal, recover, ApplyError, STAGING_PREFIX};
+pub use apply::{apply, is_internal, recover, ApplyError, Commit, STAGING_PREFIX};
 pub use changes::{Change, ChangeError, ChangeSet, Entry};

@@ -244,6 +244,30 @@ fn file_changes_come_back_only_on_success() {
     ));
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(tree.read("failed.txt").as_deref(), Some("yes\n"));
+    // Outputs larger than what a change set holds in memory (4 MiB): a
+    // 12 MiB file and the second of two 3 MiB ones are streamed after it,
+    // staged as they come, committed with the rest.
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p big && cd big && head -c 12582912 /dev/urandom > a.bin && \
+             head -c 3145728 /dev/urandom > b.bin && head -c 3145728 /dev/urandom > c.bin && \
+             : > empty && echo small > d.txt && sha256sum a.bin b.bin c.bin d.txt empty",
+        ],
+    ));
+    assert!(o.status.success(), "{}", s(&o.stderr));
+    let here = Command::new("sha256sum")
+        .args(["a.bin", "b.bin", "c.bin", "d.txt", "empty"])
+        .current_dir(tree.0.join("big"))
+        .output()
+        .unwrap();
+    assert_eq!(s(&here.stdout), s(&o.stdout), "the large files came whole");
     let leftovers: Vec<_> = std::fs::read_dir(&tree.0)
         .unwrap()
         .flatten()

@@ -171,7 +171,8 @@ pub enum FromExec {
     /// Output on stderr.
     Stderr(Vec<u8>),
     /// The task's file changes (sent before `Exit` when they are to be
-    /// committed).
+    /// committed). The contents of its streamed files follow as
+    /// [`FromExec::Content`].
     Changes(ChangeSet),
     /// The end.
     Exit {
@@ -205,4 +206,8 @@ pub enum FromExec {
         /// Why, for `--verbose`.
         reason: String,
     },
+    /// The next piece of the streamed files' contents of the last
+    /// `Changes` (their bytes one after another, in its order; all of
+    /// them come before `Exit`).
+    Content(Vec<u8>),
 }

@@ -547,6 +547,8 @@ async fn attempt_once(
     let mut stderr = std::io::stderr();
     let (mut out_at, mut err_at) = (0u64, 0u64);
     let mut started = false;
+    // A commit whose large files are still coming, and its size.
+    let mut streaming: Option<(shoal_files::Commit, usize)> = None;
     let outcome = loop {
         let msg = match link::recv::<FromExec, _>(&mut r).await {
             Ok(m) => m,
@@ -641,16 +643,60 @@ async fn attempt_once(
                 // On this (only) runtime thread: the task has ended, nothing
                 // else is waiting but signals, which may wait for the commit;
                 // a thread of its own would cost more than most commits.
-                if let Err(e) = shoal_files::apply(cwd, &cs) {
+                let r = if cs.streamed().next().is_some() {
+                    // Large files follow: staged as they come, committed
+                    // when the last byte is there.
+                    shoal_files::Commit::begin(cwd, &cs).and_then(|c| {
+                        if c.missing() > 0 {
+                            streaming = Some((c, n));
+                            return Ok(());
+                        }
+                        // (Only empty ones: no contents will come.)
+                        c.finish().map(|()| progress.committed = true)
+                    })
+                } else {
+                    shoal_files::apply(cwd, &cs).map(|()| {
+                        progress.committed = true;
+                        if a.verbose {
+                            eprintln!("shoal: applied {n} change(s)");
+                        }
+                    })
+                };
+                if let Err(e) = r {
                     eprintln!("shoal: the task's file changes were not applied: {e}");
                     break Outcome::Done(ExitCode::from(125));
                 }
-                progress.committed = true;
-                if a.verbose {
-                    eprintln!("shoal: applied {n} change(s)");
+            }
+            FromExec::Content(d) => {
+                let Some((c, _)) = streaming.as_mut() else {
+                    eprintln!("shoal: protocol: file contents without changes");
+                    break Outcome::Done(ExitCode::from(125));
+                };
+                let mut r = c.feed(&d);
+                if r.is_ok() && c.missing() == 0 {
+                    if let Some((c, n)) = streaming.take() {
+                        r = c.finish();
+                        if r.is_ok() {
+                            progress.committed = true;
+                            if a.verbose {
+                                eprintln!("shoal: applied {n} change(s)");
+                            }
+                        }
+                    }
+                }
+                if let Err(e) = r {
+                    // (A commit dropped unfinished leaves nothing behind.)
+                    eprintln!("shoal: the task's file changes were not applied: {e}");
+                    break Outcome::Done(ExitCode::from(125));
                 }
             }
             FromExec::Exit { status, oom, .. } => {
+                if streaming.is_some() {
+                    eprintln!(
+                        "shoal: the task's file changes were not applied: their contents ended early"
+                    );
+                    break Outcome::Done(ExitCode::from(125));
+                }
                 if oom {
                     let limit = a
                         .mem
