@@ -773,6 +773,9 @@ impl Batch {
         so: &mut tokio::fs::File,
         se: &mut tokio::fs::File,
     ) -> End {
+        // A commit whose large files are still coming (applied as the
+        // submitter, piece by piece, never held in memory).
+        let mut streaming: Option<shoal_files::Commit> = None;
         loop {
             let m = match link::recv::<FromExec, _>(&mut rx).await {
                 Ok(m) => m,
@@ -837,9 +840,37 @@ impl Batch {
                 }
                 FromExec::Changes(cs) => {
                     let files = stage.join("files");
-                    let r = as_submitter(rec.uid, move || shoal_files::apply(&files, &cs)).await;
+                    let r = as_submitter(rec.uid, move || {
+                        if cs.streamed().next().is_none() {
+                            return shoal_files::apply(&files, &cs).map(|()| None);
+                        }
+                        let c = shoal_files::Commit::begin(&files, &cs)?;
+                        if c.missing() > 0 {
+                            return Ok(Some(c));
+                        }
+                        c.finish().map(|()| None)
+                    })
+                    .await;
                     match r {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(c)) => streaming = c,
+                        Ok(Err(e)) => return End::Failed(125, format!("outputs: {e}")),
+                        Err(e) => return End::Failed(125, format!("outputs: {e}")),
+                    }
+                }
+                FromExec::Content(d) => {
+                    let Some(mut c) = streaming.take() else {
+                        return End::Failed(2, "protocol: file contents without changes".into());
+                    };
+                    let r = as_submitter(rec.uid, move || {
+                        c.feed(&d)?;
+                        if c.missing() > 0 {
+                            return Ok(Some(c));
+                        }
+                        c.finish().map(|()| None)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(c)) => streaming = c,
                         Ok(Err(e)) => return End::Failed(125, format!("outputs: {e}")),
                         Err(e) => return End::Failed(125, format!("outputs: {e}")),
                     }
@@ -850,6 +881,9 @@ impl Batch {
                     cpu_s,
                     mem_peak_bytes,
                 } => {
+                    if streaming.is_some() {
+                        return End::Failed(125, "outputs: their contents ended early".into());
+                    }
                     let _ = so.flush().await;
                     let _ = se.flush().await;
                     return End::Exit {
@@ -863,11 +897,6 @@ impl Batch {
                 FromExec::Evicted { reason, .. } => return End::Evicted(reason),
                 FromExec::Unknown => {
                     return End::Lost("the executor no longer has the attempt".into())
-                }
-                // A batch attempt's changes come whole (the executor streams
-                // large files only to `shoal run`).
-                FromExec::Content(_) => {
-                    return End::Failed(2, "protocol: file contents after whole changes".into())
                 }
             }
         }

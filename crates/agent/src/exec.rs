@@ -132,6 +132,9 @@ pub const KEEP: Duration = Duration::from_secs(20 * 60);
 pub struct Kept {
     stdout: PathBuf,
     stderr: PathBuf,
+    /// Its upper layer, for the contents of the change set's streamed
+    /// files.
+    upper: Option<PathBuf>,
     end: Vec<FromExec>,
 }
 
@@ -194,12 +197,21 @@ impl Detached {
         })
     }
 
+    /// Where a detached attempt's upper layer is kept until collected.
+    fn upper(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.upper"))
+    }
+
     /// Drops attempt `id` and its spool.
     fn forget(&self, id: &str) {
         self.lock().remove(id);
         let (o, e) = self.paths(id);
         let _ = std::fs::remove_file(o);
         let _ = std::fs::remove_file(e);
+        let u = self.upper(id);
+        if u.exists() {
+            let _ = workspace::remove_all(&u);
+        }
     }
 }
 
@@ -652,13 +664,14 @@ where
         };
         if commit {
             // Large files are read and sent after the change set, piece by
-            // piece; a detached attempt's result is kept whole (it may be
-            // collected after the task's directory is gone).
-            let inline = if detach { u64::MAX } else { INLINE_CHANGES };
+            // piece (a detached attempt's upper layer is kept for that until
+            // its result is collected).
             let up = upper.clone();
-            let cs = tokio::task::spawn_blocking(move || ChangeSet::from_upper_within(&up, inline))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let cs = tokio::task::spawn_blocking(move || {
+                ChangeSet::from_upper_within(&up, INLINE_CHANGES)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
             match cs {
                 Ok(cs) => end.push(FromExec::Changes(cs)),
                 Err(e) => end.push(failed(
@@ -702,12 +715,26 @@ where
             env.detached.forget(&spec.task_id);
         }
         Some(sp) => {
-            tracing::info!(task = %spec.task_id, "the attempt ended detached; its result is kept");
-            sp.tx.send_replace(Some(Arc::new(Kept {
-                stdout: sp.paths.0,
-                stderr: sp.paths.1,
-                end,
-            })));
+            // The large files its changes did not hold stay on disk, beside
+            // its spooled output, until collected.
+            let streams = end.iter().any(|m| match m {
+                FromExec::Changes(cs) => cs.streamed().next().is_some(),
+                _ => false,
+            });
+            let kept_upper = env.detached.upper(&spec.task_id);
+            let moved = !streams || std::fs::rename(&upper, &kept_upper).is_ok();
+            if moved {
+                tracing::info!(task = %spec.task_id, "the attempt ended detached; its result is kept");
+                sp.tx.send_replace(Some(Arc::new(Kept {
+                    stdout: sp.paths.0,
+                    stderr: sp.paths.1,
+                    upper: streams.then_some(kept_upper),
+                    end,
+                })));
+            } else {
+                tracing::warn!(task = %spec.task_id, "its changes could not be kept: the result is not kept");
+                env.detached.forget(&spec.task_id);
+            }
             let (env, id) = (env.clone(), spec.task_id.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(KEEP).await;
@@ -844,6 +871,9 @@ async fn reattach<W: FrameSink>(
     }
     for m in &kept.end {
         link::send(&mut tx, m).await?;
+        if let (FromExec::Changes(cs), Some(upper)) = (m, &kept.upper) {
+            send_streamed(&mut tx, upper, cs, &env.node).await?;
+        }
     }
     env.detached.forget(task_id);
     Ok(())

@@ -619,7 +619,11 @@ fn attempts_running_when_the_submitting_agent_dies_are_adopted_not_run_again() {
             "--",
             "sh",
             "-c",
-            "echo start $SHOAL_TASK_INDEX; sleep 4; echo end $SHOAL_TASK_INDEX > f; echo $SHOAL_NODE",
+            // (`big`: more than a change set holds, so it is streamed
+            // after it, from the upper layer the executor keeps for the
+            // submitter's return.)
+            "echo start $SHOAL_TASK_INDEX; sleep 4; echo end $SHOAL_TASK_INDEX > f; \
+             yes $SHOAL_TASK_INDEX | head -c 5242880 > big; echo $SHOAL_NODE",
         ],
     );
     wait_for(Duration::from_secs(20), || {
@@ -649,6 +653,20 @@ fn attempts_running_when_the_submitting_agent_dies_are_adopted_not_run_again() {
             std::fs::read_to_string(out.join(format!("{i}/files/f"))).unwrap(),
             format!("end {i}\n")
         );
+        let big = std::fs::read(out.join(format!("{i}/files/big"))).unwrap();
+        assert_eq!(big.len(), 5_242_880, "task {i}'s large file came whole");
+        assert!(
+            big.chunks(2).all(|c| c == format!("{i}\n").as_bytes()),
+            "task {i}'s large file is its own"
+        );
     }
     assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+    // Collected: no kept upper layer is left on the executors.
+    for h in [1, 2] {
+        let spool = lab.hosts[h].data_dir.join("spool");
+        let kept: Vec<_> = std::fs::read_dir(&spool)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(kept.is_empty(), "h{h} kept {kept:?}");
+    }
 }
