@@ -844,11 +844,7 @@ impl Batch {
                         if cs.streamed().next().is_none() {
                             return shoal_files::apply(&files, &cs).map(|()| None);
                         }
-                        let c = shoal_files::Commit::begin(&files, &cs)?;
-                        if c.missing() > 0 {
-                            return Ok(Some(c));
-                        }
-                        c.finish().map(|()| None)
+                        keep_or_finish(shoal_files::Commit::begin(&files, &cs)?)
                     })
                     .await;
                     match r {
@@ -863,10 +859,7 @@ impl Batch {
                     };
                     let r = as_submitter(rec.uid, move || {
                         c.feed(&d)?;
-                        if c.missing() > 0 {
-                            return Ok(Some(c));
-                        }
-                        c.finish().map(|()| None)
+                        keep_or_finish(c)
                     })
                     .await;
                     match r {
@@ -1094,6 +1087,17 @@ fn output_dir(rec: &JobRecord) -> PathBuf {
 /// the agent reads or writes in the submitter's directories (inputs,
 /// image, outputs), it does with their rights, so that a path or a link
 /// swapped in by a user reaches nothing that user may not reach.
+/// A streaming commit still waiting for contents, or `None` once it has
+/// them all and is finished.
+fn keep_or_finish(
+    c: shoal_files::Commit,
+) -> Result<Option<shoal_files::Commit>, shoal_files::ApplyError> {
+    if c.missing() > 0 {
+        return Ok(Some(c));
+    }
+    c.finish().map(|()| None)
+}
+
 async fn as_submitter<R: Send + 'static>(
     uid: u32,
     f: impl FnOnce() -> R + Send + 'static,

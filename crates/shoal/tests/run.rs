@@ -461,25 +461,36 @@ fn limits_and_isolation() {
     }
 }
 
+/// `shoal run --node h1 -- sleep SECS`, started, its process visible here
+/// (with the client's stderr, kept open).
+fn sleeping_on_h1(
+    lab: &Lab,
+    tree: &Tree,
+    secs: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let mut c = run(lab, tree, &["-v", "--node", "h1", "--", "sleep", secs]);
+    c.stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let (_, err) = until_started(&mut child);
+    assert!(
+        any_process_with_cmdline(format!("sleep\x00{secs}\x00").as_bytes()),
+        "the checks can see the task's process"
+    );
+    (child, err)
+}
+
 #[test]
 fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((lab, tree)) = cluster("run4", 23, 2) else {
         return;
     };
-    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "300"]);
-    c.stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let (_node, _err) = until_started(&mut child);
+    let (mut child, _err) = sleeping_on_h1(&lab, &tree, "300");
     let tasks = lab.hosts[1].data_dir.join("tasks");
     assert_eq!(
         std::fs::read_dir(&tasks).unwrap().count(),
         1,
         "the task is running"
-    );
-    assert!(
-        any_process_with_cmdline(b"sleep\x00300\x00"),
-        "the check below can see the task's process"
     );
     child.kill().unwrap();
     child.wait().unwrap();
@@ -523,14 +534,7 @@ fn a_task_whose_submitter_is_cut_off_dies_on_the_executor() {
     let Some((lab, tree)) = cluster("run12", 31, 2) else {
         return;
     };
-    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "301"]);
-    c.stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let (_node, _err) = until_started(&mut child);
-    assert!(
-        any_process_with_cmdline(b"sleep\x00301\x00"),
-        "the check below can see the task's process"
-    );
+    let (mut child, _err) = sleeping_on_h1(&lab, &tree, "301");
     // The submitter's machine vanishes: nothing it sends (its agent's FIN
     // when the client dies) reaches the executor, whose link stays
     // half-open. Only the link's own probes can tell.

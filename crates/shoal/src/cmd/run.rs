@@ -645,14 +645,11 @@ async fn attempt_once(
                 // a thread of its own would cost more than most commits.
                 let r = if cs.streamed().next().is_some() {
                     // Large files follow: staged as they come, committed
-                    // when the last byte is there.
+                    // when the last byte is there (at once when they are
+                    // all empty).
                     shoal_files::Commit::begin(cwd, &cs).and_then(|c| {
-                        if c.missing() > 0 {
-                            streaming = Some((c, n));
-                            return Ok(());
-                        }
-                        // (Only empty ones: no contents will come.)
-                        c.finish().map(|()| progress.committed = true)
+                        streaming = Some((c, n));
+                        finish_when_complete(&mut streaming, progress, a.verbose)
                     })
                 } else {
                     shoal_files::apply(cwd, &cs).map(|()| {
@@ -672,18 +669,9 @@ async fn attempt_once(
                     eprintln!("shoal: protocol: file contents without changes");
                     break Outcome::Done(ExitCode::from(125));
                 };
-                let mut r = c.feed(&d);
-                if r.is_ok() && c.missing() == 0 {
-                    if let Some((c, n)) = streaming.take() {
-                        r = c.finish();
-                        if r.is_ok() {
-                            progress.committed = true;
-                            if a.verbose {
-                                eprintln!("shoal: applied {n} change(s)");
-                            }
-                        }
-                    }
-                }
+                let r = c
+                    .feed(&d)
+                    .and_then(|()| finish_when_complete(&mut streaming, progress, a.verbose));
                 if let Err(e) = r {
                     // (A commit dropped unfinished leaves nothing behind.)
                     eprintln!("shoal: the task's file changes were not applied: {e}");
@@ -725,6 +713,24 @@ async fn attempt_once(
     };
     writer.abort();
     Ok(outcome)
+}
+
+/// Finishes a streaming commit once all its contents have come.
+fn finish_when_complete(
+    streaming: &mut Option<(shoal_files::Commit, usize)>,
+    progress: &mut Progress,
+    verbose: bool,
+) -> Result<(), shoal_files::ApplyError> {
+    if streaming.as_ref().is_some_and(|(c, _)| c.missing() == 0) {
+        if let Some((c, n)) = streaming.take() {
+            c.finish()?;
+            progress.committed = true;
+            if verbose {
+                eprintln!("shoal: applied {n} change(s)");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sends stdin to the task when it is a pipe or a file; a terminal is not
