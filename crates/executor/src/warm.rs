@@ -423,6 +423,9 @@ pub struct Slot {
     sock: OwnedFd,
     spawner: std::process::Child,
     oom_base: u64,
+    /// The limits its cgroup has now, when known (unknown after a failed
+    /// reuse): those unchanged are not written again.
+    applied: Option<Limits>,
     /// Its last task's end was reported and its workspace's teardown
     /// (`Gone`) is still to come.
     tearing_down: bool,
@@ -478,7 +481,9 @@ impl Slot {
             pids: limits.pids.map(|p| p.saturating_add(1)),
             ..*limits
         };
-        self.oom_base = mgr.reuse(&self.name, &limits)?;
+        let last = self.applied.take();
+        self.oom_base = mgr.reuse(&self.name, &limits, last.as_ref())?;
+        self.applied = Some(limits);
         let bytes = postcard::to_stdvec(req).map_err(|_| WarmError::TooLarge)?;
         if bytes.len() > MAX_REQUEST {
             return Err(WarmError::TooLarge);
@@ -750,6 +755,8 @@ impl Inner {
                 sock: ours,
                 spawner,
                 oom_base: 0,
+                // What a group made without limits has.
+                applied: Some(Limits::default()),
                 tearing_down: false,
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {

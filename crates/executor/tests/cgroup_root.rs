@@ -289,7 +289,7 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
         pids: Some(7),
     };
     assert_eq!(
-        s.mgr.reuse("slot", &limited).unwrap(),
+        s.mgr.reuse("slot", &limited, None).unwrap(),
         0,
         "no OOM kills yet"
     );
@@ -305,7 +305,9 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
     );
     assert_eq!(file("pids", "pids.max"), "7");
     // The next task asks for nothing: every limit is lifted again.
-    s.mgr.reuse("slot", &Limits::default()).unwrap();
+    s.mgr
+        .reuse("slot", &Limits::default(), Some(&limited))
+        .unwrap();
     assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1");
     assert_eq!(file("cpu", "cpu.shares"), "1024");
     assert!(
@@ -315,5 +317,38 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
             > 1 << 40
     );
     assert_eq!(file("pids", "pids.max"), "max");
+    // Limits as they are now are not written again, except the CPU quota
+    // (the owner's policy changes it while a task runs): marks put in the
+    // files by hand stay, the quota is reset.
+    let set = |c: &str, f: &str, v: &str| {
+        std::fs::write(root.join(c).join(&parent).join("slot").join(f), v).unwrap();
+    };
+    set("pids", "pids.max", "9");
+    set(
+        "memory",
+        "memory.limit_in_bytes",
+        &(96u64 << 20).to_string(),
+    );
+    set("cpu", "cpu.shares", "700");
+    set("cpu", "cpu.cfs_quota_us", "20000");
+    let none = Limits::default();
+    s.mgr.reuse("slot", &none, Some(&none)).unwrap();
+    assert_eq!(file("pids", "pids.max"), "9");
+    assert_eq!(
+        file("memory", "memory.limit_in_bytes"),
+        (96u64 << 20).to_string()
+    );
+    assert_eq!(file("cpu", "cpu.shares"), "700");
+    assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1", "the quota always");
+    // Unknown (after a failed reuse): everything is written.
+    s.mgr.reuse("slot", &none, None).unwrap();
+    assert_eq!(file("pids", "pids.max"), "max");
+    assert_eq!(file("cpu", "cpu.shares"), "1024");
+    assert!(
+        file("memory", "memory.limit_in_bytes")
+            .parse::<u64>()
+            .unwrap()
+            > 1 << 40
+    );
     assert_eq!(s.mgr.pids("slot").unwrap().len(), 1, "its process stayed");
 }

@@ -306,15 +306,23 @@ pub trait CgroupManager: fmt::Debug + Send + Sync {
     /// Makes `name`, a group that already has processes in it (a warm
     /// slot's spawner), ready for its next task: sets every limit
     /// (`None`: none) and restarts its CPU and peak-memory counters.
-    /// Returns the group's OOM kills so far, a counter the kernel cannot
-    /// restart.
+    /// `last`: the limits the group has now (set by its creation or the
+    /// last `reuse`), when known; the memory, pids and weight limits equal
+    /// to those are not written again (the CPU quota always is: the
+    /// owner's policy changes it while a task runs). Returns the group's
+    /// OOM kills so far, a counter the kernel cannot restart.
     ///
     /// # Errors
     /// Bad limits, no such cgroup, the kernel refused (a memory limit below
     /// what cannot be reclaimed), or a hierarchy whose counters cannot be
     /// restarted (cgroup v2).
-    fn reuse(&self, name: &str, limits: &Limits) -> Result<u64, CgroupError> {
-        let _ = (name, limits);
+    fn reuse(
+        &self,
+        name: &str,
+        limits: &Limits,
+        last: Option<&Limits>,
+    ) -> Result<u64, CgroupError> {
+        let _ = (name, limits, last);
         Err(CgroupError::Unsupported("restarting a group's counters"))
     }
     /// Sends `signal` to every process in `name` (SIGTERM on eviction).

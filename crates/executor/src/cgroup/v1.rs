@@ -115,37 +115,52 @@ impl CgroupManager for V1 {
         Ok(())
     }
 
-    fn reuse(&self, name: &str, limits: &Limits) -> Result<u64, CgroupError> {
+    fn reuse(
+        &self,
+        name: &str,
+        limits: &Limits,
+        last: Option<&Limits>,
+    ) -> Result<u64, CgroupError> {
         check_name(name)?;
         limits.validate()?;
+        // (Each write costs tens of microseconds on the task's path.)
         let cpu = self.dir("cpu", name);
-        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        if last.is_none() {
+            // (Whoever writes it writes this same period.)
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        }
         let quota = limits
             .cpu_quota_us()
             .map_or_else(|| "-1".to_owned(), |q| q.to_string());
         write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
-        let shares = limits
-            .cpu_weight
-            .map_or(1024, |w| (u64::from(w) * 1024 / 100).clamp(2, 262_144));
-        write(&cpu.join("cpu.shares"), &shares.to_string())?;
+        if last.is_none_or(|l| l.cpu_weight != limits.cpu_weight) {
+            let shares = limits
+                .cpu_weight
+                .map_or(1024, |w| (u64::from(w) * 1024 / 100).clamp(2, 262_144));
+            write(&cpu.join("cpu.shares"), &shares.to_string())?;
+        }
         let mem = self.dir("memory", name);
-        // memory+swap may never be below memory: lift it first.
-        let memsw = mem.join("memory.memsw.limit_in_bytes");
-        let has_memsw = memsw.exists();
-        if has_memsw {
-            write(&memsw, "-1")?;
+        if last.is_none_or(|l| l.memory_bytes != limits.memory_bytes) {
+            // memory+swap may never be below memory: lift it first.
+            let memsw = mem.join("memory.memsw.limit_in_bytes");
+            let has_memsw = memsw.exists();
+            if has_memsw {
+                write(&memsw, "-1")?;
+            }
+            let m = limits
+                .memory_bytes
+                .map_or_else(|| "-1".to_owned(), |m| m.to_string());
+            write(&mem.join("memory.limit_in_bytes"), &m)?;
+            if has_memsw && limits.memory_bytes.is_some() {
+                write(&memsw, &m)?;
+            }
         }
-        let m = limits
-            .memory_bytes
-            .map_or_else(|| "-1".to_owned(), |m| m.to_string());
-        write(&mem.join("memory.limit_in_bytes"), &m)?;
-        if has_memsw && limits.memory_bytes.is_some() {
-            write(&memsw, &m)?;
+        if last.is_none_or(|l| l.pids != limits.pids) {
+            let pids = limits
+                .pids
+                .map_or_else(|| "max".to_owned(), |p| p.to_string());
+            write(&self.dir("pids", name).join("pids.max"), &pids)?;
         }
-        let pids = limits
-            .pids
-            .map_or_else(|| "max".to_owned(), |p| p.to_string());
-        write(&self.dir("pids", name).join("pids.max"), &pids)?;
         write(&self.dir("cpuacct", name).join("cpuacct.usage"), "0")?;
         write(&mem.join("memory.max_usage_in_bytes"), "0")?;
         Ok(read(&mem.join("memory.oom_control"))
