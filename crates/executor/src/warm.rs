@@ -23,12 +23,22 @@
 //! a millisecond) is off the task's path. The slot serves again after
 //! `Gone`.
 //!
+//! Before `Ready` and each `Gone`, the spawner makes the next task's
+//! workspace ahead (`Prefork`): its supervisor forks, unshares the
+//! namespaces and forks pid 1, which mounts `/proc` and `/tmp` and waits.
+//! A request for the slot's own root and network goes to that pid 1, which
+//! mounts the tree, finishes the root and identity, and starts the command
+//! as pid 2; any other request (`--net host`) gets its workspace made for it
+//! as before, and the spare is dropped. `Ready` and `Gone` name the spare's
+//! two processes, the only others the pool accepts in an idle slot's
+//! cgroup.
+//!
 //! The spawner dies with the thread that made it (`PR_SET_PDEATHSIG`) and
 //! when its socket closes; its task dies with it. Where the counters cannot
 //! be restarted (cgroup v2) there are no warm slots: every task gets a
 //! fresh cgroup.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
@@ -125,7 +135,10 @@ impl Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
-    Ready,
+    /// The slot is ready; `spare` as in `Gone`.
+    Ready {
+        spare: Vec<u32>,
+    },
     Started {
         pid: u32,
     },
@@ -137,8 +150,11 @@ enum Reply {
         status: i32,
     },
     /// After `Exited`: the workspace is gone (its supervisor reaped, its
-    /// namespaces and mounts torn down); the slot may serve again.
-    Gone,
+    /// namespaces and mounts torn down); the slot may serve again. `spare`:
+    /// the processes of the next task's workspace, made ahead ([`Prefork`]).
+    Gone {
+        spare: Vec<u32>,
+    },
 }
 
 /// Signals a spawner ignores (its tasks do not).
@@ -258,14 +274,17 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
         },
         None => None,
     };
-    reply(sock, &Reply::Ready)?;
+    // The next task's workspace, made ahead when it can be.
+    let mut spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
+    let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
+    reply(sock, &Reply::Ready { spare: pids })?;
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         let Some((n, fds)) = recv(sock, &mut buf)? else {
             return Ok(());
         };
         let r = match postcard::from_bytes::<Request>(&buf[..n]) {
-            Ok(req) => start(req, fds, host_net.as_fd(), base.as_deref()),
+            Ok(req) => start(req, fds, host_net.as_fd(), base.as_deref(), &mut spare),
             Err(e) => (
                 Err(Reply::Failed {
                     errno: None,
@@ -308,14 +327,296 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                         },
                     )?;
                 }
-                reply(sock, &Reply::Gone)?;
+                if spare.is_none() {
+                    spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
+                }
+                let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
+                reply(sock, &Reply::Gone { spare: pids })?;
             }
             (Err(f), made) => {
                 forget(&made);
+                // (No new spare here: the agent checks the slot's cgroup
+                // against the spare it was last told of. The next task
+                // makes its workspace itself, and the one after gets one.)
                 reply(sock, &f)?;
             }
         }
     }
+}
+
+/// The workspace of a slot's next task, made before the task is known:
+/// its supervisor (in this pid namespace) and its pid 1 (in new mount,
+/// pid, uts and ipc namespaces, `/proc` and `/tmp` mounted on the slot's
+/// root) waiting for the request. About half a millisecond of forks,
+/// `unshare` and mounts off the task's path.
+#[derive(Debug)]
+struct Prefork {
+    /// The supervisor.
+    sup: nix::unistd::Pid,
+    /// Its pid 1, as this namespace sees it.
+    init: u32,
+    /// To pid 1: the request and its descriptors; back: `Started` or
+    /// `Failed`.
+    link: OwnedFd,
+    /// The supervisor's early report of the end.
+    early: OwnedFd,
+}
+
+impl Prefork {
+    /// Makes one on the slot's root `base`.
+    fn make(base: &Path) -> io::Result<Self> {
+        use nix::unistd::ForkResult;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let (early_r, early_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: the spawner runs no other thread; the child only makes
+        // system calls, and allocates only in pid 1 once it has its
+        // request (a fork of a single-threaded process may).
+        #[allow(unsafe_code)]
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Parent { child } => {
+                drop((theirs, early_w, pid_w));
+                let mut b = [0u8; 4];
+                let n = nix::unistd::read(pid_r.as_raw_fd(), &mut b).unwrap_or(0);
+                if n != 4 {
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    return Err(io::Error::other("the workspace could not be made ahead"));
+                }
+                Ok(Self {
+                    sup: child,
+                    init: u32::from_be_bytes(b),
+                    link: ours,
+                    early: early_r,
+                })
+            }
+            ForkResult::Child => {
+                drop((ours, early_r, pid_r));
+                supervisor_ahead(base, theirs, early_w, pid_w)
+            }
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        vec![self.sup.as_raw() as u32, self.init]
+    }
+
+    /// Kills it (its pid 1 dies with its supervisor) and reaps it.
+    fn discard(self) {
+        let _ = nix::sys::signal::kill(self.sup, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.sup, None);
+    }
+}
+
+/// The supervisor of a workspace made ahead, in the forked child: new
+/// namespaces, pid 1 forked into them, then supervision as for any task.
+fn supervisor_ahead(base: &Path, link: OwnedFd, early: OwnedFd, pid_w: OwnedFd) -> ! {
+    use crate::workspace::{exit_now, supervise, Report};
+    use nix::unistd::ForkResult;
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    for sig in SPARED {
+        // SAFETY: restoring a default disposition installs no handler.
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
+        }
+    }
+    let flags = nix::sched::CloneFlags::CLONE_NEWNS
+        | nix::sched::CloneFlags::CLONE_NEWPID
+        | nix::sched::CloneFlags::CLONE_NEWUTS
+        | nix::sched::CloneFlags::CLONE_NEWIPC;
+    if nix::sched::unshare(flags).is_err() {
+        exit_now(125);
+    }
+    let Ok((status_r, status_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        exit_now(125);
+    };
+    // SAFETY: as in `Prefork::make` (this process runs no other thread).
+    #[allow(unsafe_code)]
+    match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            drop((status_w, link));
+            let _ = nix::unistd::write(&pid_w, &(child.as_raw() as u32).to_be_bytes());
+            drop(pid_w);
+            supervise(
+                child,
+                false,
+                Report::Read(status_r.as_raw_fd()),
+                Some(early.as_raw_fd()),
+            )
+        }
+        Ok(ForkResult::Child) => {
+            drop((status_r, early, pid_w));
+            init_ahead(base, link, status_w)
+        }
+        Err(_) => exit_now(125),
+    }
+}
+
+/// pid 1 of a workspace made ahead: mounts `/proc` and `/tmp`, waits for
+/// the request, finishes the workspace, starts the command as pid 2, says
+/// whether it started, and supervises it.
+fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
+    use crate::workspace::{exit_now, supervise, Report};
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let ready = crate::workspace::prepare_on_base(base);
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let Ok(Some((n, fds))) = recv(link.as_fd(), &mut buf) else {
+        exit_now(0);
+    };
+    let fail = |errno: Option<i32>, message: String| -> ! {
+        let _ = reply(link.as_fd(), &Reply::Failed { errno, message });
+        exit_now(125)
+    };
+    if let Err(e) = ready {
+        fail(e.raw_os_error(), format!("workspace: {e}"));
+    }
+    let Ok(req) = postcard::from_bytes::<Request>(&buf[..n]) else {
+        fail(None, "malformed request".into());
+    };
+    let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
+        fail(None, "a request without its three descriptors".into());
+    };
+    let plan = match Plan::on_base(&req.spec, base) {
+        Ok(p) => p,
+        Err(e) => fail(None, format!("workspace: {e}")),
+    };
+    if req.spec.idle {
+        if let Err(e) = crate::workspace::idle_class() {
+            fail(e.raw_os_error(), format!("workspace: {e}"));
+        }
+    }
+    if let Err(e) = plan.finish_prepared() {
+        fail(e.raw_os_error(), format!("workspace: {e}"));
+    }
+    let argv: Vec<CString> = req
+        .argv
+        .iter()
+        .filter_map(|a| CString::new(a.clone()).ok())
+        .collect();
+    let envp: Vec<CString> = req
+        .env
+        .iter()
+        .filter_map(|(k, v)| CString::new([k.as_slice(), b"=", v.as_slice()].concat()).ok())
+        .collect();
+    if argv.len() != req.argv.len() || argv.is_empty() {
+        fail(None, "a command with a NUL byte, or none".into());
+    }
+    let path = req.env.iter().find(|(k, _)| k == b"PATH").map_or_else(
+        || b"/usr/local/bin:/usr/bin:/bin".to_vec(),
+        |(_, v)| v.clone(),
+    );
+    let Ok((exec_r, exec_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        fail(None, "a pipe".into());
+    };
+    // SAFETY: as in `Prefork::make`; the child only makes system calls
+    // before it execs.
+    #[allow(unsafe_code)]
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(exec_r);
+            let e = exec_command(
+                &argv,
+                &envp,
+                &path,
+                [&stdin, &stdout, &stderr],
+                req.spec.tty,
+            );
+            let _ = nix::unistd::write(&exec_w, &e.to_be_bytes());
+            exit_now(127)
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop((exec_w, stdin, stdout, stderr));
+            let mut b = [0u8; 4];
+            let r = loop {
+                match nix::unistd::read(exec_r.as_raw_fd(), &mut b) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => break r,
+                }
+            };
+            if let Ok(4) = r {
+                let errno = i32::from_be_bytes(b);
+                let _ = nix::sys::wait::waitpid(child, None);
+                let m = std::io::Error::from_raw_os_error(errno);
+                fail(Some(errno), format!("starting the command: {m}"));
+            }
+            let _ = reply(link.as_fd(), &Reply::Started { pid: 0 });
+            drop(link);
+            supervise(child, true, Report::Write(status_w.as_raw_fd()), None)
+        }
+        Err(e) => fail(Some(e as i32), format!("starting the command: {e}")),
+    }
+}
+
+/// pid 2: becomes the command. Returns the errno when it could not.
+fn exec_command(
+    argv: &[CString],
+    envp: &[CString],
+    path: &[u8],
+    stdio: [&OwnedFd; 3],
+    tty: bool,
+) -> i32 {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    let errno = |e: nix::errno::Errno| e as i32;
+    for (i, fd) in stdio.iter().enumerate() {
+        if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), i as i32) {
+            return errno(e);
+        }
+    }
+    if tty {
+        if let Err(e) = nix::unistd::setsid() {
+            return errno(e);
+        }
+        // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty's
+        // slave; no memory of ours is passed.
+        #[allow(unsafe_code)]
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            return nix::errno::Errno::last_raw();
+        }
+    } else if let Err(e) =
+        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+    {
+        return errno(e);
+    }
+    // What the spawner ignores, and what Rust's runtime ignores, is the
+    // command's to decide (ignored signals survive exec); handlers do not.
+    for sig in SPARED.iter().copied().chain([Signal::SIGPIPE]) {
+        // SAFETY: restoring a default disposition installs no handler.
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = signal(sig, SigHandler::SigDfl);
+        }
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+    let name = argv[0].as_bytes();
+    if name.contains(&b'/') {
+        return match nix::unistd::execve(&argv[0], argv, envp) {
+            Err(e) => errno(e),
+        };
+    }
+    // As a shell searches: the first that runs; else the most telling
+    // failure (permission denied over not found).
+    let mut last = libc::ENOENT;
+    for dir in path.split(|&b| b == b':') {
+        let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+        let Ok(full) = CString::new([dir, b"/", name].concat()) else {
+            continue;
+        };
+        match nix::unistd::execve(&full, argv, envp) {
+            Err(nix::errno::Errno::EACCES) => last = libc::EACCES,
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
+            Err(e) => last = errno(e),
+        }
+    }
+    last
 }
 
 /// Reads a supervisor's early report (see [`Plan::report_end_to`]) as a
@@ -342,7 +643,43 @@ fn read_end(fd: BorrowedFd<'_>) -> Option<i32> {
 
 /// A started task: the workspace's supervisor and the read end of its
 /// early report.
-type Spawned = (std::process::Child, OwnedFd);
+type Spawned = (Supervisor, OwnedFd);
+
+/// A task's workspace supervisor.
+enum Supervisor {
+    /// Forked for the request.
+    Spawned(std::process::Child),
+    /// Made ahead of it ([`Prefork`]).
+    Ahead(nix::unistd::Pid),
+}
+
+impl Supervisor {
+    fn id(&self) -> u32 {
+        match self {
+            Self::Spawned(c) => c.id(),
+            Self::Ahead(p) => p.as_raw() as u32,
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<ExitStatus> {
+        use nix::sys::wait::WaitStatus;
+        match self {
+            Self::Spawned(c) => c.wait(),
+            Self::Ahead(p) => loop {
+                match nix::sys::wait::waitpid(*p, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break Ok(ExitStatus::from_raw(code << 8)),
+                    Ok(WaitStatus::Signaled(_, sig, core)) => {
+                        break Ok(ExitStatus::from_raw(
+                            sig as i32 | if core { 0x80 } else { 0 },
+                        ))
+                    }
+                    Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+                    Err(e) => break Err(e.into()),
+                }
+            },
+        }
+    }
+}
 
 /// Starts one task; returns it (or why not) with the directories its
 /// workspace makes on the slot's shared root, to remove once it ended.
@@ -351,6 +688,7 @@ fn start(
     fds: Vec<OwnedFd>,
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
+    spare: &mut Option<Prefork>,
 ) -> (Result<Spawned, Reply>, Vec<PathBuf>) {
     let made = match (&req.spec.tree, base, &req.spec.root) {
         // Those the root lacks now (its own mount points stay).
@@ -361,7 +699,49 @@ fn start(
             .collect(),
         _ => Vec::new(),
     };
-    (start_in(req, fds, host_net, base), made)
+    // A workspace made ahead serves a task on the slot's own root and
+    // network; any other is made for it (and the spare is not kept: its
+    // processes would count against the task's pids).
+    let ahead = base.is_some() && req.spec.root == Root::Host && req.spec.net != Net::Host;
+    match spare.take() {
+        Some(p) if ahead => {
+            // (The network is the slot's own, as the spawner's tasks have.)
+            let mut req = req;
+            req.spec.net = Net::Inherit;
+            (start_ahead(p, &req, &fds), made)
+        }
+        other => {
+            if let Some(p) = other {
+                p.discard();
+            }
+            (start_in(req, fds, host_net, base), made)
+        }
+    }
+}
+
+/// Hands a request to a workspace made ahead.
+fn start_ahead(p: Prefork, req: &Request, fds: &[OwnedFd]) -> Result<Spawned, Reply> {
+    let fail = |errno: Option<i32>, message: String| Reply::Failed { errno, message };
+    let bytes = postcard::to_stdvec(req).map_err(|e| fail(None, e.to_string()))?;
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let sent = send(p.link.as_fd(), &bytes, &borrowed);
+    let mut buf = [0u8; 4096];
+    let answer = sent.and_then(|()| recv(p.link.as_fd(), &mut buf));
+    let r = match answer {
+        Ok(Some((n, _))) => postcard::from_bytes::<Reply>(&buf[..n]).ok(),
+        _ => None,
+    };
+    match r {
+        Some(Reply::Started { .. }) => Ok((Supervisor::Ahead(p.sup), p.early)),
+        Some(f @ Reply::Failed { .. }) => {
+            p.discard();
+            Err(f)
+        }
+        _ => {
+            p.discard();
+            Err(fail(None, "the workspace made ahead failed".into()))
+        }
+    }
 }
 
 fn start_in(
@@ -411,7 +791,7 @@ fn start_in(
         .map_err(|e| fail(e.raw_os_error(), format!("starting the command: {e}")))?;
     // Ours closed: the report ends (EOF) when the supervisor does.
     drop(early_w);
-    Ok((child, early_r))
+    Ok((Supervisor::Spawned(child), early_r))
 }
 
 /// One warm slot: its cgroup and the spawner inside it.
@@ -429,6 +809,9 @@ pub struct Slot {
     /// Its last task's end was reported and its workspace's teardown
     /// (`Gone`) is still to come.
     tearing_down: bool,
+    /// The processes of the workspace its spawner made ahead for the next
+    /// task (in its cgroup beside the spawner).
+    spare: Vec<u32>,
 }
 
 impl Slot {
@@ -523,10 +906,13 @@ impl Slot {
             return true;
         }
         self.tearing_down = false;
-        matches!(
-            self.read_reply(Some(Duration::from_secs(30))),
-            Ok(Reply::Gone)
-        )
+        match self.read_reply(Some(Duration::from_secs(30))) {
+            Ok(Reply::Gone { spare }) => {
+                self.spare = spare;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn kill(mut self, mgr: &dyn CgroupManager) {
@@ -758,9 +1144,10 @@ impl Inner {
                 // What a group made without limits has.
                 applied: Some(Limits::default()),
                 tearing_down: false,
+                spare: Vec::new(),
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
-                Ok(Reply::Ready) => Ok(slot),
+                Ok(Reply::Ready { spare }) => Ok(Slot { spare, ..slot }),
                 Ok(Reply::Failed { message, .. }) => {
                     // Its root could not be assembled: say why.
                     slot.kill(self.mgr.as_ref());
@@ -790,7 +1177,10 @@ impl Inner {
     /// alive and alone in its thawed cgroup.
     fn clean(&self, slot: &Slot) -> bool {
         let spawner = slot.spawner.id();
-        let alone = |pids: &[u32]| pids == [spawner];
+        // The spawner, and the workspace it made ahead for the next task.
+        let alone = |pids: &[u32]| {
+            pids.iter().all(|p| *p == spawner || slot.spare.contains(p)) && pids.contains(&spawner)
+        };
         let Ok(pids) = self.mgr.pids(&slot.name) else {
             return false;
         };

@@ -308,20 +308,7 @@ impl Plan {
             Some(_) => Vec::new(),
             None => base_steps(&spec.root, &root_dir)?,
         };
-        steps.push(Step::Mount {
-            src: Some(c("proc")?),
-            target: c(nr("proc"))?,
-            fstype: Some(c("proc")?),
-            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            data: None,
-        });
-        steps.push(Step::Mount {
-            src: Some(c("shoal-tmp")?),
-            target: c(nr("tmp"))?,
-            fstype: Some(c("tmpfs")?),
-            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            data: Some(c("mode=1777,size=256m")?),
-        });
+        steps.extend(task_mounts(&root_dir)?);
         if let Some(t) = &spec.tree {
             for dir in tree_dirs(&root_dir, &t.at)? {
                 steps.push(Step::Mkdir(c(dir)?));
@@ -487,7 +474,26 @@ impl Plan {
             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
             None::<&str>,
         )?;
-        run_steps(&self.steps)?;
+        self.set_up_after(0)
+    }
+
+    /// The rest of a workspace whose namespaces, private mounts, `/proc`
+    /// and `/tmp` were made ahead ([`prepare_on_base`]): its tree, root,
+    /// host name, directory and identity. For a plan on a slot's shared
+    /// root ([`Plan::on_base`]) only.
+    ///
+    /// # Errors
+    /// Not such a plan, or a step failed.
+    pub(crate) fn finish_prepared(&self) -> io::Result<()> {
+        if !self.shared_root || self.user_ns.is_some() {
+            return Err(io::Error::other("not a plan on a shared root"));
+        }
+        self.set_up_after(2)
+    }
+
+    /// [`Plan::set_up`] from step `first` on.
+    fn set_up_after(&self, first: usize) -> io::Result<()> {
+        run_steps(self.steps.get(first..).unwrap_or_default())?;
         nix::unistd::pivot_root(self.new_root.as_c_str(), self.old_root.as_c_str())?;
         nix::unistd::chdir("/")?;
         umount2(self.old_root_rel.as_c_str(), MntFlags::MNT_DETACH)?;
@@ -522,6 +528,47 @@ impl Plan {
         nix::unistd::setresuid(u, u, u)?;
         Ok(())
     }
+}
+
+/// The mounts every task makes for itself on its root: its `/proc` and
+/// its `/tmp` (the first steps of a plan on a slot's shared root, which a
+/// pre-made workspace has made already: [`prepare_on_base`]).
+fn task_mounts(root_dir: &Path) -> Result<[Step; 2], WorkspaceError> {
+    Ok([
+        Step::Mount {
+            src: Some(c("proc")?),
+            target: c(root_dir.join("proc"))?,
+            fstype: Some(c("proc")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            data: None,
+        },
+        Step::Mount {
+            src: Some(c("shoal-tmp")?),
+            target: c(root_dir.join("tmp"))?,
+            fstype: Some(c("tmpfs")?),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some(c("mode=1777,size=256m")?),
+        },
+    ])
+}
+
+/// The first part of a workspace on a slot's shared root `base`, made
+/// before its task is known (in a process that has unshared the
+/// namespaces): its mounts kept private, `/proc` and `/tmp`. The rest is
+/// [`Plan::finish_prepared`].
+///
+/// # Errors
+/// A mount failed.
+pub(crate) fn prepare_on_base(base: &Path) -> io::Result<()> {
+    let steps = task_mounts(base).map_err(io::Error::other)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    run_steps(&steps)
 }
 
 /// The effective ids of this process when they are not root's: its
@@ -747,7 +794,7 @@ fn run_steps(steps: &[Step]) -> io::Result<()> {
 /// Puts the calling process (and, by inheritance, everything it starts)
 /// under `SCHED_IDLE` and the idle I/O class. Two system calls, safe
 /// between fork and exec.
-fn idle_class() -> io::Result<()> {
+pub(crate) fn idle_class() -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
     // is the calling process.
@@ -805,7 +852,7 @@ extern "C" fn forward(sig: nix::libc::c_int) {
 
 /// How a supervisor learns or passes on the true end of the command.
 #[derive(Debug, Clone, Copy)]
-enum Report {
+pub(crate) enum Report {
     /// The outer supervisor reads pid 1's report from this pipe.
     Read(i32),
     /// pid 1 writes its report to this pipe.
@@ -844,7 +891,12 @@ fn close_all_but(keep: [Option<i32>; 2]) {
 /// A supervisor: forwards signals to `child`, dies with its own parent
 /// (`SIGKILL`), reaps (every orphan too, when `reap_all`), and ends as the
 /// command ended, telling `early` first when given.
-fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report, early: Option<i32>) -> ! {
+pub(crate) fn supervise(
+    child: nix::unistd::Pid,
+    reap_all: bool,
+    report: Report,
+    early: Option<i32>,
+) -> ! {
     // The outer supervisor signals pid 1; pid 1 signals the command's
     // process group.
     let target_pid = if reap_all {
@@ -941,7 +993,7 @@ fn supervise(child: nix::unistd::Pid, reap_all: bool, report: Report, early: Opt
 
 /// Ends this process at once, without running exit handlers (which belong
 /// to the agent we were forked from).
-fn exit_now(code: i32) -> ! {
+pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit(2) is async-signal-safe and never returns.
     #[allow(unsafe_code)]
     unsafe {

@@ -461,6 +461,78 @@ fn limits_and_isolation() {
     }
 }
 
+#[test]
+fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run13", 32, 2) else {
+        return;
+    };
+    let pids = Path::new("/sys/fs/cgroup/pids/shoal-h1");
+    // Each idle slot: its spawner and the next task's workspace (its
+    // supervisor and pid 1), made ahead.
+    let slots = || -> Vec<(String, usize)> {
+        let mut v: Vec<_> = std::fs::read_dir(pids)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+                    .map(|e| {
+                        let n = std::fs::read_to_string(e.path().join("cgroup.procs"))
+                            .unwrap_or_default()
+                            .lines()
+                            .count();
+                        (e.file_name().to_string_lossy().into_owned(), n)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let ready = wait_for(Duration::from_secs(20), || {
+        let s = slots();
+        (s.len() >= 4 && s.iter().all(|(_, n)| *n == 3)).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("slots with their spares: {:?}", slots()));
+    // Tasks that end every way: exit codes, a signal, a command that does
+    // not exist, output and input.
+    for (script, code) in [
+        ("exit 0", 0),
+        ("echo out; echo err >&2; exit 7", 7),
+        ("kill -TERM $$", 143),
+        ("read x; test \"$x\" = hi", 0),
+    ] {
+        let mut c = run(&lab, &tree, &["--node", "h1", "--", "sh", "-c", script]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"hi\n").unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(code), "{script}: {}", s(&o.stderr));
+        if code == 7 {
+            assert_eq!(s(&o.stdout), "out\n");
+            assert_eq!(s(&o.stderr), "err\n");
+        }
+    }
+    let o = out(run(&lab, &tree, &["--node", "h1", "--", "no-such-command"]));
+    assert_eq!(o.status.code(), Some(127), "{}", s(&o.stderr));
+    assert!(
+        s(&o.stderr).contains("command not found"),
+        "{}",
+        s(&o.stderr)
+    );
+    // The same slots, none replaced, each with a spare again (the one
+    // whose spare the missing command used makes its next one after its
+    // next task).
+    let after = wait_for(Duration::from_secs(10), || {
+        let s = slots();
+        (s.iter().filter(|(_, n)| *n == 3).count() >= ready.len() - 1).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("after: {:?}", slots()));
+    let names = |v: &[(String, usize)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&after), names(&ready), "no slot was replaced");
+}
+
 /// `shoal run --node h1 -- sleep SECS`, started, its process visible here
 /// (with the client's stderr, kept open).
 fn sleeping_on_h1(
