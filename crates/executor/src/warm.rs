@@ -23,13 +23,14 @@
 //! a millisecond) is off the task's path. The slot serves again after
 //! `Gone`.
 //!
-//! Before `Ready` and each `Gone`, the spawner makes the next task's
+//! Before `Ready`, and when the pool takes a slot back (`MakeSpare`, while
+//! the slot waits for its next task), the spawner makes the next task's
 //! workspace ahead (`Prefork`): its supervisor forks, unshares the
 //! namespaces and forks pid 1, which mounts `/proc` and `/tmp` and waits.
 //! A request for the slot's own root and network goes to that pid 1, which
 //! mounts the tree, finishes the root and identity, and starts the command
 //! as pid 2; any other request (`--net host`) gets its workspace made for it
-//! as before, and the spare is dropped. `Ready` and `Gone` name the spare's
+//! as before, and the spare is dropped. `Ready` and `Spare` name the spare's
 //! two processes, the only others the pool accepts in an idle slot's
 //! cgroup.
 //!
@@ -135,7 +136,7 @@ impl Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Reply {
-    /// The slot is ready; `spare` as in `Gone`.
+    /// The slot is ready; `spare` as in `Spare`.
     Ready {
         spare: Vec<u32>,
     },
@@ -150,11 +151,30 @@ enum Reply {
         status: i32,
     },
     /// After `Exited`: the workspace is gone (its supervisor reaped, its
-    /// namespaces and mounts torn down); the slot may serve again. `spare`:
-    /// the processes of the next task's workspace, made ahead ([`Prefork`]).
-    Gone {
+    /// namespaces and mounts torn down); the slot may serve again.
+    Gone,
+    /// Answer to `MakeSpare`: the processes of the next task's workspace,
+    /// made ahead (`Prefork`; none when it could not be).
+    Spare {
         spare: Vec<u32>,
     },
+}
+
+/// What the agent sends a spawner.
+#[derive(Debug, Deserialize)]
+enum ToSpawner {
+    /// Start this task.
+    Task(Box<Request>),
+    /// Make the next task's workspace ahead (sent when the slot is back in
+    /// the pool, so that the time it takes keeps no task waiting).
+    MakeSpare,
+}
+
+/// [`ToSpawner`] as the agent writes it (the same encoding, borrowed).
+#[derive(Debug, Serialize)]
+enum ToSpawnerRef<'a> {
+    Task(&'a Request),
+    MakeSpare,
 }
 
 /// Signals a spawner ignores (its tasks do not).
@@ -283,8 +303,18 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
         let Some((n, fds)) = recv(sock, &mut buf)? else {
             return Ok(());
         };
-        let r = match postcard::from_bytes::<Request>(&buf[..n]) {
-            Ok(req) => start(req, fds, host_net.as_fd(), base.as_deref(), &mut spare),
+        let r = match postcard::from_bytes::<ToSpawner>(&buf[..n]) {
+            Ok(ToSpawner::MakeSpare) => {
+                if spare.is_none() {
+                    spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
+                }
+                let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
+                reply(sock, &Reply::Spare { spare: pids })?;
+                continue;
+            }
+            Ok(ToSpawner::Task(req)) => {
+                start(*req, fds, host_net.as_fd(), base.as_deref(), &mut spare)
+            }
             Err(e) => (
                 Err(Reply::Failed {
                     errno: None,
@@ -327,17 +357,10 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                         },
                     )?;
                 }
-                if spare.is_none() {
-                    spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
-                }
-                let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
-                reply(sock, &Reply::Gone { spare: pids })?;
+                reply(sock, &Reply::Gone)?;
             }
             (Err(f), made) => {
                 forget(&made);
-                // (No new spare here: the agent checks the slot's cgroup
-                // against the spare it was last told of. The next task
-                // makes its workspace itself, and the one after gets one.)
                 reply(sock, &f)?;
             }
         }
@@ -812,6 +835,8 @@ pub struct Slot {
     /// The processes of the workspace its spawner made ahead for the next
     /// task (in its cgroup beside the spawner).
     spare: Vec<u32>,
+    /// A `MakeSpare` was sent and its answer is still to be read.
+    spare_asked: bool,
 }
 
 impl Slot {
@@ -859,6 +884,14 @@ impl Slot {
         req: &Request,
         stdio: [BorrowedFd<'_>; 3],
     ) -> Result<u32, WarmError> {
+        if self.spare_asked {
+            // (Made while the slot waited in the pool.)
+            match self.read_reply(Some(Duration::from_secs(10)))? {
+                Reply::Spare { spare } => self.spare = spare,
+                _ => return Err(WarmError::Malformed(self.name.clone())),
+            }
+            self.spare_asked = false;
+        }
         // The spawner is one more process in the group.
         let limits = Limits {
             pids: limits.pids.map(|p| p.saturating_add(1)),
@@ -867,7 +900,8 @@ impl Slot {
         let last = self.applied.take();
         self.oom_base = mgr.reuse(&self.name, &limits, last.as_ref())?;
         self.applied = Some(limits);
-        let bytes = postcard::to_stdvec(req).map_err(|_| WarmError::TooLarge)?;
+        let bytes =
+            postcard::to_stdvec(&ToSpawnerRef::Task(req)).map_err(|_| WarmError::TooLarge)?;
         if bytes.len() > MAX_REQUEST {
             return Err(WarmError::TooLarge);
         }
@@ -906,13 +940,19 @@ impl Slot {
             return true;
         }
         self.tearing_down = false;
-        match self.read_reply(Some(Duration::from_secs(30))) {
-            Ok(Reply::Gone { spare }) => {
-                self.spare = spare;
-                true
-            }
-            _ => false,
-        }
+        matches!(
+            self.read_reply(Some(Duration::from_secs(30))),
+            Ok(Reply::Gone)
+        )
+    }
+
+    /// Asks the spawner to make the next task's workspace ahead.
+    fn ask_spare(&mut self) -> bool {
+        let Ok(bytes) = postcard::to_stdvec(&ToSpawnerRef::MakeSpare) else {
+            return false;
+        };
+        self.spare_asked = send(self.sock.as_fd(), &bytes, &[]).is_ok();
+        self.spare_asked
     }
 
     fn kill(mut self, mgr: &dyn CgroupManager) {
@@ -1011,7 +1051,8 @@ impl Pool {
     /// left in its cgroup and it is thawed, else removed (and replaced).
     /// Blocks briefly (cgroup reads and writes).
     pub fn give_back(&self, mut slot: Slot) {
-        let keep = slot.settle() && self.inner.clean(&slot);
+        // Kept: its spawner makes the next task's workspace while it waits.
+        let keep = slot.settle() && self.inner.clean(&slot) && slot.ask_spare();
         let mut st = self.inner.lock();
         st.out = st.out.saturating_sub(1);
         if keep && !st.closed {
@@ -1145,6 +1186,7 @@ impl Inner {
                 applied: Some(Limits::default()),
                 tearing_down: false,
                 spare: Vec::new(),
+                spare_asked: false,
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
                 Ok(Reply::Ready { spare }) => Ok(Slot { spare, ..slot }),
