@@ -784,36 +784,28 @@ async fn send_streamed<W: FrameSink>(
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; CONTENT_PIECE];
     for (rel, size) in cs.streamed() {
-        let path = upper.join(rel);
-        let mut left = size;
-        let r: std::io::Result<()> = async {
-            let mut f = tokio::fs::File::open(&path).await?;
-            while left > 0 {
-                let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                let n = f.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "shorter than when it was listed",
-                    ));
-                }
-                link::send(tx, &FromExec::Content(buf[..n].to_vec()))
-                    .await
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))?;
-                left -= n as u64;
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = r {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Err(LinkError::Closed);
-            }
-            let m = failed(
+        let unreadable = |e: &dyn std::fmt::Display| {
+            failed(
                 125,
                 format!("{node}: reading the task's changes: {}: {e}", rel.display()),
-            );
-            return link::send(tx, &m).await;
+            )
+        };
+        let mut f = match tokio::fs::File::open(upper.join(rel)).await {
+            Ok(f) => f,
+            Err(e) => return link::send(tx, &unreadable(&e)).await,
+        };
+        let mut left = size;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let n = match f.read(&mut buf[..want]).await {
+                Ok(0) => {
+                    return link::send(tx, &unreadable(&"shorter than when it was listed")).await
+                }
+                Ok(n) => n,
+                Err(e) => return link::send(tx, &unreadable(&e)).await,
+            };
+            link::send(tx, &FromExec::Content(buf[..n].to_vec())).await?;
+            left -= n as u64;
         }
     }
     Ok(())
@@ -1289,11 +1281,7 @@ impl Proc {
                     let mut b = [0u8; 2];
                     let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
                     *early = None;
-                    let raw = match (n, b) {
-                        (2, [0, code]) => Some(i32::from(code) << 8),
-                        (2, [1, sig]) => Some(i32::from(sig)),
-                        _ => None,
-                    };
+                    let raw = (n == 2).then(|| workspace::end_status(b)).flatten();
                     if let Some(raw) = raw {
                         // The supervisor is still exiting: reaped by
                         // `reap` before the task's cgroup and files go.

@@ -184,6 +184,21 @@ const SPARED: [nix::sys::signal::Signal; 3] = [
     nix::sys::signal::Signal::SIGHUP,
 ];
 
+/// Gives the signals a spawner ignores ([`SPARED`]), and `also`, their
+/// default dispositions back (in its children: a workspace's processes).
+/// Async-signal-safe.
+fn default_dispositions(also: &[nix::sys::signal::Signal]) -> nix::Result<()> {
+    for &sig in SPARED.iter().chain(also) {
+        // SAFETY: restoring a default disposition installs no handler and
+        // touches nothing shared.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)?;
+        }
+    }
+    Ok(())
+}
+
 /// The largest request a spawner reads (the kernel's default socket
 /// buffer caps a message at about 200 KiB anyway).
 const MAX_REQUEST: usize = 256 * 1024;
@@ -441,18 +456,8 @@ fn supervisor_ahead(base: &Path, link: OwnedFd, early: OwnedFd, pid_w: OwnedFd) 
     use crate::workspace::{exit_now, supervise, Report};
     use nix::unistd::ForkResult;
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    for sig in SPARED {
-        // SAFETY: restoring a default disposition installs no handler.
-        #[allow(unsafe_code)]
-        unsafe {
-            let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
-        }
-    }
-    let flags = nix::sched::CloneFlags::CLONE_NEWNS
-        | nix::sched::CloneFlags::CLONE_NEWPID
-        | nix::sched::CloneFlags::CLONE_NEWUTS
-        | nix::sched::CloneFlags::CLONE_NEWIPC;
-    if nix::sched::unshare(flags).is_err() {
+    let _ = default_dispositions(&[]);
+    if nix::sched::unshare(crate::workspace::TASK_NAMESPACES).is_err() {
         exit_now(125);
     }
     let Ok((status_r, status_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
@@ -583,7 +588,7 @@ fn exec_command(
     stdio: [&OwnedFd; 3],
     tty: bool,
 ) -> i32 {
-    use nix::sys::signal::{signal, SigHandler, Signal};
+    use nix::sys::signal::Signal;
     let errno = |e: nix::errno::Errno| e as i32;
     for (i, fd) in stdio.iter().enumerate() {
         if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), i as i32) {
@@ -607,13 +612,7 @@ fn exec_command(
     }
     // What the spawner ignores, and what Rust's runtime ignores, is the
     // command's to decide (ignored signals survive exec); handlers do not.
-    for sig in SPARED.iter().copied().chain([Signal::SIGPIPE]) {
-        // SAFETY: restoring a default disposition installs no handler.
-        #[allow(unsafe_code)]
-        unsafe {
-            let _ = signal(sig, SigHandler::SigDfl);
-        }
-    }
+    let _ = default_dispositions(&[Signal::SIGPIPE]);
     let _ = nix::sys::signal::sigprocmask(
         nix::sys::signal::SigmaskHow::SIG_SETMASK,
         Some(&nix::sys::signal::SigSet::empty()),
@@ -655,13 +654,7 @@ fn read_end(fd: BorrowedFd<'_>) -> Option<i32> {
             Err(_) => return None,
         }
     }
-    match buf {
-        // As wait(2) encodes them: the code in the second byte, or the
-        // signal in the first.
-        [0, code] => Some(i32::from(code) << 8),
-        [1, sig] => Some(i32::from(sig)),
-        _ => None,
-    }
+    crate::workspace::end_status(buf)
 }
 
 /// A started task: the workspace's supervisor and the read end of its
@@ -794,9 +787,7 @@ fn start_in(
     unsafe {
         let host_net = host_net.as_raw_fd();
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            for sig in SPARED {
-                nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)?;
-            }
+            default_dispositions(&[])?;
             if host {
                 // SAFETY: the descriptor is the spawner's open
                 // /proc/self/ns/net, alive for its whole life.

@@ -340,10 +340,7 @@ impl Plan {
                 data: Some(c(OsStr::from_bytes(&data))?),
             });
         }
-        let mut flags = CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC;
+        let mut flags = TASK_NAMESPACES;
         if spec.net == Net::Loopback {
             flags |= CloneFlags::CLONE_NEWNET;
         }
@@ -466,14 +463,7 @@ impl Plan {
     }
 
     fn set_up(&self) -> io::Result<()> {
-        // Our mounts stay ours.
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )?;
+        keep_mounts_private()?;
         self.set_up_after(0)
     }
 
@@ -488,7 +478,7 @@ impl Plan {
         if !self.shared_root || self.user_ns.is_some() {
             return Err(io::Error::other("not a plan on a shared root"));
         }
-        self.set_up_after(2)
+        self.set_up_after(TASK_MOUNTS)
     }
 
     /// [`Plan::set_up`] from step `first` on.
@@ -530,10 +520,22 @@ impl Plan {
     }
 }
 
+/// How many steps [`task_mounts`] makes: where a plan on a shared root
+/// goes on in a workspace made ahead ([`Plan::finish_prepared`]).
+const TASK_MOUNTS: usize = 2;
+
+/// The namespaces of every workspace (a new network one too, unless it
+/// inherits its creator's; a user one too, for an agent that is not
+/// root).
+pub(crate) const TASK_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWIPC);
+
 /// The mounts every task makes for itself on its root: its `/proc` and
 /// its `/tmp` (the first steps of a plan on a slot's shared root, which a
 /// pre-made workspace has made already: [`prepare_on_base`]).
-fn task_mounts(root_dir: &Path) -> Result<[Step; 2], WorkspaceError> {
+fn task_mounts(root_dir: &Path) -> Result<[Step; TASK_MOUNTS], WorkspaceError> {
     Ok([
         Step::Mount {
             src: Some(c("proc")?),
@@ -561,14 +563,19 @@ fn task_mounts(root_dir: &Path) -> Result<[Step; 2], WorkspaceError> {
 /// A mount failed.
 pub(crate) fn prepare_on_base(base: &Path) -> io::Result<()> {
     let steps = task_mounts(base).map_err(io::Error::other)?;
-    mount(
+    keep_mounts_private()?;
+    run_steps(&steps)
+}
+
+/// In a new mount namespace: what is mounted here stays here.
+fn keep_mounts_private() -> io::Result<()> {
+    Ok(mount(
         None::<&str>,
         "/",
         None::<&str>,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
-    )?;
-    run_steps(&steps)
+    )?)
 }
 
 /// The effective ids of this process when they are not root's: its
@@ -857,6 +864,19 @@ pub(crate) enum Report {
     Read(i32),
     /// pid 1 writes its report to this pipe.
     Write(i32),
+}
+
+/// The end a supervisor reports early ([`Plan::report_end_to`]) as a
+/// wait status (`ExitStatus::from_raw`); `None` for bytes that are not
+/// such a report.
+pub fn end_status(report: [u8; 2]) -> Option<i32> {
+    match report {
+        // As wait(2) encodes them: the code in the second byte, or the
+        // signal in the first.
+        [0, code] => Some(i32::from(code) << 8),
+        [1, sig] => Some(i32::from(sig)),
+        _ => None,
+    }
 }
 
 /// Closes every descriptor of this process but `keep` (at most two),
