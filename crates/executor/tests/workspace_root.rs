@@ -6,10 +6,12 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_isolated, assert_tree_changes, text, with_tree, Dir, ISOLATION_PROBE};
+use common::{
+    assert_isolated, assert_tree_changes, guest_spec, text, with_tree, Dir, ISOLATION_PROBE,
+};
 use shoal_executor::cgroup::{self, spawn_into, Limits};
 use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec};
 
@@ -25,18 +27,7 @@ fn scratch(name: &str) -> Option<Dir> {
 }
 
 fn spec(dir: &Path) -> Spec {
-    Spec {
-        run_dir: dir.join("run"),
-        root: Root::Host,
-        tree: None,
-        cwd: PathBuf::from("/"),
-        hostname: "guest".into(),
-        uid: 65534,
-        gid: 65534,
-        net: Net::Loopback,
-        idle: false,
-        tty: false,
-    }
+    guest_spec(dir)
 }
 
 fn run(spec: &Spec, script: &str) -> Output {

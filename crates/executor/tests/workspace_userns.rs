@@ -11,11 +11,13 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_isolated, assert_tree_changes, text, with_tree, Dir, ISOLATION_PROBE};
-use shoal_executor::workspace::{cleanup, Net, Plan, Root, Spec};
+use common::{
+    assert_isolated, assert_tree_changes, guest_spec, text, with_tree, Dir, ISOLATION_PROBE,
+};
+use shoal_executor::workspace::{cleanup, Plan, Spec};
 
 const NOBODY: u32 = 65534;
 
@@ -50,18 +52,13 @@ fn own(p: &Path) {
     .unwrap();
 }
 
+/// As at the idle class (what a guest gets from another node).
 fn spec(dir: &Path) -> Spec {
     Spec {
-        run_dir: dir.join("run"),
-        root: Root::Host,
-        tree: None,
-        cwd: PathBuf::from("/"),
-        hostname: "guest".into(),
         uid: NOBODY,
         gid: NOBODY,
-        net: Net::Loopback,
         idle: true,
-        tty: false,
+        ..guest_spec(dir)
     }
 }
 

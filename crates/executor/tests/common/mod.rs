@@ -5,7 +5,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use shoal_executor::workspace::{Spec, Tree};
+use shoal_executor::workspace::{Net, Root, Spec, Tree};
 
 /// A scratch directory, removed when the test ends (also when it fails).
 pub struct Dir(pub PathBuf);
@@ -18,6 +18,23 @@ impl Drop for Dir {
 
 /// Gives `s` the tree `lower` (one layer) with `upper` and `work`, seen at
 /// `at`, which becomes the working directory.
+/// A guest's workspace under `dir` (nobody, host name `guest`, loopback
+/// only, the host's system directories, no tree).
+pub fn guest_spec(dir: &Path) -> Spec {
+    Spec {
+        run_dir: dir.join("run"),
+        root: Root::Host,
+        tree: None,
+        cwd: PathBuf::from("/"),
+        hostname: "guest".into(),
+        uid: 65534,
+        gid: 65534,
+        net: Net::Loopback,
+        idle: false,
+        tty: false,
+    }
+}
+
 pub fn with_tree(s: &mut Spec, lower: &Path, upper: &Path, work: PathBuf, at: &str) {
     s.tree = Some(Tree {
         lower: vec![lower.to_owned()],
