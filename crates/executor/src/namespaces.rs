@@ -21,11 +21,7 @@ pub enum NamespaceError {
 /// The namespaces a workspace uses: mount, pid, uts, ipc and net; plus a
 /// user namespace when not root.
 pub fn workspace_flags(is_root: bool) -> CloneFlags {
-    let mut f = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWNET;
+    let mut f = crate::workspace::TASK_NAMESPACES | CloneFlags::CLONE_NEWNET;
     if !is_root {
         f |= CloneFlags::CLONE_NEWUSER;
     }
