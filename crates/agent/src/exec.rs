@@ -39,6 +39,8 @@ pub struct ExecEnv {
     pub node: String,
     /// Where task directories go.
     pub tasks_dir: PathBuf,
+    /// Task directories kept between tasks (under `tasks_dir`).
+    pub scratch: Arc<crate::scratch::Scratch>,
     /// The content cache.
     pub cas: Cas,
     /// The cgroup manager; `None` when the start-up checks failed (then no
@@ -125,18 +127,26 @@ impl Forker {
 /// back and collect it (HTCondor's job lease is 40 minutes).
 pub const KEEP: Duration = Duration::from_secs(20 * 60);
 
-/// What a detached attempt left for its submitter: its output spooled to
-/// files, and the messages that end it (changes and exit status, or the
-/// failure or eviction).
+/// What a detached attempt left for its submitter: its output spooled
+/// (in memory, or on disk when large), and the messages that end it
+/// (changes and exit status, or the failure or eviction).
 #[derive(Debug)]
 pub struct Kept {
-    stdout: PathBuf,
-    stderr: PathBuf,
+    stdout: Spooled,
+    stderr: Spooled,
     /// Its upper layer, for the contents of the change set's streamed
     /// files.
     upper: Option<PathBuf>,
     end: Vec<FromExec>,
 }
+
+/// Output a detached attempt's spool holds in memory, per stream, before
+/// it goes to a file. Most tasks print less: their spool then costs no
+/// file (on this machine kind, each file made and removed per task slows
+/// every later inode allocation). The attempts detached at once are those
+/// that were running when their submitter went away, at most one per
+/// slot, so this bounds the memory too.
+const SPOOL_IN_MEMORY: usize = 256 << 10;
 
 /// Detached batch attempts by task id: a watch that holds their result
 /// once they end.
@@ -175,26 +185,17 @@ impl Detached {
         )
     }
 
-    /// Registers attempt `id` and opens its spool files.
-    fn register(&self, id: &str) -> std::io::Result<Spool> {
+    /// Registers attempt `id` and starts its spool (files only once it
+    /// outgrows memory).
+    fn register(&self, id: &str) -> Spool {
         let (o, e) = self.paths(id);
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(p)
-        };
-        let (out, err) = (open(&o)?, open(&e)?);
         let (tx, rx) = tokio::sync::watch::channel(None);
         self.lock().insert(id.to_owned(), rx);
-        Ok(Spool {
-            out,
-            err,
-            ok: true,
-            paths: (o, e),
+        Spool {
+            out: Stream::new(o),
+            err: Stream::new(e),
             tx,
-        })
+        }
     }
 
     /// Where a detached attempt's upper layer is kept until collected.
@@ -202,36 +203,134 @@ impl Detached {
         self.dir.join(format!("{id}.upper"))
     }
 
-    /// Drops attempt `id` and its spool.
-    fn forget(&self, id: &str) {
+    /// Drops attempt `id`, and its files when its spool or upper layer
+    /// went to disk.
+    fn forget(&self, id: &str, on_disk: bool) {
         self.lock().remove(id);
-        let (o, e) = self.paths(id);
-        let _ = std::fs::remove_file(o);
-        let _ = std::fs::remove_file(e);
-        let u = self.upper(id);
-        if u.exists() {
-            let _ = workspace::remove_all(&u);
+        if on_disk {
+            let (o, e) = self.paths(id);
+            let _ = std::fs::remove_file(o);
+            let _ = std::fs::remove_file(e);
+            let u = self.upper(id);
+            if u.exists() {
+                let _ = workspace::remove_all(&u);
+            }
         }
     }
 }
 
-/// A detached attempt's output on disk while it runs.
+/// One stream of a detached attempt's output while it runs.
+#[derive(Debug)]
+enum Stream {
+    /// All of it so far, and where it goes once it outgrows memory.
+    Mem(Vec<u8>, PathBuf),
+    /// On disk.
+    File(std::fs::File, PathBuf),
+    /// A write failed (a full disk): the result cannot be collected, and
+    /// the submitter runs the task again.
+    Broken,
+}
+
+impl Stream {
+    fn new(path: PathBuf) -> Self {
+        Self::Mem(Vec::new(), path)
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        use std::io::Write;
+        let next = match std::mem::replace(self, Self::Broken) {
+            Self::Mem(mut held, path) if held.len() + data.len() <= SPOOL_IN_MEMORY => {
+                held.extend_from_slice(data);
+                Self::Mem(held, path)
+            }
+            Self::Mem(held, path) => {
+                let spilled = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&path)
+                    .and_then(|mut f| {
+                        f.write_all(&held)?;
+                        f.write_all(data)?;
+                        Ok(f)
+                    });
+                match spilled {
+                    Ok(f) => Self::File(f, path),
+                    Err(_) => Self::Broken,
+                }
+            }
+            Self::File(mut f, path) => match f.write_all(data) {
+                Ok(()) => Self::File(f, path),
+                Err(_) => Self::Broken,
+            },
+            Self::Broken => Self::Broken,
+        };
+        *self = next;
+    }
+
+    /// What is kept of it, or `None` when a write failed.
+    fn kept(self) -> Option<Spooled> {
+        match self {
+            Self::Mem(d, _) => Some(Spooled::Mem(d)),
+            Self::File(_, p) => Some(Spooled::File(p)),
+            Self::Broken => None,
+        }
+    }
+}
+
+/// One stream of an ended detached attempt's output.
+#[derive(Debug)]
+enum Spooled {
+    Mem(Vec<u8>),
+    File(PathBuf),
+}
+
+impl Kept {
+    fn on_disk(&self) -> bool {
+        matches!(self.stdout, Spooled::File(_))
+            || matches!(self.stderr, Spooled::File(_))
+            || self.upper.is_some()
+    }
+}
+
+impl Spooled {
+    /// Its bytes from offset `from` on (none past its end).
+    fn read_from(&self, from: u64) -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        match self {
+            Self::Mem(d) => {
+                let from = usize::try_from(from).unwrap_or(usize::MAX).min(d.len());
+                Ok(d[from..].to_vec())
+            }
+            Self::File(p) => {
+                let mut f = std::fs::File::open(p)?;
+                f.seek(SeekFrom::Start(from))?;
+                let mut d = Vec::new();
+                f.read_to_end(&mut d)?;
+                Ok(d)
+            }
+        }
+    }
+}
+
+/// A detached attempt's output while it runs.
 struct Spool {
-    out: std::fs::File,
-    err: std::fs::File,
-    /// Every byte was written (a full disk makes the result uncollectable:
-    /// the submitter then runs the task again).
-    ok: bool,
-    paths: (PathBuf, PathBuf),
+    out: Stream,
+    err: Stream,
     tx: tokio::sync::watch::Sender<Option<Arc<Kept>>>,
 }
 
 impl Spool {
+    /// Some of it went to disk (or failed to).
+    fn on_disk(&self) -> bool {
+        !matches!((&self.out, &self.err), (Stream::Mem(..), Stream::Mem(..)))
+    }
+
     fn write(&mut self, stdout: bool, data: &[u8]) {
-        use std::io::Write;
-        let f = if stdout { &mut self.out } else { &mut self.err };
-        if f.write_all(data).is_err() {
-            self.ok = false;
+        if stdout {
+            self.out.write(data);
+        } else {
+            self.err.write(data);
         }
     }
 }
@@ -336,7 +435,9 @@ impl ExecEnv {
 /// Everything one task made on this machine, removed on drop, whatever
 /// happened.
 struct TaskGuard {
+    /// The task's directory, given back to `scratch` at the end.
     dir: PathBuf,
+    scratch: Arc<crate::scratch::Scratch>,
     lower: Option<shoal_task::cas::Lower>,
     image: Option<shoal_task::cas::Lower>,
     cgroup: Option<(Arc<dyn CgroupManager>, String)>,
@@ -362,7 +463,7 @@ impl Drop for TaskGuard {
         // Unmounted: its shared lower layer and image may go.
         self.lower = None;
         self.image = None;
-        let _ = workspace::remove_all(&self.dir);
+        self.scratch.give_back(std::mem::take(&mut self.dir));
     }
 }
 
@@ -505,9 +606,10 @@ where
         }
     };
     let _running = Running::new(&env.running);
-    let dir = env.tasks_dir.join(&spec.task_id);
+    let dir = env.scratch.take();
     let mut guard = TaskGuard {
         dir: dir.clone(),
+        scratch: env.scratch.clone(),
         lower: None,
         image: None,
         cgroup: None,
@@ -540,17 +642,7 @@ where
     .await?;
     // A batch attempt outlives its submitter's link: its output is also
     // spooled, and its result kept for the submitter to collect.
-    let mut spool = if spec.detach {
-        match env.detached.register(&spec.task_id) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(task = %spec.task_id, error = %e, "no spool: the attempt dies with its link");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let mut spool = spec.detach.then(|| env.detached.register(&spec.task_id));
     let detach = spool.is_some();
 
     // Input: a task of its own, since receiving is not cancel-safe.
@@ -709,36 +801,40 @@ where
     }
     match spool.take() {
         None => delivered?,
-        Some(_) if delivered.is_ok() => env.detached.forget(&spec.task_id),
-        Some(sp) if !sp.ok => {
-            tracing::warn!(task = %spec.task_id, "spool incomplete: the result is not kept");
-            env.detached.forget(&spec.task_id);
-        }
-        Some(sp) => {
-            // The large files its changes did not hold stay on disk, beside
-            // its spooled output, until collected.
+        Some(sp) if delivered.is_ok() => env.detached.forget(&spec.task_id, sp.on_disk()),
+        Some(Spool { out, err, tx }) => {
             let streams = end.iter().any(|m| match m {
                 FromExec::Changes(cs) => cs.streamed().next().is_some(),
                 _ => false,
             });
-            let kept_upper = env.detached.upper(&spec.task_id);
-            let moved = !streams || std::fs::rename(&upper, &kept_upper).is_ok();
-            if moved {
-                tracing::info!(task = %spec.task_id, "the attempt ended detached; its result is kept");
-                sp.tx.send_replace(Some(Arc::new(Kept {
-                    stdout: sp.paths.0,
-                    stderr: sp.paths.1,
-                    upper: streams.then_some(kept_upper),
-                    end,
-                })));
-            } else {
-                tracing::warn!(task = %spec.task_id, "its changes could not be kept: the result is not kept");
-                env.detached.forget(&spec.task_id);
+            match (out.kept(), err.kept()) {
+                (Some(stdout), Some(stderr)) => {
+                    // The large files its changes did not hold stay on
+                    // disk, beside its spool, until collected.
+                    let kept_upper = env.detached.upper(&spec.task_id);
+                    let moved = !streams || std::fs::rename(&upper, &kept_upper).is_ok();
+                    if moved {
+                        tracing::info!(task = %spec.task_id, "the attempt ended detached; its result is kept");
+                        tx.send_replace(Some(Arc::new(Kept {
+                            stdout,
+                            stderr,
+                            upper: streams.then_some(kept_upper),
+                            end,
+                        })));
+                    } else {
+                        tracing::warn!(task = %spec.task_id, "its changes could not be kept: the result is not kept");
+                        env.detached.forget(&spec.task_id, true);
+                    }
+                }
+                _ => {
+                    tracing::warn!(task = %spec.task_id, "spool incomplete: the result is not kept");
+                    env.detached.forget(&spec.task_id, true);
+                }
             }
             let (env, id) = (env.clone(), spec.task_id.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(KEEP).await;
-                env.detached.forget(&id);
+                env.detached.forget(&id, true);
             });
         }
     }
@@ -837,18 +933,10 @@ async fn reattach<W: FrameSink>(
             return link::send(&mut tx, &FromExec::Unknown).await;
         }
     };
-    for (path, from, out) in [
-        (&kept.stdout, stdout_from, true),
-        (&kept.stderr, stderr_from, false),
-    ] {
-        let p = path.clone();
-        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut f = std::fs::File::open(&p)?;
-            f.seek(SeekFrom::Start(from))?;
-            let mut d = Vec::new();
-            f.read_to_end(&mut d)?;
-            Ok(d)
+    for (from, out) in [(stdout_from, true), (stderr_from, false)] {
+        let k = kept.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            if out { &k.stdout } else { &k.stderr }.read_from(from)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -867,7 +955,7 @@ async fn reattach<W: FrameSink>(
             send_streamed(&mut tx, upper, cs, &env.node).await?;
         }
     }
-    env.detached.forget(task_id);
+    env.detached.forget(task_id, kept.on_disk());
     Ok(())
 }
 
@@ -926,12 +1014,16 @@ async fn prepare(
                 .is_root()
                 .then_some((GUEST_ID, GUEST_ID));
             let lower = lowers.get(&cas, &tree, guest).map_err(|e| e.to_string())?;
+            // (Kept from an earlier task, they exist: the upper layer's
+            // top is then set back to what a new one has.)
             for d in [&upper, &work] {
                 std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
             }
             if let Some((u, g)) = guest {
                 std::os::unix::fs::chown(&upper, Some(u), Some(g)).map_err(|e| e.to_string())?;
             }
+            std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
             Ok(lower)
         })
         .await;
@@ -1365,5 +1457,77 @@ impl Drop for WarmProc {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shoal-spool-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_small_spool_stays_in_memory_and_a_large_one_goes_whole_to_its_file() {
+        let d = scratch("spill");
+        let det = Detached::new(&d);
+        let mut sp = det.register("t1");
+        sp.write(true, b"hello ");
+        sp.write(false, b"oops\n");
+        sp.write(true, b"world\n");
+        assert!(!sp.on_disk());
+        assert!(!d.join("t1.stdout").exists(), "no file for a small spool");
+        let big: Vec<u8> = (0..SPOOL_IN_MEMORY + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        sp.write(true, &big);
+        assert!(sp.on_disk());
+        let Spool { out, err, .. } = sp;
+        let (out, err) = (out.kept().unwrap(), err.kept().unwrap());
+        let mut all = b"hello world\n".to_vec();
+        all.extend_from_slice(&big);
+        assert_eq!(
+            out.read_from(0).unwrap(),
+            all,
+            "memory then the rest, in order"
+        );
+        assert_eq!(out.read_from(6).unwrap(), all[6..]);
+        assert_eq!(std::fs::read(d.join("t1.stdout")).unwrap(), all);
+        assert_eq!(err.read_from(0).unwrap(), b"oops\n");
+        assert_eq!(err.read_from(4).unwrap(), b"\n");
+        assert!(
+            err.read_from(99).unwrap().is_empty(),
+            "past its end: nothing"
+        );
+        let k = Kept {
+            stdout: out,
+            stderr: err,
+            upper: None,
+            end: Vec::new(),
+        };
+        assert!(k.on_disk());
+        det.forget("t1", k.on_disk());
+        assert!(!d.join("t1.stdout").exists(), "forgotten with its file");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_spool_that_cannot_reach_its_disk_is_not_kept() {
+        let d = scratch("broken");
+        let det = Detached::new(&d.join("gone"));
+        std::fs::remove_dir_all(d.join("gone")).unwrap();
+        let mut sp = det.register("t2");
+        sp.write(false, &vec![7u8; SPOOL_IN_MEMORY]);
+        assert!(!sp.on_disk(), "still in memory: nothing written yet");
+        sp.write(false, b"x");
+        assert!(sp.on_disk());
+        let Spool { out, err, .. } = sp;
+        assert!(out.kept().is_some());
+        assert!(err.kept().is_none(), "a spill that failed loses the result");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

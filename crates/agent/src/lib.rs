@@ -28,6 +28,7 @@ pub mod peer;
 pub mod place;
 pub mod report;
 mod runtime;
+pub mod scratch;
 
 pub use config::{AgentConfig, ConfigError, Flags};
 pub use runtime::{run, AgentError};

@@ -680,6 +680,10 @@ fn exec_env_with(
     ExecEnv {
         node: cfg.name.clone(),
         tasks_dir: cfg.data_dir.join("tasks"),
+        scratch: Arc::new(crate::scratch::Scratch::new(
+            &cfg.data_dir.join("tasks"),
+            16,
+        )),
         cas,
         cgroups,
         running: std::sync::atomic::AtomicU32::new(0),

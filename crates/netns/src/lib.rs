@@ -645,3 +645,38 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// What tasks left in an agent's task directory (`DATA_DIR/tasks`): every
+/// entry but the clean directories an executor keeps for its next tasks
+/// (`scratch.N` holding only an empty `upper` and a `work` with at most an
+/// empty `work`).
+pub fn task_leftovers(tasks: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let empty = |p: &std::path::Path| std::fs::read_dir(p).is_ok_and(|mut r| r.next().is_none());
+    let names = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(p)
+            .map(|r| {
+                let mut v: Vec<String> = r
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    };
+    std::fs::read_dir(tasks)
+        .map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| {
+            let kept = d
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("scratch."))
+                && names(d) == ["upper", "work"]
+                && empty(&d.join("upper"))
+                && (empty(&d.join("work"))
+                    || (names(&d.join("work")) == ["work"] && empty(&d.join("work/work"))));
+            !kept
+        })
+        .collect()
+}

@@ -444,9 +444,7 @@ fn limits_and_isolation() {
         let host = if node == "h1" { 1 } else { 2 };
         let tasks = lab.hosts[host].data_dir.join("tasks");
         let clean = wait_for(Duration::from_secs(10), || {
-            let no_dirs = std::fs::read_dir(&tasks)
-                .map(|d| d.count() == 0)
-                .unwrap_or(true);
+            let no_dirs = shoal_netns::task_leftovers(&tasks).is_empty();
             let cg = Path::new("/sys/fs/cgroup/pids").join(format!("shoal-{node}"));
             let no_tasks = std::fs::read_dir(&cg).map_or(true, |d| {
                 d.flatten()
@@ -567,9 +565,7 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     child.kill().unwrap();
     child.wait().unwrap();
     let clean = wait_for(Duration::from_secs(5), || {
-        let no_dirs = std::fs::read_dir(&tasks)
-            .map(|d| d.count() == 0)
-            .unwrap_or(true);
+        let no_dirs = shoal_netns::task_leftovers(&tasks).is_empty();
         // No task cgroup left, and the warm slots' hold nothing but their
         // spawners.
         let cg = Path::new("/sys/fs/cgroup/pids/shoal-h1");

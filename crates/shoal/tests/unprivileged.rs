@@ -168,13 +168,12 @@ fn an_agent_that_is_not_root_runs_tasks_in_user_namespaces_under_its_cgroups() {
     // their cgroups.
     let tasks = lab.hosts[0].data_dir.join("tasks");
     let left = shoal_netns::wait_for(Duration::from_secs(5), || {
-        let n = std::fs::read_dir(&tasks).map_or(0, |r| r.count());
-        (n == 0).then_some(())
+        shoal_netns::task_leftovers(&tasks).is_empty().then_some(())
     });
     assert!(
         left.is_some(),
         "task directories left: {:?}",
-        std::fs::read_dir(&tasks).map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        shoal_netns::task_leftovers(&tasks)
     );
     // Stopped, it removes its groups and leaves the delegated subtree.
     lab.signal(0, nix::sys::signal::Signal::SIGTERM);

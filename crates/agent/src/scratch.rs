@@ -1,0 +1,172 @@
+//! Task directories kept between tasks.
+//!
+//! Each task's overlay needs an upper and a work directory on the same
+//! file system. Made and removed per task, they were three directories
+//! created and four removed for every task; on an ext4 without a journal
+//! (this project's machines), every inode freed makes each later inode
+//! allocation on the disk scan past it for a while, so a busy executor
+//! paid for that churn over and over. A task that leaves its upper layer
+//! as it found it (nothing written, or the kept result moved away) hands
+//! its directory to the next task instead.
+//!
+//! A directory is taken only by one task at a time, and given back only
+//! once its overlay is unmounted (the task's namespaces are gone).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Clean task directories ready for the next task.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+    free: Mutex<Vec<PathBuf>>,
+    next: AtomicU64,
+    /// At most this many are kept; the rest are removed.
+    cap: usize,
+}
+
+impl Scratch {
+    /// Directories under `dir` (the agent's `tasks`), at most `cap` kept.
+    pub fn new(dir: &Path, cap: usize) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            free: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+            cap,
+        }
+    }
+
+    /// A directory for one task: a kept one, or the name of a new one
+    /// (made by the caller with its `upper` and `work`). Names have a dot,
+    /// which task ids never have.
+    pub fn take(&self) -> PathBuf {
+        if let Some(d) = self.lock().pop() {
+            return d;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("scratch.{n}"))
+    }
+
+    /// Gives a task's directory back once its overlay is unmounted: kept
+    /// when nothing of the task is left in it, else removed.
+    pub fn give_back(&self, d: PathBuf) {
+        if clean(&d) {
+            let mut free = self.lock();
+            if free.len() < self.cap {
+                free.push(d);
+                return;
+            }
+        }
+        let _ = shoal_executor::workspace::remove_all(&d);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Nothing of a task in `d`: an empty upper layer without attributes of
+/// the task's (a `user.` attribute set on the tree's top directory would
+/// be there), an empty (or absent) overlay scratch `work/work`, and
+/// nothing else beside them.
+fn clean(d: &Path) -> bool {
+    let empty = |p: &Path| std::fs::read_dir(p).is_ok_and(|mut r| r.next().is_none());
+    let only = |p: &Path, names: &[&str]| {
+        std::fs::read_dir(p).is_ok_and(|r| {
+            r.flatten()
+                .all(|e| names.iter().any(|n| e.file_name() == *n))
+        })
+    };
+    let upper = d.join("upper");
+    let work = d.join("work");
+    let no_user_attrs =
+        || xattr_names(&upper).is_some_and(|names| names.iter().all(|n| !n.starts_with(b"user.")));
+    only(d, &["upper", "work"])
+        && empty(&upper)
+        && no_user_attrs()
+        && only(&work, &["work"])
+        && (!work.join("work").exists() || empty(&work.join("work")))
+}
+
+/// The names of `p`'s extended attributes, `None` when unreadable (or
+/// too many to be the overlay's own).
+fn xattr_names(p: &Path) -> Option<Vec<Vec<u8>>> {
+    let mut buf = [0u8; 4096];
+    let n = rustix::fs::listxattr(p, &mut buf).ok()?;
+    Some(
+        buf[..n]
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shoal-scratch-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn made(s: &Scratch) -> PathBuf {
+        let d = s.take();
+        std::fs::create_dir_all(d.join("upper")).unwrap();
+        std::fs::create_dir_all(d.join("work/work")).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_directory_the_task_left_clean_serves_the_next_and_any_other_goes() {
+        let root = scratch("reuse");
+        let s = Scratch::new(&root, 2);
+        let a = made(&s);
+        s.give_back(a.clone());
+        assert!(a.exists());
+        assert_eq!(s.take(), a, "the clean one is taken again");
+
+        // A file in the upper layer: removed, not reused.
+        std::fs::write(a.join("upper/out.o"), b"x").unwrap();
+        s.give_back(a.clone());
+        assert!(!a.exists(), "a directory with the task's files goes");
+        let b = made(&s);
+        assert_ne!(b, a);
+
+        // A whiteout (a deletion) is an entry too; so is leftover copy-up
+        // scratch, and anything beside upper and work.
+        for dirty in ["upper/.wh.x", "work/work/#1", "run"] {
+            let d = made(&s);
+            std::fs::create_dir_all(d.join(dirty).parent().unwrap()).unwrap();
+            std::fs::write(d.join(dirty), b"").unwrap();
+            s.give_back(d.clone());
+            assert!(!d.exists(), "{dirty}: removed");
+        }
+
+        // A user attribute on the tree's top directory stays with it.
+        let d = made(&s);
+        if rustix::fs::setxattr(
+            d.join("upper"),
+            "user.shoal-test",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .is_ok()
+        {
+            s.give_back(d.clone());
+            assert!(!d.exists(), "an attribute of the task's: removed");
+        }
+
+        // No more than `cap` are kept.
+        let (x, y, z) = (made(&s), made(&s), made(&s));
+        for d in [&x, &y, &z] {
+            s.give_back(d.clone());
+        }
+        assert_eq!([&x, &y, &z].iter().filter(|d| d.exists()).count(), 2);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
