@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_executor::cgroup::{spawn_into, CgroupManager, Limits};
-use shoal_executor::warm::{self, Pool, Slot, WarmError};
+use shoal_executor::warm::{self, KeptTree, Pool, Slot, WarmError};
 use shoal_executor::workspace::{self, Net, Plan, Root, Spec, Tree};
 use shoal_files::ChangeSet;
 use shoal_task::cas::{Cas, Lower};
@@ -435,8 +435,12 @@ impl ExecEnv {
 /// Everything one task made on this machine, removed on drop, whatever
 /// happened.
 struct TaskGuard {
-    /// The task's directory, given back to `scratch` at the end.
+    /// The task's directory (its upper and work directories), given back
+    /// to `scratch` at the end; empty until chosen.
     dir: PathBuf,
+    /// `dir` is the tree its warm slot keeps mounted: it stays with the
+    /// slot if the task left it unchanged.
+    in_slot: bool,
     scratch: Arc<crate::scratch::Scratch>,
     lower: Option<shoal_task::cas::Lower>,
     image: Option<shoal_task::cas::Lower>,
@@ -451,7 +455,12 @@ struct TaskGuard {
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         if let Some((pool, slot)) = self.slot.take() {
-            pool.give_back(slot);
+            // The tree stays mounted for the slot's next task only as it
+            // was: else its spawner unmounts it and the directory goes.
+            let keep_tree = !self.in_slot || crate::scratch::clean(&self.dir, guest_owner());
+            if let Some(k) = pool.give_back(slot, keep_tree) {
+                self.scratch.give_back(k.dir);
+            }
         } else if let (Some((m, name)), false) = (&self.cgroup, self.warm) {
             if let Err(e) = m.remove(name) {
                 tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
@@ -463,7 +472,11 @@ impl Drop for TaskGuard {
         // Unmounted: its shared lower layer and image may go.
         self.lower = None;
         self.image = None;
-        self.scratch.give_back(std::mem::take(&mut self.dir));
+        // (A slot's tree directory is the slot's: it went with the slot,
+        // or back to `scratch` above.)
+        if !self.in_slot && !self.dir.as_os_str().is_empty() {
+            self.scratch.give_back(std::mem::take(&mut self.dir));
+        }
     }
 }
 
@@ -606,9 +619,9 @@ where
         }
     };
     let _running = Running::new(&env.running);
-    let dir = env.scratch.take();
     let mut guard = TaskGuard {
-        dir: dir.clone(),
+        dir: PathBuf::new(),
+        in_slot: false,
         scratch: env.scratch.clone(),
         lower: None,
         image: None,
@@ -617,7 +630,7 @@ where
         slot: None,
         spec: None,
     };
-    let prepared = prepare(&env, &spec, image, &dir, guest, &mut guard).await;
+    let prepared = prepare(&env, &spec, image, guest, &mut guard).await;
     let Started {
         proc: mut child,
         mut stdin,
@@ -995,44 +1008,66 @@ async fn prepare(
     env: &ExecEnv,
     spec: &TaskSpec,
     image: Option<(Lower, Option<Vec<ImageEntry>>)>,
-    dir: &Path,
     guest: bool,
     guard: &mut TaskGuard,
 ) -> Result<Started, FromExec> {
     let err125 =
         |what: &str, e: &dyn std::fmt::Display| failed(125, format!("{}: {what}: {e}", env.node));
-    let (upper, work) = (dir.join("upper"), dir.join("work"));
-    let lower = {
+    // A task on the slot's own root and network can use a tree its warm
+    // slot keeps mounted (see `warm::Slot::start`).
+    let eligible = spec.image.is_none() && !spec.net_host;
+    let Prepared {
+        lower,
+        slot,
+        dir,
+        reuse,
+        key,
+    } = {
         let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
+        let (pool, scratch) = (env.warm.clone(), env.scratch.clone());
         let tree = spec.tree.clone();
-        let (upper, work) = (upper.clone(), work.clone());
+        let at = spec.cwd.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            // A root agent hands the tree to the guest uid; another
-            // agent's own uid is the guest's inside the workspace's user
-            // namespace, so its files stay its own.
-            let guest = nix::unistd::geteuid()
-                .is_root()
-                .then_some((GUEST_ID, GUEST_ID));
-            let lower = lowers.get(&cas, &tree, guest).map_err(|e| e.to_string())?;
-            // (Kept from an earlier task, they exist: the upper layer's
-            // top is then set back to what a new one has.)
-            for d in [&upper, &work] {
-                std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-            }
-            if let Some((u, g)) = guest {
-                std::os::unix::fs::chown(&upper, Some(u), Some(g)).map_err(|e| e.to_string())?;
-            }
-            std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            let lower = lowers
+                .get(&cas, &tree, guest_owner())
                 .map_err(|e| e.to_string())?;
-            Ok(lower)
+            let mut key = lower.stack();
+            key.push(at);
+            let matches = |s: &Slot| s.kept_tree().is_some_and(|k| k.key == key);
+            // (Taken now only for a tree it may keep: another task, with an
+            // image to unpack, say, takes one when it is ready to start.)
+            let slot = pool
+                .as_ref()
+                .filter(|_| eligible)
+                .and_then(|p| Some((p.clone(), p.take_preferring(matches)?)));
+            let reuse = eligible && slot.as_ref().is_some_and(|(_, s)| matches(s));
+            let dir = match slot.as_ref().and_then(|(_, s)| s.kept_tree()) {
+                Some(k) if reuse => k.dir.clone(),
+                _ => {
+                    let d = scratch.take();
+                    fresh_dirs(&d)?;
+                    d
+                }
+            };
+            Ok(Prepared {
+                lower,
+                slot,
+                dir,
+                reuse,
+                key,
+            })
         })
         .await;
         match r {
-            Ok(Ok(l)) => l,
+            Ok(Ok(p)) => p,
             Ok(Err(e)) => return Err(err125("preparing the task's files", &e)),
             Err(e) => return Err(err125("preparing the task's files", &e)),
         }
     };
+    guard.dir = dir.clone();
+    guard.in_slot = reuse;
+    guard.slot = slot;
+    let (mut upper, work) = (dir.join("upper"), dir.join("work"));
     let lower_stack = lower.stack();
     guard.lower = Some(lower);
     let lower = lower_stack;
@@ -1108,18 +1143,51 @@ async fn prepare(
     };
     // A warm slot when one is ready: nothing moves between cgroups on the
     // task's path.
-    if let Some((pool, slot)) = env.warm.as_ref().and_then(|p| Some((p.clone(), p.take()?))) {
+    let ready = guard.slot.take().or_else(|| {
+        env.warm
+            .as_ref()
+            .filter(|_| !eligible)
+            .and_then(|p| Some((p.clone(), p.take()?)))
+    });
+    if let Some((pool, slot)) = ready {
         let fds = io.theirs().map_err(|e| err125("pipes", &e))?;
         let (m, l) = (mgr.clone(), limits(spec));
+        // A new tree for the slot to keep: the task's, with its own hold
+        // on its lower layers.
+        let keep = (eligible && !reuse).then(|| KeptTree {
+            dir: dir.clone(),
+            key,
+            hold: Box::new(guard.lower.clone()),
+        });
         let started = tokio::task::spawn_blocking(move || {
             let mut slot = slot;
             let [a, b, c] = &fds;
-            let r = slot.start(m.as_ref(), &l, &req, [a.as_fd(), b.as_fd(), c.as_fd()]);
+            let r = slot.start(
+                m.as_ref(),
+                &l,
+                &req,
+                [a.as_fd(), b.as_fd(), c.as_fd()],
+                keep,
+            );
             (slot, req, r)
         })
         .await;
-        match started {
-            Ok((slot, _, Ok(pid))) => {
+        let Ok((mut slot, req_back, r)) = started else {
+            return Err(err125(
+                "starting the command",
+                &"the starting thread failed",
+            ));
+        };
+        if let Some(k) = slot.take_released() {
+            // Unmounted by the spawner before it answered.
+            env.scratch.give_back(k.dir);
+        }
+        if r.is_ok() || matches!(r, Err(WarmError::Task { .. })) {
+            // The slot keeps the task's tree now (or still).
+            guard.in_slot |= eligible;
+        }
+        match (slot, req_back, r) {
+            (slot, _, Ok(pid)) => {
                 tracing::debug!(
                     start_ms = t.elapsed().as_secs_f64() * 1e3,
                     slot = slot.cgroup(),
@@ -1130,22 +1198,38 @@ async fn prepare(
                 let proc = Proc::Warm(WarmProc::new(pool, mgr, slot, pid));
                 return io.started(proc, upper).map_err(|e| err125("pipes", &e));
             }
-            Ok((slot, _, Err(WarmError::Task { errno, message }))) => {
-                let _ = tokio::task::spawn_blocking(move || pool.give_back(slot)).await;
+            (slot, _, Err(WarmError::Task { errno, message })) => {
+                // (Given back by the guard, which knows whether the tree
+                // is as it was.)
+                guard.slot = Some((pool, slot));
                 return Err(not_started(errno, &message));
             }
-            Ok((slot, r, Err(WarmError::TooLarge))) => {
-                // The slot is fine; the request (a huge environment) is not
-                // for it.
-                tokio::task::spawn_blocking(move || pool.give_back(slot));
+            (slot, r, Err(e)) => {
+                if matches!(e, WarmError::TooLarge) {
+                    // The slot is fine; the request (a huge environment)
+                    // is not for it.
+                    tokio::task::spawn_blocking(move || pool.give_back(slot, true));
+                } else {
+                    tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
+                    tokio::task::spawn_blocking(move || pool.discard(slot));
+                }
                 req = r;
+                if guard.in_slot {
+                    // That directory is the slot's (its spawner may keep it
+                    // mounted): the task gets one of its own.
+                    let d = env.scratch.take();
+                    fresh_dirs(&d).map_err(|e| err125("preparing the task's files", &e))?;
+                    upper = d.join("upper");
+                    if let Some(t) = req.spec.tree.as_mut() {
+                        t.upper.clone_from(&upper);
+                        t.work = d.join("work");
+                    }
+                    req.spec.run_dir = d.join("run");
+                    guard.in_slot = false;
+                    guard.dir = d;
+                    guard.spec = Some(req.spec.clone());
+                }
             }
-            Ok((slot, r, Err(e))) => {
-                tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
-                tokio::task::spawn_blocking(move || pool.discard(slot));
-                req = r;
-            }
-            Err(e) => return Err(err125("starting the command", &e)),
         }
     }
     let cg_name = format!("task-{}", spec.task_id);
@@ -1183,6 +1267,42 @@ async fn prepare(
         }
         Err(e) => Err(not_started(e.raw_os_error(), &e)),
     }
+}
+
+/// What `prepare` finds or makes off the runtime's threads.
+struct Prepared {
+    lower: Lower,
+    /// A warm slot, if one is ready (the one keeping this tree, if any).
+    slot: Option<(Arc<Pool>, Slot)>,
+    /// The task's directory: the slot's kept tree's (`reuse`) or a fresh
+    /// one with its `upper` and `work`.
+    dir: PathBuf,
+    reuse: bool,
+    /// What identifies the tree: its layers and where it is seen.
+    key: Vec<PathBuf>,
+}
+
+/// Who owns a task's tree on this node: a root agent hands it to the
+/// guest; another agent's own uid is the guest's inside the workspace's
+/// user namespace, so its files stay its own (`None`).
+fn guest_owner() -> Option<(u32, u32)> {
+    nix::unistd::geteuid()
+        .is_root()
+        .then_some((GUEST_ID, GUEST_ID))
+}
+
+/// Makes (or, in a directory kept from an earlier task, sets back) a task
+/// directory's `upper` and `work`: the upper layer's top as a new one is.
+fn fresh_dirs(dir: &Path) -> Result<(), String> {
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    if let Some((u, g)) = guest_owner() {
+        std::os::unix::fs::chown(&upper, Some(u), Some(g)).map_err(|e| e.to_string())?;
+    }
+    std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| e.to_string())
 }
 
 /// The command's environment: the submitter's, and where and what it is.
@@ -1452,7 +1572,14 @@ impl Drop for WarmProc {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     if let Ok((slot, _, _)) = h.await {
-                        let _ = tokio::task::spawn_blocking(move || pool.give_back(slot)).await;
+                        // Its tree (if the slot kept it) may have been
+                        // changed: unmounted and removed.
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Some(k) = pool.give_back(slot, false) {
+                                let _ = workspace::remove_all(&k.dir);
+                            }
+                        })
+                        .await;
                     }
                 });
             }

@@ -51,7 +51,7 @@ impl Scratch {
     /// Gives a task's directory back once its overlay is unmounted: kept
     /// when nothing of the task is left in it, else removed.
     pub fn give_back(&self, d: PathBuf) {
-        if clean(&d) {
+        if clean(&d, None) {
             let mut free = self.lock();
             if free.len() < self.cap {
                 free.push(d);
@@ -68,9 +68,13 @@ impl Scratch {
 
 /// Nothing of a task in `d`: an empty upper layer without attributes of
 /// the task's (a `user.` attribute set on the tree's top directory would
-/// be there), an empty (or absent) overlay scratch `work/work`, and
-/// nothing else beside them.
-fn clean(d: &Path) -> bool {
+/// be there), an empty (or absent) overlay scratch `work/work`, an empty
+/// mount point `mnt` (where a warm slot's spawner mounts the tree in its
+/// own namespace) or none, and nothing else beside them. With `owner`,
+/// the upper layer's top must also still be as made (mode 0755, that
+/// owner): a tree kept mounted is not set back before its next task.
+pub fn clean(d: &Path, owner: Option<(u32, u32)>) -> bool {
+    use std::os::unix::fs::MetadataExt;
     let empty = |p: &Path| std::fs::read_dir(p).is_ok_and(|mut r| r.next().is_none());
     let only = |p: &Path, names: &[&str]| {
         std::fs::read_dir(p).is_ok_and(|r| {
@@ -82,8 +86,17 @@ fn clean(d: &Path) -> bool {
     let work = d.join("work");
     let no_user_attrs =
         || xattr_names(&upper).is_some_and(|names| names.iter().all(|n| !n.starts_with(b"user.")));
-    only(d, &["upper", "work"])
+    let as_made = || {
+        owner.is_none_or(|(u, g)| {
+            std::fs::symlink_metadata(&upper)
+                .is_ok_and(|m| m.mode() & 0o7777 == 0o755 && m.uid() == u && m.gid() == g)
+        })
+    };
+    let mnt = d.join("mnt");
+    only(d, &["upper", "work", "mnt"])
         && empty(&upper)
+        && as_made()
+        && (!mnt.exists() || empty(&mnt))
         && no_user_attrs()
         && only(&work, &["work"])
         && (!work.join("work").exists() || empty(&work.join("work")))

@@ -158,6 +158,9 @@ enum Reply {
     Spare {
         spare: Vec<u32>,
     },
+    /// First answer to a `MakeSpare` that does not keep the tree: it is
+    /// unmounted (its directories may be emptied).
+    Dropped,
 }
 
 /// What the agent sends a spawner.
@@ -166,15 +169,55 @@ enum ToSpawner {
     /// Start this task.
     Task(Box<Request>),
     /// Make the next task's workspace ahead (sent when the slot is back in
-    /// the pool, so that the time it takes keeps no task waiting).
-    MakeSpare,
+    /// the pool, so that the time it takes keeps no task waiting). Unless
+    /// `keep_tree`, unmount the tree kept mounted first (its last task
+    /// changed it) and say so (`Dropped`).
+    MakeSpare { keep_tree: bool },
 }
 
 /// [`ToSpawner`] as the agent writes it (the same encoding, borrowed).
 #[derive(Debug, Serialize)]
 enum ToSpawnerRef<'a> {
     Task(&'a Request),
-    MakeSpare,
+    MakeSpare { keep_tree: bool },
+}
+
+/// The tree a spawner keeps mounted in its own mount namespace between
+/// the slot's tasks, while they leave it unchanged: each task attaches a
+/// copy ([`crate::workspace::clone_tree`]) instead of mounting an overlay
+/// of its own. The mount, made once, is what costs: the overlay makes and
+/// removes test files in its work directory (inode allocations, slow on a
+/// busy disk) and syncs the upper file system when it goes.
+#[derive(Debug)]
+struct KeptMount {
+    /// Its layers, upper and work directories.
+    key: (Vec<PathBuf>, PathBuf, PathBuf),
+    /// Where it is mounted (`mnt` beside its work directory).
+    at: PathBuf,
+}
+
+/// The spawner's kept tree for `t`, mounted now if another (or none) is;
+/// returns a detached copy of it for the task's namespace.
+fn kept_tree(kept: &mut Option<KeptMount>, t: &crate::workspace::Tree) -> io::Result<OwnedFd> {
+    let key = (t.lower.clone(), t.upper.clone(), t.work.clone());
+    if kept.as_ref().map(|k| &k.key) != Some(&key) {
+        drop_tree(kept);
+        let at = t.work.with_file_name("mnt");
+        std::fs::create_dir_all(&at)?;
+        crate::workspace::mount_tree(t, &at)?;
+        *kept = Some(KeptMount { key, at });
+    }
+    match kept {
+        Some(k) => crate::workspace::clone_tree(&k.at),
+        None => Err(io::Error::other("no tree kept")),
+    }
+}
+
+/// Unmounts the kept tree, if any.
+fn drop_tree(kept: &mut Option<KeptMount>) {
+    if let Some(k) = kept.take() {
+        let _ = nix::mount::umount2(&k.at, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// Signals a spawner ignores (its tasks do not).
@@ -311,6 +354,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     };
     // The next task's workspace, made ahead when it can be.
     let mut spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
+    let mut kept: Option<KeptMount> = None;
     let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
     reply(sock, &Reply::Ready { spare: pids })?;
     let mut buf = vec![0u8; MAX_REQUEST];
@@ -319,7 +363,11 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
             return Ok(());
         };
         let r = match postcard::from_bytes::<ToSpawner>(&buf[..n]) {
-            Ok(ToSpawner::MakeSpare) => {
+            Ok(ToSpawner::MakeSpare { keep_tree }) => {
+                if !keep_tree {
+                    drop_tree(&mut kept);
+                    reply(sock, &Reply::Dropped)?;
+                }
                 if spare.is_none() {
                     spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
                 }
@@ -327,9 +375,14 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                 reply(sock, &Reply::Spare { spare: pids })?;
                 continue;
             }
-            Ok(ToSpawner::Task(req)) => {
-                start(*req, fds, host_net.as_fd(), base.as_deref(), &mut spare)
-            }
+            Ok(ToSpawner::Task(req)) => start(
+                *req,
+                fds,
+                host_net.as_fd(),
+                base.as_deref(),
+                &mut spare,
+                &mut kept,
+            ),
             Err(e) => (
                 Err(Reply::Failed {
                     errno: None,
@@ -506,6 +559,9 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
     let Ok(req) = postcard::from_bytes::<Request>(&buf[..n]) else {
         fail(None, "malformed request".into());
     };
+    // (A fourth: the task's tree, mounted already by the spawner.)
+    let mut fds = fds;
+    let tree = if fds.len() == 4 { fds.pop() } else { None };
     let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
         fail(None, "a request without its three descriptors".into());
     };
@@ -518,7 +574,7 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
             fail(e.raw_os_error(), format!("workspace: {e}"));
         }
     }
-    if let Err(e) = plan.finish_prepared() {
+    if let Err(e) = plan.finish_prepared(tree.as_ref().map(AsFd::as_fd)) {
         fail(e.raw_os_error(), format!("workspace: {e}"));
     }
     let argv: Vec<CString> = req
@@ -705,6 +761,7 @@ fn start(
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
     spare: &mut Option<Prefork>,
+    kept: &mut Option<KeptMount>,
 ) -> (Result<Spawned, Reply>, Vec<PathBuf>) {
     let made = match (&req.spec.tree, base, &req.spec.root) {
         // Those the root lacks now (its own mount points stay).
@@ -724,12 +781,30 @@ fn start(
             // (The network is the slot's own, as the spawner's tasks have.)
             let mut req = req;
             req.spec.net = Net::Inherit;
+            // Its tree as the kept mount's copy; mounted by the task
+            // itself when that fails.
+            let mut fds = fds;
+            if let Some(t) = &req.spec.tree {
+                match kept_tree(kept, t) {
+                    Ok(fd) => fds.push(fd),
+                    Err(e) => {
+                        // (Never two overlays on one upper directory.)
+                        drop_tree(kept);
+                        tracing::debug!(error = %e, "no kept tree");
+                    }
+                }
+            }
             (start_ahead(p, &req, &fds), made)
         }
         other => {
             if let Some(p) = other {
                 p.discard();
             }
+            // The task mounts its tree itself. The kept one goes: the
+            // agent counts on it being unmounted once a request other than
+            // its own was served (its directories may then serve another
+            // slot's tasks).
+            drop_tree(kept);
             (start_in(req, fds, host_net, base), made)
         }
     }
@@ -828,12 +903,53 @@ pub struct Slot {
     spare: Vec<u32>,
     /// A `MakeSpare` was sent and its answer is still to be read.
     spare_asked: bool,
+    /// The tree its spawner keeps mounted between tasks, as the agent
+    /// knows it (the spawner may have unmounted it since, never kept
+    /// another).
+    kept_tree: Option<KeptTree>,
+    /// The tree kept before the last request replaced it, unmounted by
+    /// the spawner once it served that request.
+    released: Option<KeptTree>,
+}
+
+/// What the agent keeps with a slot whose spawner keeps a task's tree
+/// mounted for the next task with the same tree
+/// ([`Slot::keep_tree`]): the directory of its upper and work
+/// directories, what identifies the tree, and whatever must live as long
+/// as the mount (its lower layers, held).
+pub struct KeptTree {
+    /// The task directory (`upper`, `work` and the spawner's `mnt`).
+    pub dir: PathBuf,
+    /// What a task's tree must match to use it.
+    pub key: Vec<PathBuf>,
+    /// Held until the tree is unmounted.
+    pub hold: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for KeptTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptTree")
+            .field("dir", &self.dir)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Slot {
     /// The slot's cgroup (the task's cgroup while it runs).
     pub fn cgroup(&self) -> &str {
         &self.name
+    }
+
+    /// The tree its spawner keeps mounted, as last set.
+    pub fn kept_tree(&self) -> Option<&KeptTree> {
+        self.kept_tree.as_ref()
+    }
+
+    /// The tree the last [`Slot::start`] replaced: unmounted, its
+    /// directory the caller's again.
+    pub fn take_released(&mut self) -> Option<KeptTree> {
+        self.released.take()
     }
 
     fn link_err(&self) -> impl FnOnce(io::Error) -> WarmError + '_ {
@@ -865,6 +981,14 @@ impl Slot {
     /// pid of the workspace's supervisor (signals sent to it reach the
     /// command).
     ///
+    /// `keep`: the request's tree (its directory, what identifies it, what
+    /// must live as long as its mount), for the spawner to keep mounted
+    /// after the task; the tree kept before is then released
+    /// ([`Slot::take_released`]) once the request is sent. A request on
+    /// the slot's own root and network is served with the kept tree's
+    /// mount (made now if it is another tree's), and any other request
+    /// unmounts it.
+    ///
     /// # Errors
     /// [`WarmError::Task`] when the task itself cannot start; any other
     /// error means the slot is unusable (start the task elsewhere).
@@ -874,6 +998,7 @@ impl Slot {
         limits: &Limits,
         req: &Request,
         stdio: [BorrowedFd<'_>; 3],
+        keep: Option<KeptTree>,
     ) -> Result<u32, WarmError> {
         if self.spare_asked {
             // (Made while the slot waited in the pool.)
@@ -899,6 +1024,9 @@ impl Slot {
         match send(self.sock.as_fd(), &bytes, &stdio) {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Err(WarmError::TooLarge),
             r => r.map_err(self.link_err())?,
+        }
+        if let Some(k) = keep {
+            self.released = self.kept_tree.replace(k);
         }
         match self.read_reply(Some(Duration::from_secs(30)))? {
             Reply::Started { pid } => Ok(pid),
@@ -937,18 +1065,36 @@ impl Slot {
         )
     }
 
-    /// Asks the spawner to make the next task's workspace ahead.
-    fn ask_spare(&mut self) -> bool {
-        let Ok(bytes) = postcard::to_stdvec(&ToSpawnerRef::MakeSpare) else {
+    /// Asks the spawner to make the next task's workspace ahead, after
+    /// unmounting its kept tree unless `keep_tree` (then waits until it
+    /// has, and returns the tree's directory's record in `released`).
+    fn ask_spare(&mut self, keep_tree: bool, released: &mut Option<KeptTree>) -> bool {
+        let Ok(bytes) = postcard::to_stdvec(&ToSpawnerRef::MakeSpare { keep_tree }) else {
             return false;
         };
-        self.spare_asked = send(self.sock.as_fd(), &bytes, &[]).is_ok();
-        self.spare_asked
+        if send(self.sock.as_fd(), &bytes, &[]).is_err() {
+            return false;
+        }
+        if !keep_tree {
+            match self.read_reply(Some(Duration::from_secs(10))) {
+                Ok(Reply::Dropped) => *released = self.kept_tree.take(),
+                _ => return false,
+            }
+        }
+        self.spare_asked = true;
+        true
     }
 
     fn kill(mut self, mgr: &dyn CgroupManager) {
         let _ = self.spawner.kill();
         let _ = self.spawner.wait();
+        for k in [self.kept_tree.take(), self.released.take()]
+            .into_iter()
+            .flatten()
+        {
+            // Its mount went with the spawner.
+            let _ = crate::workspace::remove_all(&k.dir);
+        }
         if let Some(r) = &self.root {
             // Empty here: its root was mounted in the spawner's namespace.
             let _ = std::fs::remove_dir(r);
@@ -1030,8 +1176,20 @@ impl Pool {
 
     /// A free slot, if one is ready.
     pub fn take(&self) -> Option<Slot> {
+        self.take_preferring(|_| false)
+    }
+
+    /// A free slot, if one is ready: one for which `prefer` holds if
+    /// there is such, else one that keeps no tree, else any.
+    pub fn take_preferring(&self, prefer: impl Fn(&Slot) -> bool) -> Option<Slot> {
         let mut st = self.inner.lock();
-        let slot = st.free.pop()?;
+        let i = st
+            .free
+            .iter()
+            .rposition(&prefer)
+            .or_else(|| st.free.iter().rposition(|s| s.kept_tree.is_none()))
+            .or_else(|| st.free.len().checked_sub(1))?;
+        let slot = st.free.swap_remove(i);
         st.out += 1;
         drop(st);
         self.inner.wake.notify_one();
@@ -1040,19 +1198,26 @@ impl Pool {
 
     /// Returns a slot whose task has ended: kept if only its spawner is
     /// left in its cgroup and it is thawed, else removed (and replaced).
-    /// Blocks briefly (cgroup reads and writes).
-    pub fn give_back(&self, mut slot: Slot) {
+    /// Unless `keep_tree`, its spawner unmounts the tree it kept (the last
+    /// task changed it), and the tree's record is returned: its directory
+    /// is then the caller's to empty. Blocks briefly (cgroup reads and
+    /// writes).
+    pub fn give_back(&self, mut slot: Slot, keep_tree: bool) -> Option<KeptTree> {
         // Kept: its spawner makes the next task's workspace while it waits.
-        let keep = slot.settle() && self.inner.clean(&slot) && slot.ask_spare();
+        let mut released = None;
+        let keep = slot.settle()
+            && self.inner.clean(&slot)
+            && slot.ask_spare(keep_tree || slot.kept_tree.is_none(), &mut released);
         let mut st = self.inner.lock();
         st.out = st.out.saturating_sub(1);
         if keep && !st.closed {
             st.free.push(slot);
-            return;
+            return released;
         }
         drop(st);
         slot.kill(self.inner.mgr.as_ref());
         self.inner.wake.notify_one();
+        released
     }
 
     /// Throws away a slot that failed (its spawner is killed, its cgroup
@@ -1178,6 +1343,8 @@ impl Inner {
                 tearing_down: false,
                 spare: Vec::new(),
                 spare_asked: false,
+                kept_tree: None,
+                released: None,
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
                 Ok(Reply::Ready { spare }) => Ok(Slot { spare, ..slot }),

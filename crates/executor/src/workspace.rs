@@ -25,7 +25,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -184,6 +184,9 @@ pub struct Plan {
     /// Where the supervisor writes how the command ended as soon as it
     /// knows (see [`Plan::report_end_to`]).
     early: Option<i32>,
+    /// Which of `steps` mounts the task's tree (replaced by a mount made
+    /// elsewhere in [`Plan::finish_prepared`]).
+    tree_step: Option<usize>,
 }
 
 /// The one-line id maps of a workspace's user namespace, written by the
@@ -316,22 +319,7 @@ impl Plan {
             if t.lower.is_empty() {
                 return Err(WorkspaceError::NoLower(t.at.clone()));
             }
-            let mut data = b"lowerdir=".to_vec();
-            for (i, l) in t.lower.iter().enumerate() {
-                if i > 0 {
-                    data.push(b':');
-                }
-                overlay_escape(&mut data, l);
-            }
-            data.extend_from_slice(b",upperdir=");
-            overlay_escape(&mut data, &t.upper);
-            data.extend_from_slice(b",workdir=");
-            overlay_escape(&mut data, &t.work);
-            if unprivileged {
-                // In a user namespace the overlay keeps its marks (opaque
-                // directories) in `user.` attributes.
-                data.extend_from_slice(b",userxattr");
-            }
+            let data = overlay_data(t, unprivileged);
             steps.push(Step::Mount {
                 src: Some(c("shoal-tree")?),
                 target: c(root_dir.join(t.at.strip_prefix("/").unwrap_or(&t.at)))?,
@@ -340,6 +328,7 @@ impl Plan {
                 data: Some(c(OsStr::from_bytes(&data))?),
             });
         }
+        let tree_step = spec.tree.as_ref().map(|_| steps.len() - 1);
         let mut flags = TASK_NAMESPACES;
         if spec.net == Net::Loopback {
             flags |= CloneFlags::CLONE_NEWNET;
@@ -367,6 +356,7 @@ impl Plan {
             shared_root: base.is_some(),
             user_ns,
             early: None,
+            tree_step,
         })
     }
 
@@ -470,20 +460,48 @@ impl Plan {
     /// The rest of a workspace whose namespaces, private mounts, `/proc`
     /// and `/tmp` were made ahead ([`prepare_on_base`]): its tree, root,
     /// host name, directory and identity. For a plan on a slot's shared
-    /// root ([`Plan::on_base`]) only.
+    /// root ([`Plan::on_base`]) only. `tree`: the task's tree mounted
+    /// already, detached ([`clone_tree`]), attached here instead of a new
+    /// overlay mount.
     ///
     /// # Errors
     /// Not such a plan, or a step failed.
-    pub(crate) fn finish_prepared(&self) -> io::Result<()> {
+    pub(crate) fn finish_prepared(&self, tree: Option<BorrowedFd<'_>>) -> io::Result<()> {
         if !self.shared_root || self.user_ns.is_some() {
             return Err(io::Error::other("not a plan on a shared root"));
         }
-        self.set_up_after(TASK_MOUNTS)
+        let steps = self.steps.get(TASK_MOUNTS..).unwrap_or_default();
+        match (tree, self.tree_step) {
+            (Some(fd), Some(i)) if i >= TASK_MOUNTS => {
+                let (before, rest) = steps.split_at(i - TASK_MOUNTS);
+                run_steps(before)?;
+                let Some((Step::Mount { target, .. }, after)) = rest.split_first() else {
+                    return Err(io::Error::other("the tree's step is not a mount"));
+                };
+                rustix::mount::move_mount(
+                    fd,
+                    c"",
+                    rustix::fs::CWD,
+                    target.as_c_str(),
+                    rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+                )?;
+                run_steps(after)?;
+            }
+            (Some(_), _) => return Err(io::Error::other("a tree for a plan without one")),
+            (None, _) => run_steps(steps)?,
+        }
+        self.enter_root()
     }
 
     /// [`Plan::set_up`] from step `first` on.
     fn set_up_after(&self, first: usize) -> io::Result<()> {
         run_steps(self.steps.get(first..).unwrap_or_default())?;
+        self.enter_root()
+    }
+
+    /// Once everything is mounted: the root, host name, directory and
+    /// identity.
+    fn enter_root(&self) -> io::Result<()> {
         nix::unistd::pivot_root(self.new_root.as_c_str(), self.old_root.as_c_str())?;
         nix::unistd::chdir("/")?;
         umount2(self.old_root_rel.as_c_str(), MntFlags::MNT_DETACH)?;
@@ -733,6 +751,67 @@ pub fn assemble_base(root_dir: &Path) -> Result<(), WorkspaceError> {
     )
     .map_err(sys)?;
     run_steps(&steps).map_err(io_err(root_dir))
+}
+
+/// The overlay's mount options for `t`.
+fn overlay_data(t: &Tree, unprivileged: bool) -> Vec<u8> {
+    let mut data = b"lowerdir=".to_vec();
+    for (i, l) in t.lower.iter().enumerate() {
+        if i > 0 {
+            data.push(b':');
+        }
+        overlay_escape(&mut data, l);
+    }
+    data.extend_from_slice(b",upperdir=");
+    overlay_escape(&mut data, &t.upper);
+    data.extend_from_slice(b",workdir=");
+    overlay_escape(&mut data, &t.work);
+    if unprivileged {
+        // In a user namespace the overlay keeps its marks (opaque
+        // directories) in `user.` attributes.
+        data.extend_from_slice(b",userxattr");
+    }
+    data
+}
+
+/// Mounts the overlay of tree `t` at `at` in the calling process's mount
+/// namespace (a warm slot's spawner keeps a tree mounted this way between
+/// tasks: each task attaches a copy of it, [`clone_tree`], instead of
+/// mounting an overlay of its own, which makes and removes test files in
+/// the work directory and syncs the upper file system when it goes).
+///
+/// # Errors
+/// A bad path, or the kernel refused the mount.
+pub(crate) fn mount_tree(t: &Tree, at: &Path) -> io::Result<()> {
+    if t.lower.is_empty() {
+        return Err(io::Error::other(WorkspaceError::NoLower(t.at.clone())));
+    }
+    let data = c(OsStr::from_bytes(&overlay_data(
+        t,
+        unprivileged().is_some(),
+    )))
+    .map_err(io::Error::other)?;
+    Ok(mount(
+        Some("shoal-tree"),
+        at,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(data.as_c_str()),
+    )?)
+}
+
+/// A detached copy of the mount at `at`, for another mount namespace to
+/// attach ([`Plan::finish_prepared`]).
+///
+/// # Errors
+/// The kernel refused (`open_tree` is Linux 5.2 and later).
+pub(crate) fn clone_tree(at: &Path) -> io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    Ok(rustix::mount::open_tree(
+        rustix::fs::CWD,
+        at,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )?)
 }
 
 /// Appends `path` to overlay mount options, its separators (`:` between

@@ -648,8 +648,8 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// What tasks left in an agent's task directory (`DATA_DIR/tasks`): every
 /// entry but the clean directories an executor keeps for its next tasks
-/// (`scratch.N` holding only an empty `upper` and a `work` with at most an
-/// empty `work`).
+/// (`scratch.N` holding only an empty `upper`, a `work` with at most an
+/// empty `work`, and maybe an empty `mnt`: a warm slot's mount point).
 pub fn task_leftovers(tasks: &std::path::Path) -> Vec<std::path::PathBuf> {
     let empty = |p: &std::path::Path| std::fs::read_dir(p).is_ok_and(|mut r| r.next().is_none());
     let names = |p: &std::path::Path| -> Vec<String> {
@@ -672,7 +672,8 @@ pub fn task_leftovers(tasks: &std::path::Path) -> Vec<std::path::PathBuf> {
             let kept = d
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("scratch."))
-                && names(d) == ["upper", "work"]
+                && (names(d) == ["upper", "work"] || names(d) == ["mnt", "upper", "work"])
+                && (!d.join("mnt").exists() || empty(&d.join("mnt")))
                 && empty(&d.join("upper"))
                 && (empty(&d.join("work"))
                     || (names(&d.join("work")) == ["work"] && empty(&d.join("work/work"))));

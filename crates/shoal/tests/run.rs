@@ -533,6 +533,115 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
 
 /// `shoal run --node h1 -- sleep SECS`, started, its process visible here
 /// (with the client's stderr, kept open).
+/// The trees mounted (by any process, in any mount namespace) at the
+/// mount points a warm slot's spawner keeps under `tasks`.
+fn kept_tree_mounts(tasks: &Path) -> std::collections::BTreeSet<String> {
+    let prefix = tasks.to_string_lossy().into_owned();
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(e.path().join("mountinfo")) else {
+            continue;
+        };
+        for line in info.lines() {
+            let Some((head, tail)) = line.split_once(" - ") else {
+                continue;
+            };
+            let at = head.split(' ').nth(4).unwrap_or_default();
+            if tail.starts_with("overlay shoal-tree ") && at.starts_with(&prefix) {
+                out.insert(at.to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_warm_slot_keeps_a_tree_mounted_only_while_its_tasks_leave_it_as_it_was() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run14", 33, 1) else {
+        return;
+    };
+    // One slot: every task below runs in it, one after another.
+    lab.configs[0] = format!("warm_slots = 1\n{}", lab.configs[0]);
+    start_all(&mut lab, &[0], &[]);
+    wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
+    wait_facts(&lab);
+    // Its slot back and ready, with its spare workspace (three
+    // processes): a task's end reaches its submitter before that.
+    let slot_ready = || {
+        let ready = wait_for(Duration::from_secs(20), || {
+            let d = std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h0").ok()?;
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+                .any(|e| {
+                    std::fs::read_to_string(e.path().join("cgroup.procs"))
+                        .is_ok_and(|p| p.lines().count() == 3)
+                })
+                .then_some(())
+        });
+        assert!(ready.is_some(), "h0's warm slot");
+    };
+    let tree = Tree::new(&lab.dir.join("tree"));
+    tree.write("a.txt", "hi\n");
+    let tasks = lab.hosts[0].data_dir.join("tasks");
+    let sh = |commit: &str, script: &str| {
+        slot_ready();
+        let o = out(run(
+            &lab,
+            &tree,
+            &["--local", "--commit", commit, "--", "sh", "-c", script],
+        ));
+        assert!(o.status.success(), "{script}: {}", s(&o.stderr));
+        s(&o.stdout)
+    };
+    let kept = || {
+        wait_for(Duration::from_secs(5), || {
+            let m = kept_tree_mounts(&tasks);
+            (m.len() == 1).then_some(m)
+        })
+        .unwrap_or_else(|| panic!("one kept tree: {:?}", kept_tree_mounts(&tasks)))
+    };
+    let none_kept = || {
+        wait_for(Duration::from_secs(5), || {
+            kept_tree_mounts(&tasks).is_empty().then_some(())
+        })
+        .unwrap_or_else(|| panic!("no kept tree: {:?}", kept_tree_mounts(&tasks)))
+    };
+
+    // A task that only reads leaves its tree mounted for the next, which
+    // is served from it.
+    assert_eq!(sh("success", "cat a.txt"), "hi\n");
+    let first = kept();
+    assert_eq!(sh("success", "cat a.txt; ls"), "hi\na.txt\n");
+    assert_eq!(kept(), first, "the same mount served the second task");
+
+    // A task that changes the tree (files made and removed, nothing
+    // committed): the mount goes, and the next task sees the tree as it is.
+    assert_eq!(sh("never", "echo x > junk; rm a.txt; ls"), "junk\n");
+    none_kept();
+    assert_eq!(sh("success", "ls"), "a.txt\n");
+    kept();
+    // So does one that changes the tree's top directory itself.
+    assert_eq!(sh("never", "chmod 700 .; stat -c %a ."), "700\n");
+    none_kept();
+    assert_eq!(sh("success", "stat -c %a ."), "755\n");
+    // A task whose changes are committed changes the submitter's tree: the
+    // next task has that tree, in a mount of its own.
+    let before = kept();
+    assert_eq!(sh("success", "echo new > b.txt"), "");
+    assert_eq!(tree.read("b.txt").as_deref(), Some("new\n"));
+    assert_eq!(sh("success", "cat b.txt"), "new\n");
+    let after = kept();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before, "a new tree, a new mount");
+    // Nothing of any task is left beside the kept tree's clean directory.
+    assert!(
+        shoal_netns::task_leftovers(&tasks).is_empty(),
+        "{:?}",
+        shoal_netns::task_leftovers(&tasks)
+    );
+}
+
 fn sleeping_on_h1(
     lab: &Lab,
     tree: &Tree,

@@ -604,6 +604,18 @@ impl Lower {
     }
 }
 
+impl Clone for Lower {
+    /// Another hold on the same layers (each released on its own drop).
+    fn clone(&self) -> Self {
+        self.lowers.lock().hold(&self.keys);
+        Self {
+            lowers: self.lowers.clone(),
+            keys: self.keys.clone(),
+            path: self.path.clone(),
+        }
+    }
+}
+
 impl Drop for Lower {
     fn drop(&mut self) {
         self.lowers.lock().release(&self.keys);
@@ -1123,7 +1135,16 @@ mod tests {
         // Made again, from scratch, after it was evicted.
         let again = lowers.get(&cas, &next, None).unwrap();
         assert!(again.path.join("src/f0.o").is_file());
+        // A clone is a hold of its own: the layers stay until both go.
+        let kept = again.clone();
         drop(again);
+        let _ = lowers.get(&cas, &far, None).unwrap();
+        lowers.evict();
+        assert!(kept.stack().iter().all(|p| p.is_dir()), "held by the clone");
+        let stack = kept.stack();
+        drop(kept);
+        lowers.evict();
+        assert!(stack.iter().all(|p| !p.exists()), "released by the clone");
         fs::remove_dir_all(&d).unwrap();
     }
 
