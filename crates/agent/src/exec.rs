@@ -458,7 +458,7 @@ impl Drop for TaskGuard {
             // The tree stays mounted for the slot's next task only as it
             // was: else its spawner unmounts it and the directory goes.
             let keep_tree = !self.in_slot || crate::scratch::clean(&self.dir, guest_owner());
-            if let Some(k) = pool.give_back(slot, keep_tree) {
+            for k in pool.give_back(slot, keep_tree) {
                 self.scratch.give_back(k.dir);
             }
         } else if let (Some((m, name)), false) = (&self.cgroup, self.warm) {
@@ -1172,16 +1172,12 @@ async fn prepare(
             (slot, req, r)
         })
         .await;
-        let Ok((mut slot, req_back, r)) = started else {
+        let Ok((slot, req_back, r)) = started else {
             return Err(err125(
                 "starting the command",
                 &"the starting thread failed",
             ));
         };
-        if let Some(k) = slot.take_released() {
-            // Unmounted by the spawner before it answered.
-            env.scratch.give_back(k.dir);
-        }
         if r.is_ok() || matches!(r, Err(WarmError::Task { .. })) {
             // The slot keeps the task's tree now (or still).
             guard.in_slot |= eligible;
@@ -1208,7 +1204,12 @@ async fn prepare(
                 if matches!(e, WarmError::TooLarge) {
                     // The slot is fine; the request (a huge environment)
                     // is not for it.
-                    tokio::task::spawn_blocking(move || pool.give_back(slot, true));
+                    let scratch = env.scratch.clone();
+                    tokio::task::spawn_blocking(move || {
+                        for k in pool.give_back(slot, true) {
+                            scratch.give_back(k.dir);
+                        }
+                    });
                 } else {
                     tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
                     tokio::task::spawn_blocking(move || pool.discard(slot));
@@ -1575,7 +1576,7 @@ impl Drop for WarmProc {
                         // Its tree (if the slot kept it) may have been
                         // changed: unmounted and removed.
                         let _ = tokio::task::spawn_blocking(move || {
-                            if let Some(k) = pool.give_back(slot, false) {
+                            for k in pool.give_back(slot, false) {
                                 let _ = workspace::remove_all(&k.dir);
                             }
                         })

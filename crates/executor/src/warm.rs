@@ -158,8 +158,8 @@ enum Reply {
     Spare {
         spare: Vec<u32>,
     },
-    /// First answer to a `MakeSpare` that does not keep the tree: it is
-    /// unmounted (its directories may be emptied).
+    /// First answer to a `MakeSpare` with `confirm`: the trees it was to
+    /// drop are unmounted (their directories may be emptied or reused).
     Dropped,
 }
 
@@ -169,17 +169,18 @@ enum ToSpawner {
     /// Start this task.
     Task(Box<Request>),
     /// Make the next task's workspace ahead (sent when the slot is back in
-    /// the pool, so that the time it takes keeps no task waiting). Unless
-    /// `keep_tree`, unmount the tree kept mounted first (its last task
-    /// changed it) and say so (`Dropped`).
-    MakeSpare { keep_tree: bool },
+    /// the pool, so that the time it takes keeps no task waiting). First
+    /// unmount the trees no longer kept, and the kept one too unless
+    /// `keep_tree` (its last task changed it); with `confirm`, say so
+    /// (`Dropped`) before making the workspace.
+    MakeSpare { keep_tree: bool, confirm: bool },
 }
 
 /// [`ToSpawner`] as the agent writes it (the same encoding, borrowed).
 #[derive(Debug, Serialize)]
 enum ToSpawnerRef<'a> {
     Task(&'a Request),
-    MakeSpare { keep_tree: bool },
+    MakeSpare { keep_tree: bool, confirm: bool },
 }
 
 /// The tree a spawner keeps mounted in its own mount namespace between
@@ -196,27 +197,52 @@ struct KeptMount {
     at: PathBuf,
 }
 
-/// The spawner's kept tree for `t`, mounted now if another (or none) is;
-/// returns a detached copy of it for the task's namespace.
-fn kept_tree(kept: &mut Option<KeptMount>, t: &crate::workspace::Tree) -> io::Result<OwnedFd> {
-    let key = (t.lower.clone(), t.upper.clone(), t.work.clone());
-    if kept.as_ref().map(|k| &k.key) != Some(&key) {
-        drop_tree(kept);
-        let at = t.work.with_file_name("mnt");
-        std::fs::create_dir_all(&at)?;
-        crate::workspace::mount_tree(t, &at)?;
-        *kept = Some(KeptMount { key, at });
-    }
-    match kept {
-        Some(k) => crate::workspace::clone_tree(&k.at),
-        None => Err(io::Error::other("no tree kept")),
-    }
+/// The trees a spawner has mounted: the one it keeps, and those it no
+/// longer does but has not unmounted yet. Unmounting the last mount of an
+/// overlay tears it down and syncs its upper file system: that waits until
+/// the slot is back in the pool (`MakeSpare`), off every task's path.
+#[derive(Debug, Default)]
+struct Trees {
+    kept: Option<KeptMount>,
+    stale: Vec<KeptMount>,
 }
 
-/// Unmounts the kept tree, if any.
-fn drop_tree(kept: &mut Option<KeptMount>) {
-    if let Some(k) = kept.take() {
-        let _ = nix::mount::umount2(&k.at, nix::mount::MntFlags::MNT_DETACH);
+impl Trees {
+    /// The kept tree for `t`, mounted now if another (or none) is kept;
+    /// returns a detached copy of it for the task's namespace.
+    fn copy_for(&mut self, t: &crate::workspace::Tree) -> io::Result<OwnedFd> {
+        let key = (t.lower.clone(), t.upper.clone(), t.work.clone());
+        if self.kept.as_ref().map(|k| &k.key) != Some(&key) {
+            self.retire();
+            let at = t.work.with_file_name("mnt");
+            std::fs::create_dir_all(&at)?;
+            crate::workspace::mount_tree(t, &at)?;
+            self.kept = Some(KeptMount { key, at });
+        }
+        match &self.kept {
+            Some(k) => crate::workspace::clone_tree(&k.at),
+            None => Err(io::Error::other("no tree kept")),
+        }
+    }
+
+    /// The kept tree is no longer kept (unmounted later, by `drop_stale`).
+    fn retire(&mut self) {
+        self.stale.extend(self.kept.take());
+    }
+
+    /// Unmounts the kept tree now: a task is to mount an overlay of its
+    /// own on its directories.
+    fn drop_kept(&mut self) {
+        if let Some(k) = self.kept.take() {
+            let _ = nix::mount::umount2(&k.at, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Unmounts the trees no longer kept.
+    fn drop_stale(&mut self) {
+        for k in self.stale.drain(..) {
+            let _ = nix::mount::umount2(&k.at, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -354,7 +380,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     };
     // The next task's workspace, made ahead when it can be.
     let mut spare = base.as_deref().and_then(|b| Prefork::make(b).ok());
-    let mut kept: Option<KeptMount> = None;
+    let mut trees = Trees::default();
     let pids = spare.as_ref().map_or_else(Vec::new, Prefork::pids);
     reply(sock, &Reply::Ready { spare: pids })?;
     let mut buf = vec![0u8; MAX_REQUEST];
@@ -363,9 +389,12 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
             return Ok(());
         };
         let r = match postcard::from_bytes::<ToSpawner>(&buf[..n]) {
-            Ok(ToSpawner::MakeSpare { keep_tree }) => {
+            Ok(ToSpawner::MakeSpare { keep_tree, confirm }) => {
                 if !keep_tree {
-                    drop_tree(&mut kept);
+                    trees.retire();
+                }
+                trees.drop_stale();
+                if confirm {
                     reply(sock, &Reply::Dropped)?;
                 }
                 if spare.is_none() {
@@ -381,7 +410,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                 host_net.as_fd(),
                 base.as_deref(),
                 &mut spare,
-                &mut kept,
+                &mut trees,
             ),
             Err(e) => (
                 Err(Reply::Failed {
@@ -761,7 +790,7 @@ fn start(
     host_net: BorrowedFd<'_>,
     base: Option<&Path>,
     spare: &mut Option<Prefork>,
-    kept: &mut Option<KeptMount>,
+    trees: &mut Trees,
 ) -> (Result<Spawned, Reply>, Vec<PathBuf>) {
     let made = match (&req.spec.tree, base, &req.spec.root) {
         // Those the root lacks now (its own mount points stay).
@@ -785,11 +814,11 @@ fn start(
             // itself when that fails.
             let mut fds = fds;
             if let Some(t) = &req.spec.tree {
-                match kept_tree(kept, t) {
+                match trees.copy_for(t) {
                     Ok(fd) => fds.push(fd),
                     Err(e) => {
                         // (Never two overlays on one upper directory.)
-                        drop_tree(kept);
+                        trees.drop_kept();
                         tracing::debug!(error = %e, "no kept tree");
                     }
                 }
@@ -800,11 +829,10 @@ fn start(
             if let Some(p) = other {
                 p.discard();
             }
-            // The task mounts its tree itself. The kept one goes: the
-            // agent counts on it being unmounted once a request other than
-            // its own was served (its directories may then serve another
-            // slot's tasks).
-            drop_tree(kept);
+            // The task mounts its tree itself (in directories of its own:
+            // the agent never gives it the kept tree's). The kept one is
+            // kept no longer: unmounted when the slot is back.
+            trees.retire();
             (start_in(req, fds, host_net, base), made)
         }
     }
@@ -907,9 +935,9 @@ pub struct Slot {
     /// knows it (the spawner may have unmounted it since, never kept
     /// another).
     kept_tree: Option<KeptTree>,
-    /// The tree kept before the last request replaced it, unmounted by
-    /// the spawner once it served that request.
-    released: Option<KeptTree>,
+    /// Trees kept before a request replaced them: their spawner unmounts
+    /// them when the slot comes back (`give_back` returns them then).
+    released: Vec<KeptTree>,
 }
 
 /// What the agent keeps with a slot whose spawner keeps a task's tree
@@ -946,12 +974,6 @@ impl Slot {
         self.kept_tree.as_ref()
     }
 
-    /// The tree the last [`Slot::start`] replaced: unmounted, its
-    /// directory the caller's again.
-    pub fn take_released(&mut self) -> Option<KeptTree> {
-        self.released.take()
-    }
-
     fn link_err(&self) -> impl FnOnce(io::Error) -> WarmError + '_ {
         |source| WarmError::Link {
             slot: self.name.clone(),
@@ -983,8 +1005,8 @@ impl Slot {
     ///
     /// `keep`: the request's tree (its directory, what identifies it, what
     /// must live as long as its mount), for the spawner to keep mounted
-    /// after the task; the tree kept before is then released
-    /// ([`Slot::take_released`]) once the request is sent. A request on
+    /// after the task; the tree kept before is returned by
+    /// [`Pool::give_back`] once unmounted. A request on
     /// the slot's own root and network is served with the kept tree's
     /// mount (made now if it is another tree's), and any other request
     /// unmounts it.
@@ -1026,7 +1048,7 @@ impl Slot {
             r => r.map_err(self.link_err())?,
         }
         if let Some(k) = keep {
-            self.released = self.kept_tree.replace(k);
+            self.released.extend(self.kept_tree.replace(k));
         }
         match self.read_reply(Some(Duration::from_secs(30)))? {
             Reply::Started { pid } => Ok(pid),
@@ -1066,18 +1088,27 @@ impl Slot {
     }
 
     /// Asks the spawner to make the next task's workspace ahead, after
-    /// unmounting its kept tree unless `keep_tree` (then waits until it
-    /// has, and returns the tree's directory's record in `released`).
-    fn ask_spare(&mut self, keep_tree: bool, released: &mut Option<KeptTree>) -> bool {
-        let Ok(bytes) = postcard::to_stdvec(&ToSpawnerRef::MakeSpare { keep_tree }) else {
+    /// unmounting the trees it no longer keeps, and its kept tree too
+    /// unless `keep_tree`. When that unmounts any, waits until it has, and
+    /// moves their records to `released`.
+    fn ask_spare(&mut self, keep_tree: bool, released: &mut Vec<KeptTree>) -> bool {
+        let dropping = !keep_tree && self.kept_tree.is_some();
+        let confirm = dropping || !self.released.is_empty();
+        let m = ToSpawnerRef::MakeSpare { keep_tree, confirm };
+        let Ok(bytes) = postcard::to_stdvec(&m) else {
             return false;
         };
         if send(self.sock.as_fd(), &bytes, &[]).is_err() {
             return false;
         }
-        if !keep_tree {
+        if confirm {
             match self.read_reply(Some(Duration::from_secs(10))) {
-                Ok(Reply::Dropped) => *released = self.kept_tree.take(),
+                Ok(Reply::Dropped) => {
+                    released.append(&mut self.released);
+                    if dropping {
+                        released.extend(self.kept_tree.take());
+                    }
+                }
                 _ => return false,
             }
         }
@@ -1088,9 +1119,11 @@ impl Slot {
     fn kill(mut self, mgr: &dyn CgroupManager) {
         let _ = self.spawner.kill();
         let _ = self.spawner.wait();
-        for k in [self.kept_tree.take(), self.released.take()]
+        for k in self
+            .kept_tree
+            .take()
             .into_iter()
-            .flatten()
+            .chain(self.released.drain(..))
         {
             // Its mount went with the spawner.
             let _ = crate::workspace::remove_all(&k.dir);
@@ -1198,16 +1231,15 @@ impl Pool {
 
     /// Returns a slot whose task has ended: kept if only its spawner is
     /// left in its cgroup and it is thawed, else removed (and replaced).
-    /// Unless `keep_tree`, its spawner unmounts the tree it kept (the last
-    /// task changed it), and the tree's record is returned: its directory
-    /// is then the caller's to empty. Blocks briefly (cgroup reads and
-    /// writes).
-    pub fn give_back(&self, mut slot: Slot, keep_tree: bool) -> Option<KeptTree> {
+    /// Its spawner unmounts the trees it no longer keeps, and the kept one
+    /// too unless `keep_tree` (the last task changed it); their records
+    /// are returned, their directories the caller's again. Blocks briefly
+    /// (cgroup reads and writes, the unmounts).
+    pub fn give_back(&self, mut slot: Slot, keep_tree: bool) -> Vec<KeptTree> {
         // Kept: its spawner makes the next task's workspace while it waits.
-        let mut released = None;
-        let keep = slot.settle()
-            && self.inner.clean(&slot)
-            && slot.ask_spare(keep_tree || slot.kept_tree.is_none(), &mut released);
+        let mut released = Vec::new();
+        let keep =
+            slot.settle() && self.inner.clean(&slot) && slot.ask_spare(keep_tree, &mut released);
         let mut st = self.inner.lock();
         st.out = st.out.saturating_sub(1);
         if keep && !st.closed {
@@ -1344,7 +1376,7 @@ impl Inner {
                 spare: Vec::new(),
                 spare_asked: false,
                 kept_tree: None,
-                released: None,
+                released: Vec::new(),
             };
             match slot.read_reply(Some(Duration::from_secs(10))) {
                 Ok(Reply::Ready { spare }) => Ok(Slot { spare, ..slot }),

@@ -634,6 +634,15 @@ fn a_warm_slot_keeps_a_tree_mounted_only_while_its_tasks_leave_it_as_it_was() {
     let after = kept();
     assert_eq!(after.len(), 1);
     assert_ne!(after, before, "a new tree, a new mount");
+    // A kept tree that a new tree replaces (the submitter's files changed
+    // between two runs that change nothing) is unmounted once the slot is
+    // back, and the new one kept.
+    tree.write("c.txt", "c\n");
+    assert_eq!(sh("success", "cat c.txt b.txt"), "c\nnew\n");
+    let last = kept();
+    assert_ne!(last, after, "the replaced tree is unmounted");
+    assert_eq!(sh("success", "cat c.txt"), "c\n");
+    assert_eq!(kept(), last, "and the new one serves the next task");
     // Nothing of any task is left beside the kept tree's clean directory.
     assert!(
         shoal_netns::task_leftovers(&tasks).is_empty(),
