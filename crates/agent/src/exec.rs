@@ -143,9 +143,10 @@ pub struct Kept {
 /// Output a detached attempt's spool holds in memory, per stream, before
 /// it goes to a file. Most tasks print less: their spool then costs no
 /// file (on this machine kind, each file made and removed per task slows
-/// every later inode allocation). The attempts detached at once are those
-/// that were running when their submitter went away, at most one per
-/// slot, so this bounds the memory too.
+/// every later inode allocation). The spools held at once are those of
+/// the batch attempts running (one per guest slot at most) and of those
+/// that ended after their submitter went away (until collected, or
+/// `KEEP`), so this bounds the memory too.
 const SPOOL_IN_MEMORY: usize = 256 << 10;
 
 /// Detached batch attempts by task id: a watch that holds their result

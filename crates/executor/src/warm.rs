@@ -941,10 +941,10 @@ pub struct Slot {
 }
 
 /// What the agent keeps with a slot whose spawner keeps a task's tree
-/// mounted for the next task with the same tree
-/// ([`Slot::keep_tree`]): the directory of its upper and work
-/// directories, what identifies the tree, and whatever must live as long
-/// as the mount (its lower layers, held).
+/// mounted for the next task with the same tree (given with the request,
+/// [`Slot::start`]): the directory of its upper and work directories, what
+/// identifies the tree, and whatever must live as long as the mount (its
+/// lower layers, held).
 pub struct KeptTree {
     /// The task directory (`upper`, `work` and the spawner's `mnt`).
     pub dir: PathBuf,
@@ -1006,10 +1006,10 @@ impl Slot {
     /// `keep`: the request's tree (its directory, what identifies it, what
     /// must live as long as its mount), for the spawner to keep mounted
     /// after the task; the tree kept before is returned by
-    /// [`Pool::give_back`] once unmounted. A request on
-    /// the slot's own root and network is served with the kept tree's
-    /// mount (made now if it is another tree's), and any other request
-    /// unmounts it.
+    /// [`Pool::give_back`] once unmounted. A request on the slot's own
+    /// root and network is served with the kept tree's mount (made now if
+    /// it is another tree's); any other request leaves it kept no longer
+    /// (unmounted when the slot is back).
     ///
     /// # Errors
     /// [`WarmError::Task`] when the task itself cannot start; any other
