@@ -682,7 +682,7 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let clean = wait_for(Duration::from_secs(5), || {
+    let clean = wait_for(Duration::from_secs(10), || {
         let no_dirs = shoal_netns::task_leftovers(&tasks).is_empty();
         // No task cgroup left, and the warm slots' hold nothing but their
         // spawners.
@@ -710,7 +710,9 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     });
     assert!(
         clean.is_some(),
-        "the executor kept the task's process, cgroup or files"
+        "the executor kept the task's process ({}), cgroup or files ({:?})",
+        any_process_with_cmdline(b"sleep\x00300\x00"),
+        shoal_netns::task_leftovers(&tasks)
     );
 }
 
