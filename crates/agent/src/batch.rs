@@ -838,6 +838,8 @@ impl Batch {
                         return End::Failed(125, format!("writing stderr: {e}"));
                     }
                 }
+                // (Nothing to apply: no trip to the submitter's thread.)
+                FromExec::Changes(cs) if cs.is_empty() => {}
                 FromExec::Changes(cs) => {
                     let files = stage.join("files");
                     let r = as_submitter(rec.uid, move || {

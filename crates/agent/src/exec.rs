@@ -772,12 +772,18 @@ where
             // Large files are read and sent after the change set, piece by
             // piece (a detached attempt's upper layer is kept for that until
             // its result is collected).
-            let up = upper.clone();
-            let cs = tokio::task::spawn_blocking(move || {
-                ChangeSet::from_upper_within(&up, INLINE_CHANGES)
-            })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // (An empty upper layer, most tasks of a batch, is one read
+            // here; any other is read off the runtime's threads.)
+            let cs = if std::fs::read_dir(&upper).is_ok_and(|mut d| d.next().is_none()) {
+                Ok(ChangeSet::default())
+            } else {
+                let up = upper.clone();
+                tokio::task::spawn_blocking(move || {
+                    ChangeSet::from_upper_within(&up, INLINE_CHANGES)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            };
             match cs {
                 Ok(cs) => end.push(FromExec::Changes(cs)),
                 Err(e) => end.push(failed(
