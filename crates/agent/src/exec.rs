@@ -1052,7 +1052,17 @@ async fn prepare(
                 Some(k) if reuse => k.dir.clone(),
                 _ => {
                     let d = scratch.take();
-                    fresh_dirs(&d)?;
+                    if let Err(e) = fresh_dirs(&d) {
+                        // (A full disk, say: the slot and the directory go
+                        // back.)
+                        if let Some((p, s)) = slot {
+                            for k in p.give_back(s, true) {
+                                scratch.give_back(k.dir);
+                            }
+                        }
+                        scratch.give_back(d);
+                        return Err(e);
+                    }
                     d
                 }
             };
