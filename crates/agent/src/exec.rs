@@ -1218,7 +1218,13 @@ async fn prepare(
                 return Err(not_started(errno, &message));
             }
             (slot, r, Err(e)) => {
-                if matches!(e, WarmError::TooLarge) {
+                // The slot's directory stays the slot's: a request too large
+                // was never sent, but any other failure may have come after
+                // the spawner took the tree (its directory then goes with
+                // the discarded slot).
+                let too_large = matches!(e, WarmError::TooLarge);
+                let own_dir = guard.in_slot || (eligible && !too_large);
+                if too_large {
                     // The slot is fine; the request (a huge environment)
                     // is not for it.
                     let scratch = env.scratch.clone();
@@ -1232,9 +1238,10 @@ async fn prepare(
                     tokio::task::spawn_blocking(move || pool.discard(slot));
                 }
                 req = r;
-                if guard.in_slot {
+                if own_dir {
                     // That directory is the slot's (its spawner may keep it
-                    // mounted): the task gets one of its own.
+                    // mounted, or remove it with the slot): the task gets
+                    // one of its own.
                     let d = env.scratch.take();
                     fresh_dirs(&d).map_err(|e| err125("preparing the task's files", &e))?;
                     upper = d.join("upper");
