@@ -316,17 +316,8 @@ impl Plan {
             for dir in tree_dirs(&root_dir, &t.at)? {
                 steps.push(Step::Mkdir(c(dir)?));
             }
-            if t.lower.is_empty() {
-                return Err(WorkspaceError::NoLower(t.at.clone()));
-            }
-            let data = overlay_data(t, unprivileged);
-            steps.push(Step::Mount {
-                src: Some(c("shoal-tree")?),
-                target: c(root_dir.join(t.at.strip_prefix("/").unwrap_or(&t.at)))?,
-                fstype: Some(c("overlay")?),
-                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                data: Some(c(OsStr::from_bytes(&data))?),
-            });
+            let at = root_dir.join(t.at.strip_prefix("/").unwrap_or(&t.at));
+            steps.push(tree_mount(t, &at, unprivileged)?);
         }
         let tree_step = spec.tree.as_ref().map(|_| steps.len() - 1);
         let mut flags = TASK_NAMESPACES;
@@ -753,8 +744,14 @@ pub fn assemble_base(root_dir: &Path) -> Result<(), WorkspaceError> {
     run_steps(&steps).map_err(io_err(root_dir))
 }
 
-/// The overlay's mount options for `t`.
-fn overlay_data(t: &Tree, unprivileged: bool) -> Vec<u8> {
+/// The step that mounts tree `t`'s overlay at `at`.
+///
+/// # Errors
+/// A tree without a lower layer, or a path with a NUL byte.
+fn tree_mount(t: &Tree, at: &Path, unprivileged: bool) -> Result<Step, WorkspaceError> {
+    if t.lower.is_empty() {
+        return Err(WorkspaceError::NoLower(t.at.clone()));
+    }
     let mut data = b"lowerdir=".to_vec();
     for (i, l) in t.lower.iter().enumerate() {
         if i > 0 {
@@ -771,7 +768,13 @@ fn overlay_data(t: &Tree, unprivileged: bool) -> Vec<u8> {
         // directories) in `user.` attributes.
         data.extend_from_slice(b",userxattr");
     }
-    data
+    Ok(Step::Mount {
+        src: Some(c("shoal-tree")?),
+        target: c(at)?,
+        fstype: Some(c("overlay")?),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        data: Some(c(OsStr::from_bytes(&data))?),
+    })
 }
 
 /// Mounts the overlay of tree `t` at `at` in the calling process's mount
@@ -783,21 +786,8 @@ fn overlay_data(t: &Tree, unprivileged: bool) -> Vec<u8> {
 /// # Errors
 /// A bad path, or the kernel refused the mount.
 pub(crate) fn mount_tree(t: &Tree, at: &Path) -> io::Result<()> {
-    if t.lower.is_empty() {
-        return Err(io::Error::other(WorkspaceError::NoLower(t.at.clone())));
-    }
-    let data = c(OsStr::from_bytes(&overlay_data(
-        t,
-        unprivileged().is_some(),
-    )))
-    .map_err(io::Error::other)?;
-    Ok(mount(
-        Some("shoal-tree"),
-        at,
-        Some("overlay"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(data.as_c_str()),
-    )?)
+    let step = tree_mount(t, at, unprivileged().is_some()).map_err(io::Error::other)?;
+    run_steps(&[step])
 }
 
 /// A detached copy of the mount at `at`, for another mount namespace to
