@@ -459,9 +459,7 @@ impl Drop for TaskGuard {
             // The tree stays mounted for the slot's next task only as it
             // was: else its spawner unmounts it and the directory goes.
             let keep_tree = !self.in_slot || crate::scratch::clean(&self.dir, guest_owner());
-            for k in pool.give_back(slot, keep_tree) {
-                self.scratch.give_back(k.dir);
-            }
+            self.scratch.give_back_slot(&pool, slot, keep_tree);
         } else if let (Some((m, name)), false) = (&self.cgroup, self.warm) {
             if let Err(e) = m.remove(name) {
                 tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
@@ -1056,9 +1054,7 @@ async fn prepare(
                         // (A full disk, say: the slot and the directory go
                         // back.)
                         if let Some((p, s)) = slot {
-                            for k in p.give_back(s, true) {
-                                scratch.give_back(k.dir);
-                            }
+                            scratch.give_back_slot(&p, s, true);
                         }
                         scratch.give_back(d);
                         return Err(e);
@@ -1228,11 +1224,7 @@ async fn prepare(
                     // The slot is fine; the request (a huge environment)
                     // is not for it.
                     let scratch = env.scratch.clone();
-                    tokio::task::spawn_blocking(move || {
-                        for k in pool.give_back(slot, true) {
-                            scratch.give_back(k.dir);
-                        }
-                    });
+                    tokio::task::spawn_blocking(move || scratch.give_back_slot(&pool, slot, true));
                 } else {
                     tracing::warn!(error = %e, "warm slot failed; starting the task in a fresh cgroup");
                     tokio::task::spawn_blocking(move || pool.discard(slot));
@@ -1616,16 +1608,9 @@ impl Drop for WarmProc {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("shoal-spool-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     #[test]
     fn a_small_spool_stays_in_memory_and_a_large_one_goes_whole_to_its_file() {
-        let d = scratch("spill");
+        let d = crate::test_dir("spool-spill");
         let det = Detached::new(&d);
         let mut sp = det.register("t1");
         sp.write(true, b"hello ");
@@ -1669,7 +1654,7 @@ mod tests {
 
     #[test]
     fn a_spool_that_cannot_reach_its_disk_is_not_kept() {
-        let d = scratch("broken");
+        let d = crate::test_dir("spool-broken");
         let det = Detached::new(&d.join("gone"));
         std::fs::remove_dir_all(d.join("gone")).unwrap();
         let mut sp = det.register("t2");

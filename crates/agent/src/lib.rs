@@ -32,3 +32,13 @@ pub mod scratch;
 
 pub use config::{AgentConfig, ConfigError, Flags};
 pub use runtime::{run, AgentError};
+
+/// A fresh directory for a unit test, named after it (emptied if an
+/// earlier run left it).
+#[cfg(test)]
+pub(crate) fn test_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-agent-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    d
+}

@@ -725,8 +725,7 @@ mod tests {
 
     #[test]
     fn only_terminals_used_since_boot_are_polled() {
-        let d = std::env::temp_dir().join(format!("shoal-ttys-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::test_dir("ttys");
         let (unused, used) = (d.join("tty40"), d.join("pts-3"));
         for p in [&unused, &used] {
             std::fs::write(p, "").unwrap();

@@ -61,6 +61,20 @@ impl Scratch {
         let _ = shoal_executor::workspace::remove_all(&d);
     }
 
+    /// Gives a warm slot back to its pool (see
+    /// [`shoal_executor::warm::Pool::give_back`]), and here the
+    /// directories of the trees its spawner no longer keeps.
+    pub fn give_back_slot(
+        &self,
+        pool: &shoal_executor::warm::Pool,
+        slot: shoal_executor::warm::Slot,
+        keep_tree: bool,
+    ) {
+        for k in pool.give_back(slot, keep_tree) {
+            self.give_back(k.dir);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -120,13 +134,6 @@ fn xattr_names(p: &Path) -> Option<Vec<Vec<u8>>> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("shoal-scratch-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     fn made(s: &Scratch) -> PathBuf {
         let d = s.take();
         std::fs::create_dir_all(d.join("upper")).unwrap();
@@ -136,7 +143,7 @@ mod tests {
 
     #[test]
     fn a_directory_the_task_left_clean_serves_the_next_and_any_other_goes() {
-        let root = scratch("reuse");
+        let root = crate::test_dir("scratch-reuse");
         let s = Scratch::new(&root, 2);
         let a = made(&s);
         s.give_back(a.clone());
