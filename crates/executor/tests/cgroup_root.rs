@@ -308,15 +308,18 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
     s.mgr
         .reuse("slot", &Limits::default(), Some(&limited))
         .unwrap();
-    assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1");
-    assert_eq!(file("cpu", "cpu.shares"), "1024");
-    assert!(
-        file("memory", "memory.limit_in_bytes")
-            .parse::<u64>()
-            .unwrap()
-            > 1 << 40
-    );
-    assert_eq!(file("pids", "pids.max"), "max");
+    let lifted = || {
+        assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1");
+        assert_eq!(file("cpu", "cpu.shares"), "1024");
+        assert!(
+            file("memory", "memory.limit_in_bytes")
+                .parse::<u64>()
+                .unwrap()
+                > 1 << 40
+        );
+        assert_eq!(file("pids", "pids.max"), "max");
+    };
+    lifted();
     // Limits as they are now are not written again, except the CPU quota
     // (the owner's policy changes it while a task runs): marks put in the
     // files by hand stay, the quota is reset.
@@ -342,13 +345,6 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
     assert_eq!(file("cpu", "cpu.cfs_quota_us"), "-1", "the quota always");
     // Unknown (after a failed reuse): everything is written.
     s.mgr.reuse("slot", &none, None).unwrap();
-    assert_eq!(file("pids", "pids.max"), "max");
-    assert_eq!(file("cpu", "cpu.shares"), "1024");
-    assert!(
-        file("memory", "memory.limit_in_bytes")
-            .parse::<u64>()
-            .unwrap()
-            > 1 << 40
-    );
+    lifted();
     assert_eq!(s.mgr.pids("slot").unwrap().len(), 1, "its process stayed");
 }
