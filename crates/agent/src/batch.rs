@@ -530,41 +530,59 @@ impl Batch {
         }
     }
 
-    /// Starts the planned attempts: all journaled in one durable
-    /// transaction (a restarted agent adopts what it started, and never
-    /// reuses a fence an executor may still hold), then each driven.
+    /// Starts the planned attempts: each journaled durably under a fresh
+    /// fence (grouped with whatever else waits for the journal) before it
+    /// is driven, so a restarted agent adopts what it started and never
+    /// reuses a fence an executor may still hold.
     fn start(self: Arc<Self>, main: mpsc::Sender<ControlMsg>, picks: Vec<Pick>) {
         let Ok(j) = self.journal() else { return };
-        let keys: Vec<(u64, u32)> = picks.iter().map(|p| (p.job, p.index)).collect();
-        let started = j.update_many(&keys, true, |i, t, fence| {
-            let node = &picks[i].node;
-            t.task.start(node, fence).then(|| {
-                t.node = Some(node.clone());
-                fence
-            })
-        });
-        let fences = match started {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "journal: cannot start tasks");
-                return;
-            }
-        };
-        for (p, fence) in picks.into_iter().zip(fences) {
-            let Some(fence) = fence else { continue };
-            let rec = {
-                let mut st = self.lock();
+        // Taken in memory at once (the next plan passes them by), journaled
+        // on the journal's thread (the event loop never waits on the disk);
+        // each attempt begins once its start is durable.
+        let mut started = Vec::with_capacity(picks.len());
+        {
+            let mut st = self.lock();
+            for p in picks {
                 let Some(m) = st.jobs.get_mut(&p.job) else {
                     continue;
                 };
                 m.set(p.index, Mem::Running);
                 let rec = m.rec.clone();
                 *st.inflight.entry(p.node.clone()).or_insert(0) += 1;
-                rec
-            };
+                let node = p.node.clone();
+                let journaled = j.update_grouped(p.job, p.index, move |t, fence| {
+                    if t.task.start(&node, fence) {
+                        t.node = Some(node);
+                        Ok(fence)
+                    } else {
+                        Err(t.task.state.clone())
+                    }
+                });
+                started.push((p, rec, journaled));
+            }
+        }
+        for (p, rec, journaled) in started {
             let (me, main) = (self.clone(), main.clone());
             tokio::spawn(async move {
-                me.attempt(main, rec, p, fence).await;
+                let now = match journaled.await {
+                    Ok(Ok(fence)) => return me.attempt(main, rec, p, fence).await,
+                    // Cancelled (or otherwise moved on) meanwhile.
+                    Ok(Err(state)) => mem_of(&state),
+                    Err(e) => {
+                        tracing::error!(error = %e, "journal: cannot start a task");
+                        Mem::Queued
+                    }
+                };
+                {
+                    let mut st = me.lock();
+                    if let Some(m) = st.jobs.get_mut(&p.job) {
+                        m.set(p.index, now);
+                    }
+                    if let Some(n) = st.inflight.get_mut(&p.node) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                me.wake.notify_one();
             });
         }
     }
@@ -597,7 +615,8 @@ impl Batch {
                 }
             }
         };
-        self.finish(&rec, &p, a.fence, end, &out, &stage).await;
+        self.finish(&rec, &p, a.fence, end, &out, &stage, None)
+            .await;
         {
             let mut st = self.lock();
             if let Some(n) = st.inflight.get_mut(&a.node) {
@@ -643,19 +662,26 @@ impl Batch {
     ) {
         let out = output_dir(&rec);
         let stage = out.join(format!(".shoal-{}-{fence}", p.index));
+        let mut outputs = None;
         let end = match self.manifest(&rec).await {
             Err(e) => End::Failed(2, format!("inputs: {e}")),
-            Ok(man) => match prepare_stage(&stage, rec.uid).await {
-                Err(e) => End::Failed(125, format!("{}: {e}", stage.display())),
-                Ok(()) => {
+            Ok(man) => match open_outputs(rec.uid, &stage, true).await {
+                Err(e) => e,
+                Ok(o) => {
+                    let o = outputs.insert(o);
                     tokio::select! {
-                        e = self.drive(&rec, &p, fence, &man, &stage) => e,
+                        e = self.drive(&rec, &p, fence, &man, &stage, o) => e,
                         state = gone(&main, &p.node) => End::Lost(format!("{} is {state}", p.node)),
                     }
                 }
             },
         };
-        self.finish(&rec, &p, fence, end, &out, &stage).await;
+        let outputs = match outputs {
+            Some(o) => Some(o.into_std().await),
+            None => None,
+        };
+        self.finish(&rec, &p, fence, end, &out, &stage, outputs)
+            .await;
         {
             let mut st = self.lock();
             if let Some(n) = st.inflight.get_mut(&p.node) {
@@ -672,6 +698,7 @@ impl Batch {
         fence: u64,
         inputs: &Inputs,
         stage: &Path,
+        outputs: &mut Outputs,
     ) -> End {
         let man = &inputs.tree;
         let (rx, mut tx) = match self.connect(p).await {
@@ -712,11 +739,7 @@ impl Batch {
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());
         }
-        let (mut so, mut se, _, _) = match open_outputs(rec.uid, stage, false).await {
-            Ok(x) => x,
-            Err(e) => return e,
-        };
-        self.receive(rec, Some(inputs), stage, rx, tx, &mut so, &mut se)
+        self.receive(rec, Some(inputs), stage, rx, tx, outputs)
             .await
     }
 
@@ -740,7 +763,7 @@ impl Batch {
     /// executor kept it (detached) and gives its result once it ends, with
     /// the output this agent had not written yet.
     async fn reattach(&self, rec: &JobRecord, p: &Pick, fence: u64, stage: &Path) -> End {
-        let (mut so, mut se, so_len, se_len) = match open_outputs(rec.uid, stage, true).await {
+        let mut outputs = match open_outputs(rec.uid, stage, false).await {
             Ok(x) => x,
             Err(e) => return e,
         };
@@ -750,14 +773,13 @@ impl Batch {
         };
         let m = ToExec::Reattach {
             task_id: attempt_id(rec.id, p.index, fence),
-            stdout_from: so_len,
-            stderr_from: se_len,
+            stdout_from: outputs.stdout_len,
+            stderr_from: outputs.stderr_len,
         };
         if let Err(e) = link::send(&mut tx, &m).await {
             return End::Lost(e.to_string());
         }
-        self.receive(rec, None, stage, rx, tx, &mut so, &mut se)
-            .await
+        self.receive(rec, None, stage, rx, tx, &mut outputs).await
     }
 
     /// An attempt's messages, until it ends: contents asked for (from
@@ -770,9 +792,13 @@ impl Batch {
         stage: &Path,
         mut rx: R,
         mut tx: W,
-        so: &mut tokio::fs::File,
-        se: &mut tokio::fs::File,
+        outputs: &mut Outputs,
     ) -> End {
+        let Outputs {
+            stdout: so,
+            stderr: se,
+            ..
+        } = outputs;
         // A commit whose large files are still coming (applied as the
         // submitter, piece by piece, never held in memory).
         let mut streaming: Option<shoal_files::Commit> = None;
@@ -843,6 +869,14 @@ impl Batch {
                 FromExec::Changes(cs) => {
                     let files = stage.join("files");
                     let r = as_submitter(rec.uid, move || {
+                        // Made for the first change set only (a task that
+                        // changed nothing lands no `files/`).
+                        if let Err(source) = std::fs::create_dir_all(&files) {
+                            return Err(shoal_files::ApplyError::Io {
+                                path: files,
+                                source,
+                            });
+                        }
                         if cs.streamed().next().is_none() {
                             return shoal_files::apply(&files, &cs).map(|()| None);
                         }
@@ -897,6 +931,10 @@ impl Batch {
         }
     }
 
+    /// Records how an attempt ended and lands its outputs (`outputs`: its
+    /// stdout and stderr, still open, to sync; `None` for an adopted one,
+    /// whose files are opened again).
+    #[allow(clippy::too_many_arguments)] // one attempt's whole context
     async fn finish(
         &self,
         rec: &JobRecord,
@@ -905,6 +943,7 @@ impl Batch {
         end: End,
         out: &Path,
         stage: &Path,
+        outputs: Option<[std::fs::File; 2]>,
     ) {
         let Ok(j) = self.journal() else { return };
         // A failed task's last line on stderr, read as the submitter.
@@ -981,34 +1020,37 @@ impl Batch {
             }
             End::Lost(why) => (None, None, Some(format!("lost on {node}: {why}")), false),
         };
-        let r = j.update(rec.id, p.index, true, |t: &mut TaskRecord, _| {
-            let v = match outcome {
-                Some(o) => t.task.report(fence, o, retries),
-                None => {
-                    let ours =
-                        matches!(&t.task.state, TaskState::Running { fence: f, .. } if *f == fence);
-                    if ours {
-                        t.task.node_lost(&node);
-                        Verdict::Record
-                    } else {
-                        Verdict::Stale
+        // Grouped with the other results waiting (one sync for all).
+        let (lost_on, recorded_error) = (node.clone(), error.clone());
+        let r = j
+            .update_grouped(rec.id, p.index, move |t: &mut TaskRecord, _| {
+                let v = match outcome {
+                    Some(o) => t.task.report(fence, o, retries),
+                    None => {
+                        let ours = matches!(&t.task.state, TaskState::Running { fence: f, .. } if *f == fence);
+                        if ours {
+                            t.task.node_lost(&lost_on);
+                            Verdict::Record
+                        } else {
+                            Verdict::Stale
+                        }
+                    }
+                };
+                if v != Verdict::Stale {
+                    t.status = status;
+                    // The last failure stays on record after a success, for
+                    // `shoal status`.
+                    if recorded_error.is_some() {
+                        t.error = recorded_error;
+                    }
+                    t.node = Some(lost_on);
+                    if v == Verdict::Commit {
+                        t.cpu_s = cpu;
                     }
                 }
-            };
-            if v != Verdict::Stale {
-                t.status = status;
-                // The last failure stays on record after a success, for
-                // `shoal status`.
-                if error.is_some() {
-                    t.error = error.clone();
-                }
-                t.node = Some(node.clone());
-                if v == Verdict::Commit {
-                    t.cpu_s = cpu;
-                }
-            }
-            (v, t.task.state.clone(), t.task.attempts)
-        });
+                (v, t.task.state.clone(), t.task.attempts)
+            })
+            .await;
         let (verdict, state, attempts) = match r {
             Ok(x) => x,
             Err(e) => {
@@ -1035,7 +1077,7 @@ impl Batch {
             let fin = out.join(p.index.to_string());
             let (st, f) = (stage.to_owned(), fin.clone());
             let r = as_submitter(rec.uid, move || {
-                write_summary(&st, &summary)?;
+                write_summary(&st, &summary, outputs)?;
                 if f.exists() {
                     // A failed task landed before; `retry` made it run again.
                     std::fs::remove_dir_all(&f)?;
@@ -1113,35 +1155,41 @@ async fn as_submitter<R: Send + 'static>(
         .map_err(|_| format!("the work as uid {uid} panicked"))
 }
 
-/// A fresh staging directory (the output directory made on the way), as
-/// the submitter.
-async fn prepare_stage(stage: &Path, uid: u32) -> std::io::Result<()> {
-    let stage = stage.to_owned();
-    as_submitter(uid, move || {
-        let _ = std::fs::remove_dir_all(&stage);
-        std::fs::create_dir_all(stage.join("files"))
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 async fn remove_stage(uid: u32, stage: &Path) {
     let stage = stage.to_owned();
     let _ = as_submitter(uid, move || std::fs::remove_dir_all(&stage)).await;
 }
 
 /// Writes `status.json` and syncs every file, so the rename that follows
-/// lands a complete directory. Runs as the submitter (who then owns it
-/// all).
-fn write_summary(stage: &Path, v: &serde_json::Value) -> std::io::Result<()> {
+/// lands a complete directory: stdout and stderr through `outputs` where
+/// they are still open (else opened again), then what is in `files/`.
+/// Runs as the submitter (who then owns it all).
+fn write_summary(
+    stage: &Path,
+    v: &serde_json::Value,
+    outputs: Option<[std::fs::File; 2]>,
+) -> std::io::Result<()> {
     let p = stage.join("status.json");
     let mut f = std::fs::File::create(&p)?;
     std::io::Write::write_all(&mut f, format!("{v:#}\n").as_bytes())?;
     f.sync_all()?;
-    for e in walk(stage) {
-        if e.is_file() {
-            if let Ok(f) = std::fs::File::open(&e) {
-                let _ = f.sync_all();
+    let outputs = match outputs {
+        Some(o) => o.into_iter().map(Ok).collect(),
+        None => vec![
+            std::fs::File::open(stage.join("stdout")),
+            std::fs::File::open(stage.join("stderr")),
+        ],
+    };
+    for f in outputs.into_iter().flatten() {
+        let _ = f.sync_all();
+    }
+    let files = stage.join("files");
+    if files.is_dir() {
+        for e in walk(&files) {
+            if e.is_file() {
+                if let Ok(f) = std::fs::File::open(&e) {
+                    let _ = f.sync_all();
+                }
             }
         }
     }
@@ -1182,19 +1230,33 @@ struct Adopt {
 /// adopts to show up in the membership before it runs the task again.
 const ADOPT_WAIT: Duration = Duration::from_secs(30);
 
-/// Opens the stage's stdout and stderr for appending, as the submitter
-/// (making the stage if `keep`, else starting it afresh), with the bytes
-/// they already hold.
-async fn open_outputs(
-    uid: u32,
-    stage: &Path,
-    keep: bool,
-) -> Result<(tokio::fs::File, tokio::fs::File, u64, u64), End> {
+/// A stage's stdout and stderr, open for appending, with the bytes they
+/// held when opened.
+struct Outputs {
+    stdout: tokio::fs::File,
+    stderr: tokio::fs::File,
+    stdout_len: u64,
+    stderr_len: u64,
+}
+
+impl Outputs {
+    /// Both files as std files again (their writes done), for syncing.
+    async fn into_std(self) -> [std::fs::File; 2] {
+        [self.stdout.into_std().await, self.stderr.into_std().await]
+    }
+}
+
+/// Opens the stage's stdout and stderr for appending, as the submitter, in
+/// one trip to their thread: a `fresh` stage is made anew (the output
+/// directory on the way), else it is kept as it is (made if missing).
+async fn open_outputs(uid: u32, stage: &Path, fresh: bool) -> Result<Outputs, End> {
     let stage = stage.to_owned();
+    let at = stage.display().to_string();
     let opened = as_submitter(uid, move || -> std::io::Result<_> {
-        if keep {
-            std::fs::create_dir_all(stage.join("files"))?;
+        if fresh {
+            let _ = std::fs::remove_dir_all(&stage);
         }
+        std::fs::create_dir_all(&stage)?;
         let open = |p: &Path| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -1202,19 +1264,23 @@ async fn open_outputs(
                 .open(p)
         };
         let (o, e) = (open(&stage.join("stdout"))?, open(&stage.join("stderr"))?);
-        let (ol, el) = (o.metadata()?.len(), e.metadata()?.len());
+        let (ol, el) = if fresh {
+            (0, 0)
+        } else {
+            (o.metadata()?.len(), e.metadata()?.len())
+        };
         Ok((o, e, ol, el))
     })
     .await;
     match opened {
-        Ok(Ok((a, b, al, bl))) => Ok((
-            tokio::fs::File::from_std(a),
-            tokio::fs::File::from_std(b),
-            al,
-            bl,
-        )),
-        Ok(Err(e)) => Err(End::Failed(125, format!("output: {e}"))),
-        Err(e) => Err(End::Failed(125, format!("output: {e}"))),
+        Ok(Ok((o, e, ol, el))) => Ok(Outputs {
+            stdout: tokio::fs::File::from_std(o),
+            stderr: tokio::fs::File::from_std(e),
+            stdout_len: ol,
+            stderr_len: el,
+        }),
+        Ok(Err(e)) => Err(End::Failed(125, format!("output {at}: {e}"))),
+        Err(e) => Err(End::Failed(125, format!("output {at}: {e}"))),
     }
 }
 

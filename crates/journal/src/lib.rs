@@ -8,7 +8,9 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -21,9 +23,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The record format; a journal of another version is refused.
 const VERSION: u64 = 1;
 
+mod group;
+
 /// Why the journal could not be used. Nothing was changed by the failed
 /// call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
     /// The file is not a journal, or is damaged: kept as it is, for a person.
     #[error("journal {path} is corrupt ({detail}); it was left as it is")]
@@ -107,8 +111,10 @@ pub struct NewJob {
 /// The journal.
 #[derive(Debug)]
 pub struct Journal {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
+    /// Where [`Journal::update_grouped`] changes are written.
+    group: group::Group,
 }
 
 /// What opening found.
@@ -146,9 +152,17 @@ impl Journal {
             path: path.to_owned(),
             detail: e.to_string(),
         })?;
+        let db = Arc::new(db);
+        let group = group::Group::start(db.clone(), path.to_owned()).map_err(|e| {
+            JournalError::Storage {
+                path: path.to_owned(),
+                detail: format!("starting its thread: {e}"),
+            }
+        })?;
         let j = Self {
             db,
             path: path.to_owned(),
+            group,
         };
         let st = j.storage();
         let w = j.db.begin_write().map_err(|e| st(&e))?;
@@ -297,6 +311,49 @@ impl Journal {
         })?;
         // One key: one call.
         out.pop().flatten().ok_or(JournalError::NoTask(job, idx))
+    }
+
+    /// As [`Journal::update`], durable, on the journal's own thread: the
+    /// change shares its transaction and sync with whatever other changes
+    /// wait when it begins (group commit). Queued at once, in call order;
+    /// the future resolves once the change is durable, and no caller's
+    /// thread waits on the disk meanwhile.
+    ///
+    /// # Errors
+    /// No such task, or a storage failure (the change was not written).
+    pub fn update_grouped<R: Send + 'static>(
+        &self,
+        job: u64,
+        idx: u32,
+        f: impl FnOnce(&mut TaskRecord, u64) -> R + Send + 'static,
+    ) -> impl Future<Output = Result<R, JournalError>> + Send + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let apply: group::Apply = Box::new(move |found| -> group::Done {
+            match found {
+                None => Box::new(move |_| {
+                    let _ = tx.send(Err(JournalError::NoTask(job, idx)));
+                }),
+                Some((rec, fence)) => {
+                    let out = f(rec, fence);
+                    Box::new(move |r| {
+                        let _ = tx.send(r.map(|()| out));
+                    })
+                }
+            }
+        });
+        let queued = self.group.send((job, idx), apply);
+        let path = self.path.clone();
+        async move {
+            let not_written = |why: &str| JournalError::Storage {
+                path,
+                detail: why.to_owned(),
+            };
+            if !queued {
+                return Err(not_written("its writer thread has stopped"));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(not_written("not written: its transaction failed")))
+        }
     }
 
     /// As [`Journal::update`] for several tasks in one transaction (one
@@ -569,6 +626,63 @@ mod tests {
         }
         let e = Journal::open(&p2).unwrap_err();
         assert!(e.to_string().contains("task 1.0"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn grouped_changes_share_transactions_keep_their_order_and_survive_a_reopen() {
+        let d = tmp("group");
+        let p = d.join("jobs.redb");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let n = 200u32;
+        let fences: Vec<u64> = {
+            let (j, _) = Journal::open(&p).unwrap();
+            j.submit(vec![job("a", n)]).unwrap();
+            // All queued before any is awaited: the thread takes what waits.
+            let starts: Vec<_> = (0..n)
+                .map(|i| {
+                    j.update_grouped(1, i, move |t, fence| {
+                        assert!(t.task.start("h1", fence));
+                        fence
+                    })
+                })
+                .collect();
+            // The same task twice in a row: the second sees the first.
+            let again = j.update_grouped(1, 0, |t, _| t.task.start("h2", 99));
+            let missing = j.update_grouped(1, n, |_, fence| fence);
+            let fences: Vec<u64> = rt.block_on(async {
+                let mut v = Vec::new();
+                for s in starts {
+                    v.push(s.await.unwrap());
+                }
+                v
+            });
+            assert!(!rt.block_on(again).unwrap(), "task 1.0 was running already");
+            let e = rt.block_on(missing).unwrap_err();
+            assert!(matches!(e, JournalError::NoTask(1, 200)), "{e}");
+            let tx = j.group.transactions();
+            assert!(tx < u64::from(n) / 4, "{tx} transactions for {n} changes");
+            fences
+        };
+        let mut sorted = fences.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), n as usize, "a fence each");
+        // Durable: a fresh open finds every start, under its fence.
+        let (j, rec) = Journal::open(&p).unwrap();
+        assert_eq!(rec.running, n as usize);
+        for (i, t) in j.tasks(1).unwrap() {
+            assert_eq!(
+                t.task.state,
+                TaskState::Running {
+                    node: "h1".into(),
+                    fence: fences[i as usize]
+                }
+            );
+        }
+        drop(j);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

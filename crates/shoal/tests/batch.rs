@@ -533,6 +533,9 @@ fn the_agent_reads_and_writes_a_users_job_files_with_that_users_rights() {
         std::fs::metadata(out.join("status.json")).unwrap().uid(),
         65534
     );
+    // A task that changed no file lands an empty stderr and no `files/`.
+    assert_eq!(std::fs::read(out.join("stderr")).unwrap(), b"");
+    assert!(!out.join("files").exists(), "files/ without changes");
 
     // The root-only file: refused, named; never shipped to a task.
     let o = shoal_as_nobody(
