@@ -623,107 +623,144 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
         || b"/usr/local/bin:/usr/bin:/bin".to_vec(),
         |(_, v)| v.clone(),
     );
-    let Ok((exec_r, exec_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
-        fail(None, "a pipe".into());
-    };
-    // SAFETY: as in `Prefork::make`; the child only makes system calls
-    // before it execs.
-    #[allow(unsafe_code)]
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(exec_r);
-            let e = exec_command(
-                &argv,
-                &envp,
-                &path,
-                [&stdin, &stdout, &stderr],
-                req.spec.tty,
-            );
-            let _ = nix::unistd::write(&exec_w, &e.to_be_bytes());
-            exit_now(127)
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            drop((exec_w, stdin, stdout, stderr));
-            let mut b = [0u8; 4];
-            let r = loop {
-                match nix::unistd::read(exec_r.as_raw_fd(), &mut b) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    r => break r,
-                }
-            };
-            if let Ok(4) = r {
-                let errno = i32::from_be_bytes(b);
-                let _ = nix::sys::wait::waitpid(child, None);
-                let m = std::io::Error::from_raw_os_error(errno);
-                fail(Some(errno), format!("starting the command: {m}"));
-            }
+    match spawn_command(
+        &argv,
+        &envp,
+        &path,
+        [&stdin, &stdout, &stderr],
+        req.spec.tty,
+    ) {
+        Ok(child) => {
+            drop((stdin, stdout, stderr));
             let _ = reply(link.as_fd(), &Reply::Started { pid: 0 });
             drop(link);
             supervise(child, true, Report::Write(status_w.as_raw_fd()), None)
         }
-        Err(e) => fail(Some(e as i32), format!("starting the command: {e}")),
+        Err(errno) => {
+            let m = std::io::Error::from_raw_os_error(errno);
+            fail(Some(errno), format!("starting the command: {m}"))
+        }
     }
 }
 
-/// pid 2: becomes the command. Returns the errno when it could not.
-fn exec_command(
+/// The stack of pid 2 until its exec: it makes only system calls.
+const SPAWN_STACK: usize = 64 * 1024;
+
+/// Starts pid 2 as the command, as `posix_spawn` does: a child that shares
+/// this process's memory until it execs (`CLONE_VM | CLONE_VFORK`), so no
+/// page table is copied for it and none torn down at its exec; this
+/// process waits, suspended, meanwhile. Everything the child uses is made
+/// here first (it allocates nothing). Returns the child, or the errno it
+/// could not start with (reaped).
+fn spawn_command(
     argv: &[CString],
     envp: &[CString],
     path: &[u8],
     stdio: [&OwnedFd; 3],
     tty: bool,
-) -> i32 {
-    use nix::sys::signal::Signal;
-    let errno = |e: nix::errno::Errno| e as i32;
-    for (i, fd) in stdio.iter().enumerate() {
-        if let Err(e) = nix::unistd::dup2(fd.as_raw_fd(), i as i32) {
-            return errno(e);
-        }
-    }
-    if tty {
-        if let Err(e) = nix::unistd::setsid() {
-            return errno(e);
-        }
-        // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty's
-        // slave; no memory of ours is passed.
+) -> Result<nix::unistd::Pid, i32> {
+    use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+    use std::os::raw::c_char;
+    let name = argv.first().map_or(&[][..], |a| a.as_bytes());
+    let by_path = !name.contains(&b'/');
+    // As a shell searches: each directory of PATH in turn ("" is ".").
+    let candidates: Vec<CString> = if by_path {
+        path.split(|&b| b == b':')
+            .filter_map(|dir| {
+                let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+                CString::new([dir, b"/", name].concat()).ok()
+            })
+            .collect()
+    } else {
+        argv.first().cloned().into_iter().collect()
+    };
+    let nul = std::ptr::null::<c_char>();
+    let cands: Vec<*const c_char> = candidates.iter().map(|c| c.as_ptr()).collect();
+    let argv_p: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).chain([nul]).collect();
+    let envp_p: Vec<*const c_char> = envp.iter().map(|e| e.as_ptr()).chain([nul]).collect();
+    let fds = stdio.map(AsRawFd::as_raw_fd);
+    // Written by the child when it cannot exec, read once it is gone.
+    let mut failed: i32 = 0;
+    let failed_at = std::ptr::addr_of_mut!(failed);
+    let mut stack = vec![0u8; SPAWN_STACK];
+    let child = move || -> isize {
+        // SAFETY: runs in the child, on its own stack, while this process
+        // is suspended (CLONE_VFORK): only async-signal-safe calls, on
+        // descriptors and strings made before the clone and alive until
+        // it returns; `failed_at` points at a local of the suspended
+        // parent's frame.
         #[allow(unsafe_code)]
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-            return nix::errno::Errno::last_raw();
+        unsafe {
+            let give_up = |e: i32| -> ! {
+                *failed_at = e;
+                libc::_exit(127)
+            };
+            let errno = || *libc::__errno_location();
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, i as libc::c_int) < 0 {
+                    give_up(errno());
+                }
+            }
+            if tty {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    give_up(errno());
+                }
+            } else if libc::setpgid(0, 0) != 0 {
+                give_up(errno());
+            }
+            // What the spawner ignores, and what Rust's runtime ignores, is
+            // the command's to decide (ignored signals survive exec). The
+            // child has a handler table of its own (no CLONE_SIGHAND).
+            let _ = default_dispositions(&[nix::sys::signal::Signal::SIGPIPE]);
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // The first that runs; else the most telling failure
+            // (permission denied over not found).
+            let mut last = libc::ENOENT;
+            for c in &cands {
+                libc::execve(*c, argv_p.as_ptr(), envp_p.as_ptr());
+                match errno() {
+                    e if !by_path => last = e,
+                    libc::EACCES => last = libc::EACCES,
+                    libc::ENOENT | libc::ENOTDIR => {}
+                    e => last = e,
+                }
+            }
+            give_up(last)
         }
-    } else if let Err(e) =
-        nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
-    {
-        return errno(e);
+    };
+    // No handler of ours may run in the child while it shares our memory.
+    let mut old = SigSet::empty();
+    sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )
+    .map_err(|e| e as i32)?;
+    // SAFETY: the child runs `child` above on `stack` (64 KiB for a few
+    // system calls) and then execs or exits; CLONE_VFORK keeps this
+    // process, and so every buffer the child reads, suspended until then.
+    #[allow(unsafe_code)]
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(child),
+            &mut stack,
+            nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    };
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    let pid = pid.map_err(|e| e as i32)?;
+    // SAFETY: `failed` is a plain local; the child that may have written
+    // it has exec'd or exited (CLONE_VFORK).
+    #[allow(unsafe_code)]
+    let e = unsafe { std::ptr::read_volatile(failed_at) };
+    if e != 0 {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(e);
     }
-    // What the spawner ignores, and what Rust's runtime ignores, is the
-    // command's to decide (ignored signals survive exec); handlers do not.
-    let _ = default_dispositions(&[Signal::SIGPIPE]);
-    let _ = nix::sys::signal::sigprocmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&nix::sys::signal::SigSet::empty()),
-        None,
-    );
-    let name = argv[0].as_bytes();
-    if name.contains(&b'/') {
-        return match nix::unistd::execve(&argv[0], argv, envp) {
-            Err(e) => errno(e),
-        };
-    }
-    // As a shell searches: the first that runs; else the most telling
-    // failure (permission denied over not found).
-    let mut last = libc::ENOENT;
-    for dir in path.split(|&b| b == b':') {
-        let dir = if dir.is_empty() { b".".as_slice() } else { dir };
-        let Ok(full) = CString::new([dir, b"/", name].concat()) else {
-            continue;
-        };
-        match nix::unistd::execve(&full, argv, envp) {
-            Err(nix::errno::Errno::EACCES) => last = libc::EACCES,
-            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
-            Err(e) => last = errno(e),
-        }
-    }
-    last
+    Ok(pid)
 }
 
 /// Reads a supervisor's early report (see [`Plan::report_end_to`]) as a

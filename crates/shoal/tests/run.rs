@@ -154,6 +154,15 @@ fn exit_status_streams_and_stdin_as_if_local() {
         "{}",
         s(&o.stderr)
     );
+    // A file that is not executable: the shell's 126.
+    std::fs::write(tree.0.join("not-a-program"), "data\n").unwrap();
+    let o = out(run(&lab, &tree, &["--", "./not-a-program"]));
+    assert_eq!(o.status.code(), Some(126), "{}", s(&o.stderr));
+    assert!(
+        s(&o.stderr).contains("./not-a-program: permission denied"),
+        "{}",
+        s(&o.stderr)
+    );
     let o = out(run(&lab, &tree, &["--mem", "lots", "--", "true"]));
     assert_eq!(o.status.code(), Some(2));
     // An environment too large for one message to a warm slot's spawner
