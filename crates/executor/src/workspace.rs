@@ -1028,7 +1028,7 @@ pub(crate) fn supervise(
     } else {
         child
     };
-    let (mut kind, mut value) = loop {
+    let wait_child = || loop {
         match waitpid(target, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == child => break (0u8, code),
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => break (1u8, sig as i32),
@@ -1036,34 +1036,61 @@ pub(crate) fn supervise(
             Err(_) => exit_now(125),
         }
     };
-    match report {
-        Report::Write(fd) => {
-            let buf = [kind, value as u8];
-            // SAFETY: write(2) on our own pipe descriptor from a local buffer.
-            #[allow(unsafe_code)]
-            unsafe {
-                nix::libc::write(fd, buf.as_ptr().cast(), 2);
-            }
-        }
-        Report::Read(fd) => {
-            let mut buf = [0u8; 2];
-            // SAFETY: read(2) into a local buffer from our own pipe.
-            #[allow(unsafe_code)]
-            let n = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), 2) };
-            if n == 2 {
-                kind = buf[0];
-                value = i32::from(buf[1]);
-            }
-        }
-    }
-    if let Some(fd) = early {
+    let tell = |fd: i32, kind: u8, value: i32| {
         let buf = [kind, value as u8];
         // SAFETY: write(2) on a descriptor we kept, from a local buffer.
         #[allow(unsafe_code)]
         unsafe {
             nix::libc::write(fd, buf.as_ptr().cast(), 2);
         }
-    }
+    };
+    let (kind, value) = match report {
+        Report::Write(fd) => {
+            let (kind, value) = wait_child();
+            // (Only as pid 1 of a namespace of our own: there, -1 is the
+            // task's processes and nothing else.)
+            if reap_all && nix::unistd::getpid().as_raw() == 1 {
+                // What the command left running dies now and is reaped,
+                // before the end is told: once it is, nothing of the task
+                // runs or writes. (Our own exit then only tears the
+                // namespaces down, which nobody waits for.)
+                let _ = signal::kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
+                while let Ok(_) | Err(nix::errno::Errno::EINTR) =
+                    waitpid(nix::unistd::Pid::from_raw(-1), None)
+                {}
+            }
+            tell(fd, kind, value);
+            (kind, value)
+        }
+        Report::Read(fd) => {
+            // Told as soon as pid 1 says it, not once it has exited (its
+            // exit tears its namespaces down: mounts, /proc).
+            let mut buf = [0u8; 2];
+            let n = loop {
+                // SAFETY: read(2) into a local buffer from our own pipe.
+                #[allow(unsafe_code)]
+                let n = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), 2) };
+                if n >= 0 || nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                    break n;
+                }
+            };
+            let told = (n == 2).then(|| (buf[0], i32::from(buf[1])));
+            if let (Some((kind, value)), Some(e)) = (told, early) {
+                tell(e, kind, value);
+            }
+            let waited = wait_child();
+            match told {
+                Some(t) => t,
+                None => {
+                    // Killed before it could say (or it never ran).
+                    if let Some(e) = early {
+                        tell(e, waited.0, waited.1);
+                    }
+                    waited
+                }
+            }
+        }
+    };
     if kind == 1 {
         if let Ok(sig) = Signal::try_from(value) {
             // Die of the same signal, so our parent sees what happened.

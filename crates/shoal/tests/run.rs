@@ -528,6 +528,33 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
         "{}",
         s(&o.stderr)
     );
+    // What a command leaves running when it ends dies with it: it neither
+    // writes into the change set nor lands later.
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--commit",
+            "always",
+            "--",
+            "sh",
+            "-c",
+            "(sleep 0.3; echo late > late.txt) >/dev/null 2>&1 & echo early > early.txt",
+        ],
+    ));
+    assert_eq!(o.status.code(), Some(0), "{}", s(&o.stderr));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        tree.0.join("early.txt").exists(),
+        "the command's own change"
+    );
+    assert!(
+        !tree.0.join("late.txt").exists(),
+        "a process the command left wrote after it ended"
+    );
+    std::fs::remove_file(tree.0.join("early.txt")).unwrap();
     // The same slots, none replaced, each with a spare again (the one
     // whose spare the missing command used makes its next one after its
     // next task).
