@@ -45,6 +45,31 @@ use crate::runtime::{ask_main, ControlMsg};
 /// How often the runner looks at the queue without being woken.
 const TICK: Duration = Duration::from_millis(250);
 
+/// A kept link is used again only while it has been idle for less than
+/// this (its executor keeps it for [`crate::exec::IDLE_LINK`]).
+const LINK_REUSE: Duration = Duration::from_secs(20);
+
+/// The most idle links kept per executor.
+const MAX_IDLE_LINKS: usize = 16;
+
+type LinkRx = shoal_transport::stream::Reader<tokio::net::TcpStream>;
+type LinkTx = shoal_transport::stream::Writer<tokio::net::TcpStream>;
+
+/// A batch link between two attempts.
+struct IdleLink {
+    since: std::time::Instant,
+    rx: LinkRx,
+    tx: LinkTx,
+}
+
+impl std::fmt::Debug for IdleLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleLink")
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -152,6 +177,8 @@ struct State {
 pub struct Batch {
     journal: Result<Journal, String>,
     state: Mutex<State>,
+    /// Links to executors between attempts (see [`Batch::connect`]).
+    links: Mutex<HashMap<SocketAddr, Vec<IdleLink>>>,
     wake: Notify,
     key: ClusterKey,
     cluster: String,
@@ -194,6 +221,7 @@ impl Batch {
         let b = Arc::new(Self {
             journal,
             state: Mutex::new(State::default()),
+            links: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             key,
             cluster: cluster.to_owned(),
@@ -701,7 +729,7 @@ impl Batch {
         outputs: &mut Outputs,
     ) -> End {
         let man = &inputs.tree;
-        let (rx, mut tx) = match self.connect(p).await {
+        let (mut rx, mut tx) = match self.connect(p).await {
             Ok(x) => x,
             Err(e) => return e,
         };
@@ -739,24 +767,62 @@ impl Batch {
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());
         }
-        self.receive(rec, Some(inputs), stage, rx, tx, outputs)
-            .await
+        let end = self
+            .receive(rec, Some(inputs), stage, &mut rx, &mut tx, outputs)
+            .await;
+        if matches!(end, End::Exit { .. }) {
+            // Its executor waits on it for the next attempt.
+            self.keep_link(p.addr, rx, tx);
+        }
+        end
     }
 
-    /// A batch connection to the attempt's executor.
-    async fn connect(
-        &self,
-        p: &Pick,
-    ) -> Result<
-        (
-            shoal_transport::stream::Reader<tokio::net::TcpStream>,
-            shoal_transport::stream::Writer<tokio::net::TcpStream>,
-        ),
-        End,
-    > {
-        crate::peer::connect_task(p.addr, &self.key, &self.cluster, crate::peer::Hello::Batch)
+    /// A batch link to the attempt's executor: one kept from an earlier
+    /// attempt when one is idle there (no connection, no handshake), else
+    /// a new one. A kept link is used only while it has been idle for less
+    /// than [`LINK_REUSE`] (its executor keeps it for longer) and is still
+    /// open and quiet: an executor that restarted or closed it is never
+    /// sent an attempt on it.
+    async fn connect(&self, p: &Pick) -> Result<(LinkRx, LinkTx), End> {
+        let kept = {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            let mut found = None;
+            if let Some(idle) = links.get_mut(&p.addr) {
+                while let Some(mut l) = idle.pop() {
+                    if l.since.elapsed() < LINK_REUSE && l.rx.idle_and_open() {
+                        found = Some((l.rx, l.tx));
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        match kept {
+            Some(l) => Ok(l),
+            None => crate::peer::connect_task(
+                p.addr,
+                &self.key,
+                &self.cluster,
+                crate::peer::Hello::Batch,
+            )
             .await
-            .map_err(End::Lost)
+            .map_err(End::Lost),
+        }
+    }
+
+    /// Keeps a link whose attempt ended cleanly, for the next attempt to
+    /// the same executor (at most [`MAX_IDLE_LINKS`] there).
+    fn keep_link(&self, addr: SocketAddr, rx: LinkRx, tx: LinkTx) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = links.entry(addr).or_default();
+        idle.retain(|l| l.since.elapsed() < LINK_REUSE);
+        if idle.len() < MAX_IDLE_LINKS {
+            idle.push(IdleLink {
+                since: std::time::Instant::now(),
+                rx,
+                tx,
+            });
+        }
     }
 
     /// Collects an attempt that was running when this agent stopped: its
@@ -767,7 +833,7 @@ impl Batch {
             Ok(x) => x,
             Err(e) => return e,
         };
-        let (rx, mut tx) = match self.connect(p).await {
+        let (mut rx, mut tx) = match self.connect(p).await {
             Ok(x) => x,
             Err(e) => return e,
         };
@@ -779,7 +845,8 @@ impl Batch {
         if let Err(e) = link::send(&mut tx, &m).await {
             return End::Lost(e.to_string());
         }
-        self.receive(rec, None, stage, rx, tx, &mut outputs).await
+        self.receive(rec, None, stage, &mut rx, &mut tx, &mut outputs)
+            .await
     }
 
     /// An attempt's messages, until it ends: contents asked for (from
@@ -790,8 +857,8 @@ impl Batch {
         rec: &JobRecord,
         inputs: Option<&Inputs>,
         stage: &Path,
-        mut rx: R,
-        mut tx: W,
+        rx: &mut R,
+        tx: &mut W,
         outputs: &mut Outputs,
     ) -> End {
         let Outputs {
@@ -803,7 +870,7 @@ impl Batch {
         // submitter, piece by piece, never held in memory).
         let mut streaming: Option<shoal_files::Commit> = None;
         loop {
-            let m = match link::recv::<FromExec, _>(&mut rx).await {
+            let m = match link::recv::<FromExec, _>(rx).await {
                 Ok(m) => m,
                 Err(e) => return End::Lost(e.to_string()),
             };
@@ -812,7 +879,7 @@ impl Batch {
                     let Some(img) = inputs.and_then(|i| i.image.as_ref()) else {
                         return End::Failed(2, "the executor asked for an unknown image".into());
                     };
-                    if let Err(e) = link::send(&mut tx, &ToExec::Image(img.entries.clone())).await {
+                    if let Err(e) = link::send(tx, &ToExec::Image(img.entries.clone())).await {
                         return End::Lost(e.to_string());
                     }
                 }
@@ -828,7 +895,7 @@ impl Batch {
                         let Some(img) = &inputs.image else {
                             return End::Failed(2, "the executor asked for unknown content".into());
                         };
-                        if let Err(e) = send_image(img, of_image, &mut tx).await {
+                        if let Err(e) = send_image(img, of_image, tx).await {
                             return e;
                         }
                     }
@@ -846,13 +913,13 @@ impl Batch {
                                 format!("{} changed after the job was submitted", path.display()),
                             );
                         }
-                        if let Err(e) = link::send(&mut tx, &ToExec::Blob { hash: h, data }).await {
+                        if let Err(e) = link::send(tx, &ToExec::Blob { hash: h, data }).await {
                             return End::Lost(e.to_string());
                         }
                     }
                 }
                 FromExec::Started { .. } => {
-                    let _ = link::send(&mut tx, &ToExec::StdinEof).await;
+                    let _ = link::send(tx, &ToExec::StdinEof).await;
                 }
                 FromExec::Stdout(d) => {
                     if let Err(e) = so.write_all(&d).await {

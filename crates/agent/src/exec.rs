@@ -498,8 +498,9 @@ fn safe_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Serves one task on a link until it ends. Never panics on input; every
-/// refusal is a `Failed` message naming the cause. `guest`: from another
+/// Serves a link: one task until it ends, and on a batch runner's link
+/// each next one it sends. Never panics on input; every refusal is a
+/// `Failed` message naming the cause. `guest`: from another
 /// node (under the owner's policy); `batch`: from another agent's batch
 /// runner, the only one that may detach an attempt or `Reattach`.
 ///
@@ -509,17 +510,82 @@ pub async fn serve<R, W>(
     env: Arc<ExecEnv>,
     guest: bool,
     batch: bool,
-    mut rx: R,
+    rx: R,
     mut tx: W,
 ) -> Result<(), LinkError>
 where
     R: FrameSource + 'static,
     W: FrameSink,
 {
-    let t0 = std::time::Instant::now();
-    let first = tokio::time::timeout(Duration::from_secs(30), link::recv::<ToExec, _>(&mut rx))
+    let mut inbox = Inbox::new(rx);
+    let first = tokio::time::timeout(FIRST_MESSAGE, inbox.recv())
         .await
         .map_err(|_| LinkError::Closed)??;
+    serve_one(&env, guest, batch, first, &mut inbox, &mut tx).await?;
+    // A batch runner's link serves its next attempt too (no new
+    // connection, no new handshake), until it is closed or left idle.
+    if !batch {
+        return Ok(());
+    }
+    loop {
+        let next = match tokio::time::timeout(IDLE_LINK, inbox.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) | Err(_) => return Ok(()),
+        };
+        serve_one(&env, guest, batch, next, &mut inbox, &mut tx).await?;
+    }
+}
+
+/// How long a link may take to say what it wants.
+const FIRST_MESSAGE: Duration = Duration::from_secs(30);
+
+/// How long a batch runner's link is kept, idle, for its next attempt
+/// (the runner reuses a link only while it has been idle for less).
+pub const IDLE_LINK: Duration = Duration::from_secs(60);
+
+/// A link's incoming messages, read by a task of its own for the link's
+/// whole life (receiving is not cancel-safe).
+struct Inbox {
+    rx: mpsc::Receiver<Result<ToExec, LinkError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Inbox {
+    fn new<R: FrameSource + 'static>(mut link: R) -> Self {
+        let (tx, rx) = mpsc::channel::<Result<ToExec, LinkError>>(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = link::recv::<ToExec, _>(&mut link).await;
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Self { rx, reader }
+    }
+
+    async fn recv(&mut self) -> Result<ToExec, LinkError> {
+        self.rx.recv().await.unwrap_or(Err(LinkError::Closed))
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One task, from its first message (`Start` or `Reattach`) to its end.
+async fn serve_one<W: FrameSink>(
+    env: &Arc<ExecEnv>,
+    guest: bool,
+    batch: bool,
+    first: ToExec,
+    inbox: &mut Inbox,
+    tx: &mut W,
+) -> Result<(), LinkError> {
+    let t0 = std::time::Instant::now();
     let spec = match first {
         // Only another agent's batch runner may detach an attempt or
         // collect one: a client (even relayed) may not read another's.
@@ -531,14 +597,14 @@ where
             task_id,
             stdout_from,
             stderr_from,
-        } if batch => return reattach(&env, &task_id, stdout_from, stderr_from, tx).await,
+        } if batch => return reattach(env, &task_id, stdout_from, stderr_from, tx).await,
         _ => {
             let m = failed(2, "protocol: the first message must be Start or Reattach");
-            return link::send(&mut tx, &m).await;
+            return link::send(tx, &m).await;
         }
     };
-    if let Err(m) = validate(&env, &spec) {
-        return link::send(&mut tx, &failed(2, m)).await;
+    if let Err(m) = validate(env, &spec) {
+        return link::send(tx, &failed(2, m)).await;
     }
     // The image, held from now on (not evicted under the task); its
     // manifest is asked for only when it is not unpacked here yet.
@@ -548,16 +614,16 @@ where
         let manifest = if held.ready() {
             None
         } else {
-            link::send(&mut tx, &FromExec::NeedImage).await?;
-            match link::recv::<ToExec, _>(&mut rx).await? {
+            link::send(tx, &FromExec::NeedImage).await?;
+            match inbox.recv().await? {
                 ToExec::Image(entries) if id_of(&entries) == r.id => Some(entries),
                 ToExec::Image(_) => {
                     let m = format!("the manifest of image {} does not match its id", r.name);
-                    return link::send(&mut tx, &failed(2, m)).await;
+                    return link::send(tx, &failed(2, m)).await;
                 }
                 other => {
                     let m = format!("protocol: expected an image manifest, got {other:?}");
-                    return link::send(&mut tx, &failed(2, m)).await;
+                    return link::send(tx, &failed(2, m)).await;
                 }
             }
         };
@@ -577,22 +643,22 @@ where
             _ => None,
         });
     let mut missing = env.cas.missing(wanted.chain(image_files));
-    link::send(&mut tx, &FromExec::Need(missing.clone())).await?;
+    link::send(tx, &FromExec::Need(missing.clone())).await?;
     while !missing.is_empty() {
-        match link::recv::<ToExec, _>(&mut rx).await? {
+        match inbox.recv().await? {
             ToExec::Blob { hash, data } => {
                 let cas = env.cas.clone();
                 let r = tokio::task::spawn_blocking(move || cas.put(&hash, &data))
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 if let Err(e) = r {
-                    return link::send(&mut tx, &failed(125, format!("{}: {e}", env.node))).await;
+                    return link::send(tx, &failed(125, format!("{}: {e}", env.node))).await;
                 }
                 missing.retain(|h| h != &hash);
             }
             other => {
                 let m = format!("protocol: expected file contents, got {other:?}");
-                return link::send(&mut tx, &failed(2, m)).await;
+                return link::send(tx, &failed(2, m)).await;
             }
         }
     }
@@ -614,7 +680,7 @@ where
                 node: env.node.clone(),
                 reason: r.to_string(),
             };
-            return link::send(&mut tx, &m).await;
+            return link::send(tx, &m).await;
         }
     };
     let _running = Running::new(&env.running);
@@ -629,7 +695,7 @@ where
         slot: None,
         spec: None,
     };
-    let prepared = prepare(&env, &spec, image, guest, &mut guard).await;
+    let prepared = prepare(env, &spec, image, guest, &mut guard).await;
     let Started {
         proc: mut child,
         mut stdin,
@@ -639,14 +705,14 @@ where
         upper,
     } = match prepared {
         Ok(x) => x,
-        Err(f) => return link::send(&mut tx, &f).await,
+        Err(f) => return link::send(tx, &f).await,
     };
     if let Some((_, cg)) = &guard.cgroup {
         claim.attach(cg).await;
     }
     let t_started = t0.elapsed();
     link::send(
-        &mut tx,
+        tx,
         &FromExec::Started {
             node: env.node.clone(),
         },
@@ -657,17 +723,6 @@ where
     let mut spool = spec.detach.then(|| env.detached.register(&spec.task_id));
     let detach = spool.is_some();
 
-    // Input: a task of its own, since receiving is not cancel-safe.
-    let (in_tx, mut in_rx) = mpsc::channel::<Result<ToExec, LinkError>>(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let m = link::recv::<ToExec, _>(&mut rx).await;
-            let end = m.is_err();
-            if in_tx.send(m).await.is_err() || end {
-                return;
-            }
-        }
-    });
     let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
     let pid = child.id();
     let mut link_up = true;
@@ -676,16 +731,16 @@ where
             n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stdout = None,
-                    Ok(n) => emit(&mut tx, spool.as_mut(), &mut link_up, FromExec::Stdout(obuf[..n].to_vec())).await?,
+                    Ok(n) => emit(tx, spool.as_mut(), &mut link_up, FromExec::Stdout(obuf[..n].to_vec())).await?,
                 }
             }
             n = async { stderr.as_mut().expect("checked").read(&mut ebuf).await }, if stderr.is_some() => {
                 match n {
                     Ok(0) | Err(_) => stderr = None,
-                    Ok(n) => emit(&mut tx, spool.as_mut(), &mut link_up, FromExec::Stderr(ebuf[..n].to_vec())).await?,
+                    Ok(n) => emit(tx, spool.as_mut(), &mut link_up, FromExec::Stderr(ebuf[..n].to_vec())).await?,
                 }
             }
-            m = in_rx.recv(), if link_up => match m {
+            m = inbox.rx.recv(), if link_up => match m {
                 Some(Ok(ToExec::Stdin(data))) => {
                     if let Some(s) = stdin.as_mut() {
                         if s.write_all(&data).await.is_err() {
@@ -738,7 +793,6 @@ where
         slot,
     } = status;
     guard.slot = slot;
-    reader.abort();
     if !link_up && !detach {
         child.reap().await;
         return Err(LinkError::Closed);
@@ -803,9 +857,9 @@ where
     if link_up {
         delivered = Ok(());
         for m in &end {
-            let mut sent = link::send(&mut tx, m).await;
+            let mut sent = link::send(tx, m).await;
             if let (Ok(()), FromExec::Changes(cs)) = (&sent, m) {
-                sent = send_streamed(&mut tx, &upper, cs, &env.node).await;
+                sent = send_streamed(tx, &upper, cs, &env.node).await;
             }
             if let Err(e) = sent {
                 delivered = Err(e);
@@ -934,11 +988,11 @@ async fn reattach<W: FrameSink>(
     task_id: &str,
     stdout_from: u64,
     stderr_from: u64,
-    mut tx: W,
+    tx: &mut W,
 ) -> Result<(), LinkError> {
     let rx = env.detached.lock().get(task_id).cloned();
     let Some(mut rx) = rx else {
-        return link::send(&mut tx, &FromExec::Unknown).await;
+        return link::send(tx, &FromExec::Unknown).await;
     };
     tracing::info!(task = %task_id, "submitter back for a detached attempt");
     let kept = loop {
@@ -948,7 +1002,7 @@ async fn reattach<W: FrameSink>(
         }
         if rx.changed().await.is_err() {
             // Its result was not kept (an incomplete spool).
-            return link::send(&mut tx, &FromExec::Unknown).await;
+            return link::send(tx, &FromExec::Unknown).await;
         }
     };
     for (from, out) in [(stdout_from, true), (stderr_from, false)] {
@@ -964,13 +1018,13 @@ async fn reattach<W: FrameSink>(
             } else {
                 FromExec::Stderr(chunk.to_vec())
             };
-            link::send(&mut tx, &m).await?;
+            link::send(tx, &m).await?;
         }
     }
     for m in &kept.end {
-        link::send(&mut tx, m).await?;
+        link::send(tx, m).await?;
         if let (FromExec::Changes(cs), Some(upper)) = (m, &kept.upper) {
-            send_streamed(&mut tx, upper, cs, &env.node).await?;
+            send_streamed(tx, upper, cs, &env.node).await?;
         }
     }
     env.detached.forget(task_id, kept.on_disk());

@@ -673,3 +673,54 @@ fn attempts_running_when_the_submitting_agent_dies_are_adopted_not_run_again() {
         assert!(kept.is_empty(), "h{h} kept {kept:?}");
     }
 }
+
+/// TCP connections accepted so far in host `i`'s network namespace.
+fn passive_opens(lab: &Lab, i: usize) -> u64 {
+    let o = lab.cmd(i, "cat").arg("/proc/net/snmp").output().unwrap();
+    let t = text(&o.stdout);
+    let mut rows = t.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "PassiveOpens")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+#[test]
+fn attempts_reuse_their_links_to_an_executor() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("bat9", 53, 2) else {
+        return;
+    };
+    let dir = formed(&mut lab, 2, true);
+    let before: u64 = (0..2).map(|i| passive_opens(&lab, i)).sum();
+    let n = 60;
+    let ids = submit(
+        &lab,
+        &dir,
+        &[
+            "--count",
+            &n.to_string(),
+            "--name",
+            "l",
+            "--",
+            "sh",
+            "-c",
+            "echo $SHOAL_TASK_INDEX",
+        ],
+    );
+    let j = wait_done(&lab, &dir, ids[0], Duration::from_secs(120));
+    assert_eq!(j["done"], n, "{j}");
+    let opened = (0..2).map(|i| passive_opens(&lab, i)).sum::<u64>() - before;
+    // One connection per attempt without reuse; with it, about one per
+    // attempt running at once (and the odd bandwidth probe).
+    assert!(opened < n / 2, "{opened} connections for {n} attempts");
+    let out = dir.join("shoal-out/l");
+    let l = landed(&out);
+    assert_eq!(l.len(), n as usize);
+    for (i, so, st) in &l {
+        assert_eq!(so, &format!("{i}\n"), "task {i}'s own stdout");
+        assert_eq!(st["status"], 0);
+    }
+}

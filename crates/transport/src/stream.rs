@@ -144,6 +144,22 @@ impl<S: AsyncRead + AsyncWrite> Reader<S> {
     }
 }
 
+impl<S: AsyncRead> Reader<S> {
+    /// Whether a link kept idle between uses is still open and has said
+    /// nothing: looks once, without waiting. A peer that closed (its end,
+    /// or its process, gone) or that sent anything (a byte is then taken,
+    /// so the link is not to be used again) makes it `false`.
+    pub fn idle_and_open(&mut self) -> bool {
+        let mut one = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut one);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            std::task::Poll::Pending
+        )
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite> Writer<S> {
     /// Sends one payload of at most [`MAX_PAYLOAD`] bytes.
     ///
@@ -276,6 +292,24 @@ mod tests {
 
     fn key(b: u8) -> ClusterKey {
         ClusterKey::from_bytes([b; 32])
+    }
+
+    #[tokio::test]
+    async fn an_idle_link_is_open_until_its_peer_speaks_or_leaves() {
+        let (a, b) = duplex(1 << 16);
+        let server = tokio::spawn(async move { accept(b, &key(1), "lab").await.unwrap() });
+        let (mut r, _w) = connect(a, &key(1), "lab").await.unwrap();
+        let (sr, mut sw) = server.await.unwrap();
+        assert!(r.idle_and_open(), "quiet and open");
+        assert!(r.idle_and_open(), "looking takes nothing");
+        sw.send(b"unasked").await.unwrap();
+        assert!(!r.idle_and_open(), "it spoke");
+        let (a, b) = duplex(1 << 16);
+        let server = tokio::spawn(async move { accept(b, &key(1), "lab").await.unwrap() });
+        let (mut r, _w) = connect(a, &key(1), "lab").await.unwrap();
+        drop(server.await.unwrap());
+        assert!(!r.idle_and_open(), "its peer is gone");
+        drop(sr);
     }
 
     #[tokio::test]
