@@ -543,46 +543,66 @@ const FIRST_MESSAGE: Duration = Duration::from_secs(30);
 /// (the runner reuses a link only while it has been idle for less).
 pub const IDLE_LINK: Duration = Duration::from_secs(60);
 
-/// A link's incoming messages, read by a task of its own for the link's
-/// whole life (receiving is not cancel-safe).
-struct Inbox {
-    rx: mpsc::Receiver<Result<ToExec, LinkError>>,
-    reader: tokio::task::JoinHandle<()>,
+/// A link's incoming messages: read directly until a task runs, then by a
+/// task of its own for the rest of the link's life (a running task's input
+/// may come at any time, and receiving is not cancel-safe).
+struct Inbox<R> {
+    link: Option<R>,
+    rx: Option<mpsc::Receiver<Result<ToExec, LinkError>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Inbox {
-    fn new<R: FrameSource + 'static>(mut link: R) -> Self {
+impl<R: FrameSource + 'static> Inbox<R> {
+    fn new(link: R) -> Self {
+        Self {
+            link: Some(link),
+            rx: None,
+            reader: None,
+        }
+    }
+
+    /// The messages from now on, read ahead by a task of their own.
+    fn read_ahead(&mut self) -> &mut mpsc::Receiver<Result<ToExec, LinkError>> {
         let (tx, rx) = mpsc::channel::<Result<ToExec, LinkError>>(16);
-        let reader = tokio::spawn(async move {
-            loop {
-                let m = link::recv::<ToExec, _>(&mut link).await;
-                let end = m.is_err();
-                if tx.send(m).await.is_err() || end {
-                    return;
+        if let Some(mut link) = self.link.take() {
+            self.reader = Some(tokio::spawn(async move {
+                loop {
+                    let m = link::recv::<ToExec, _>(&mut link).await;
+                    let end = m.is_err();
+                    if tx.send(m).await.is_err() || end {
+                        return;
+                    }
                 }
-            }
-        });
-        Self { rx, reader }
+            }));
+        }
+        // (Without a link, a channel whose sender is gone: closed.)
+        self.rx.get_or_insert(rx)
     }
 
     async fn recv(&mut self) -> Result<ToExec, LinkError> {
-        self.rx.recv().await.unwrap_or(Err(LinkError::Closed))
+        match (&mut self.rx, &mut self.link) {
+            (Some(rx), _) => rx.recv().await.unwrap_or(Err(LinkError::Closed)),
+            (None, Some(link)) => link::recv::<ToExec, _>(link).await,
+            (None, None) => Err(LinkError::Closed),
+        }
     }
 }
 
-impl Drop for Inbox {
+impl<R> Drop for Inbox<R> {
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Some(r) = &self.reader {
+            r.abort();
+        }
     }
 }
 
 /// One task, from its first message (`Start` or `Reattach`) to its end.
-async fn serve_one<W: FrameSink>(
+async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
     env: &Arc<ExecEnv>,
     guest: bool,
     batch: bool,
     first: ToExec,
-    inbox: &mut Inbox,
+    inbox: &mut Inbox<R>,
     tx: &mut W,
 ) -> Result<(), LinkError> {
     let t0 = std::time::Instant::now();
@@ -726,6 +746,7 @@ async fn serve_one<W: FrameSink>(
     let (mut obuf, mut ebuf) = (vec![0u8; 32 * 1024], vec![0u8; 32 * 1024]);
     let pid = child.id();
     let mut link_up = true;
+    let input = inbox.read_ahead();
     let status = loop {
         tokio::select! {
             n = async { stdout.as_mut().expect("checked").read(&mut obuf).await }, if stdout.is_some() => {
@@ -740,7 +761,7 @@ async fn serve_one<W: FrameSink>(
                     Ok(n) => emit(tx, spool.as_mut(), &mut link_up, FromExec::Stderr(ebuf[..n].to_vec())).await?,
                 }
             }
-            m = inbox.rx.recv(), if link_up => match m {
+            m = input.recv(), if link_up => match m {
                 Some(Ok(ToExec::Stdin(data))) => {
                     if let Some(s) = stdin.as_mut() {
                         if s.write_all(&data).await.is_err() {
