@@ -598,11 +598,6 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
         Ok(p) => p,
         Err(e) => fail(None, format!("workspace: {e}")),
     };
-    if req.spec.idle {
-        if let Err(e) = crate::workspace::idle_class() {
-            fail(e.raw_os_error(), format!("workspace: {e}"));
-        }
-    }
     if let Err(e) = plan.finish_prepared(tree.as_ref().map(AsFd::as_fd)) {
         fail(e.raw_os_error(), format!("workspace: {e}"));
     }
@@ -629,6 +624,7 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
         &path,
         [&stdin, &stdout, &stderr],
         req.spec.tty,
+        req.spec.idle,
     ) {
         Ok(child) => {
             drop((stdin, stdout, stderr));
@@ -658,6 +654,7 @@ fn spawn_command(
     path: &[u8],
     stdio: [&OwnedFd; 3],
     tty: bool,
+    idle: bool,
 ) -> Result<nix::unistd::Pid, i32> {
     use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
     use std::os::raw::c_char;
@@ -707,6 +704,13 @@ fn spawn_command(
                 }
             } else if libc::setpgid(0, 0) != 0 {
                 give_up(errno());
+            }
+            // A guest's command (and all it starts) at the idle class; its
+            // workspace's set-up and teardown, the agent's own work, not.
+            if idle {
+                if let Err(e) = crate::workspace::idle_class() {
+                    give_up(e.raw_os_error().unwrap_or(libc::EPERM));
+                }
             }
             // What the spawner ignores, and what Rust's runtime ignores, is
             // the command's to decide (ignored signals survive exec). The

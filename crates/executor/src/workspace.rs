@@ -122,8 +122,10 @@ pub struct Spec {
     pub gid: u32,
     /// Network.
     pub net: Net,
-    /// A guest: `SCHED_IDLE` and the idle I/O class, inherited by every
-    /// process of the task (the owner's work always comes first).
+    /// A guest: `SCHED_IDLE` and the idle I/O class for its command,
+    /// inherited by every process it starts (the owner's work always comes
+    /// first). The workspace's own set-up and teardown (its pid 1, the
+    /// agent's work) stay in the ordinary class.
     pub idle: bool,
     /// The command's stdin is a terminal: it becomes the controlling
     /// terminal of a new session led by the command.
@@ -390,9 +392,6 @@ impl Plan {
     /// ended through a pipe, because pid 1 itself cannot die of a signal
     /// sent from inside its own namespace.
     fn enter(&self) -> io::Result<()> {
-        if self.idle {
-            idle_class()?;
-        }
         nix::sched::unshare(self.flags)?;
         if let Some(maps) = &self.user_ns {
             maps.write()?;
@@ -437,6 +436,12 @@ impl Plan {
                         nix::unistd::Pid::from_raw(0),
                         nix::unistd::Pid::from_raw(0),
                     )?;
+                }
+                // A guest's command (and all it starts) at the idle class;
+                // its workspace's set-up and teardown, the agent's own
+                // work, are not.
+                if self.idle {
+                    idle_class()?;
                 }
                 Ok(())
             }

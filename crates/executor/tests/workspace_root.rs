@@ -361,7 +361,7 @@ fn a_guest_runs_at_the_idle_cpu_and_io_class() {
     let Some(d) = scratch("idle") else { return };
     // Field 41 of /proc/PID/stat is the scheduling policy (5 = SCHED_IDLE);
     // `ionice -p` prints the I/O class.
-    let script = "cut -d' ' -f41 /proc/self/stat; ionice -p $$ 2>/dev/null || echo no-ionice";
+    let script = "cut -d' ' -f41 /proc/self/stat; ionice -p $$ 2>/dev/null || echo no-ionice; echo pid1 $(cut -d' ' -f41 /proc/1/stat)";
     let mut s = spec(&d.0);
     let plain = text(&run(&s, script).stdout);
     assert!(
@@ -374,4 +374,6 @@ fn a_guest_runs_at_the_idle_cpu_and_io_class() {
     assert!(out.status.success(), "{t} {}", text(&out.stderr));
     assert!(t.starts_with('5'), "a guest is SCHED_IDLE: {t}");
     assert!(t.contains("idle") || t.contains("no-ionice"), "{t}");
+    // Its workspace's pid 1 (set-up, teardown: the agent's work) is not.
+    assert!(t.contains("pid1 0"), "pid 1 stays SCHED_OTHER: {t}");
 }

@@ -528,6 +528,21 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
         "{}",
         s(&o.stderr)
     );
+    // A guest's command runs at the idle class; its workspace's pid 1
+    // (set-up and teardown, the agent's work) does not.
+    let o = out(run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "echo $(cut -d' ' -f41 /proc/self/stat) $(cut -d' ' -f41 /proc/1/stat)",
+        ],
+    ));
+    assert_eq!(s(&o.stdout), "5 0\n", "{}", s(&o.stderr));
     // What a command leaves running when it ends dies with it: it neither
     // writes into the change set nor lands later.
     let o = out(run(
