@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 
 use redb::{Database, ReadableTable};
 
-use crate::{JournalError, TaskRecord, META, TASKS};
+use crate::{with_fences, JournalError, TaskRecord};
 
 /// What a caller is told once its change's transaction ended.
 pub(crate) type Done = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
@@ -100,13 +100,7 @@ fn commit(db: &Database, path: &std::path::Path, group: Vec<((u64, u32), Apply)>
     let mut dones: Vec<Done> = Vec::with_capacity(group.len());
     let r = (|| -> Result<(), JournalError> {
         let w = db.begin_write().map_err(|e| st(&e))?;
-        {
-            let mut meta = w.open_table(META).map_err(|e| st(&e))?;
-            let mut fence = meta
-                .get("next_fence")
-                .map_err(|e| st(&e))?
-                .map_or(1, |v| v.value());
-            let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
+        with_fences(&w, &st, |tasks, fence| {
             for ((job, idx), apply) in group {
                 let found: Option<TaskRecord> = match tasks.get((job, idx)).map_err(|e| st(&e))? {
                     None => None,
@@ -121,13 +115,13 @@ fn commit(db: &Database, path: &std::path::Path, group: Vec<((u64, u32), Apply)>
                     dones.push(apply(None));
                     continue;
                 };
-                dones.push(apply(Some((&mut rec, fence))));
-                fence += 1;
+                dones.push(apply(Some((&mut rec, *fence))));
+                *fence += 1;
                 let b = postcard::to_stdvec(&rec).map_err(|e| st(&e))?;
                 tasks.insert((job, idx), b.as_slice()).map_err(|e| st(&e))?;
             }
-            meta.insert("next_fence", fence).map_err(|e| st(&e))?;
-        }
+            Ok(())
+        })?;
         w.commit().map_err(|e| st(&e))
     })();
     for d in dones {

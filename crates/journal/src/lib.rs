@@ -127,6 +127,27 @@ pub struct Recovered {
     pub running: usize,
 }
 
+/// The tasks table of `w` with the fence counter: `f` draws fences from
+/// it (each used or not), and the counter is stored back after.
+fn with_fences(
+    w: &redb::WriteTransaction,
+    st: &dyn Fn(&dyn std::fmt::Display) -> JournalError,
+    f: impl FnOnce(
+        &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+        &mut u64,
+    ) -> Result<(), JournalError>,
+) -> Result<(), JournalError> {
+    let mut meta = w.open_table(META).map_err(|e| st(&e))?;
+    let mut fence = meta
+        .get("next_fence")
+        .map_err(|e| st(&e))?
+        .map_or(1, |v| v.value());
+    let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
+    f(&mut tasks, &mut fence)?;
+    meta.insert("next_fence", fence).map_err(|e| st(&e))?;
+    Ok(())
+}
+
 impl Journal {
     fn storage(&self) -> impl Fn(&dyn std::fmt::Display) -> JournalError + '_ {
         |e| JournalError::Storage {
@@ -374,13 +395,7 @@ impl Journal {
             w.set_durability(Durability::None).map_err(|e| st(&e))?;
         }
         let mut out = Vec::with_capacity(keys.len());
-        {
-            let mut meta = w.open_table(META).map_err(|e| st(&e))?;
-            let mut fence = meta
-                .get("next_fence")
-                .map_err(|e| st(&e))?
-                .map_or(1, |v| v.value());
-            let mut tasks = w.open_table(TASKS).map_err(|e| st(&e))?;
+        with_fences(&w, &st, |tasks, fence| {
             for (i, &(job, idx)) in keys.iter().enumerate() {
                 let mut rec: TaskRecord = {
                     let v = tasks
@@ -390,13 +405,13 @@ impl Journal {
                     postcard::from_bytes(v.value())
                         .map_err(|e| self.corrupt(format!("task {job}.{idx}: {e}")))?
                 };
-                out.push(f(i, &mut rec, fence));
-                fence += 1;
+                out.push(f(i, &mut rec, *fence));
+                *fence += 1;
                 let b = postcard::to_stdvec(&rec).map_err(|e| st(&e))?;
                 tasks.insert((job, idx), b.as_slice()).map_err(|e| st(&e))?;
             }
-            meta.insert("next_fence", fence).map_err(|e| st(&e))?;
-        }
+            Ok(())
+        })?;
         w.commit().map_err(|e| st(&e))?;
         Ok(out)
     }
