@@ -1080,20 +1080,15 @@ pub(crate) fn supervise(
                 }
             };
             let told = (n == 2).then(|| (buf[0], i32::from(buf[1])));
-            if let (Some((kind, value)), Some(e)) = (told, early) {
-                tell(e, kind, value);
+            // Killed before it could say (or it never ran): as it died.
+            let end = told.unwrap_or_else(wait_child);
+            if let Some(e) = early {
+                tell(e, end.0, end.1);
             }
-            let waited = wait_child();
-            match told {
-                Some(t) => t,
-                None => {
-                    // Killed before it could say (or it never ran).
-                    if let Some(e) = early {
-                        tell(e, waited.0, waited.1);
-                    }
-                    waited
-                }
+            if told.is_some() {
+                wait_child();
             }
+            end
         }
     };
     if kind == 1 {
