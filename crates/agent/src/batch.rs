@@ -601,16 +601,10 @@ impl Batch {
                         Mem::Queued
                     }
                 };
-                {
-                    let mut st = me.lock();
-                    if let Some(m) = st.jobs.get_mut(&p.job) {
-                        m.set(p.index, now);
-                    }
-                    if let Some(n) = st.inflight.get_mut(&p.node) {
-                        *n = n.saturating_sub(1);
-                    }
+                if let Some(m) = me.lock().jobs.get_mut(&p.job) {
+                    m.set(p.index, now);
                 }
-                me.wake.notify_one();
+                me.release(&p.node);
             });
         }
     }
@@ -645,11 +639,13 @@ impl Batch {
         };
         self.finish(&rec, &p, a.fence, end, &out, &stage, None)
             .await;
-        {
-            let mut st = self.lock();
-            if let Some(n) = st.inflight.get_mut(&a.node) {
-                *n = n.saturating_sub(1);
-            }
+        self.release(&a.node);
+    }
+
+    /// An attempt on `node` is over: one slot more there for placement.
+    fn release(&self, node: &str) {
+        if let Some(n) = self.lock().inflight.get_mut(node) {
+            *n = n.saturating_sub(1);
         }
         self.wake.notify_one();
     }
@@ -710,13 +706,7 @@ impl Batch {
         };
         self.finish(&rec, &p, fence, end, &out, &stage, outputs)
             .await;
-        {
-            let mut st = self.lock();
-            if let Some(n) = st.inflight.get_mut(&p.node) {
-                *n = n.saturating_sub(1);
-            }
-        }
-        self.wake.notify_one();
+        self.release(&p.node);
     }
 
     async fn drive(
