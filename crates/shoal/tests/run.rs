@@ -711,8 +711,15 @@ fn sleeping_on_h1(
     c.stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let (_, err) = until_started(&mut child);
+    // `Started` is told once the command's exec has let pid 1 go on, which
+    // is before the kernel has set the new program's arguments: a guest at
+    // the idle class on a busy machine can take a while to get there.
+    let want = format!("sleep\x00{secs}\x00");
     assert!(
-        any_process_with_cmdline(format!("sleep\x00{secs}\x00").as_bytes()),
+        wait_for(Duration::from_secs(10), || {
+            any_process_with_cmdline(want.as_bytes()).then_some(())
+        })
+        .is_some(),
         "the checks can see the task's process"
     );
     (child, err)
