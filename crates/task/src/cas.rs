@@ -442,7 +442,10 @@ impl Delta<'_> {
 /// made; a non-directory hides whatever the base has at its path; a
 /// whiteout hides a removed entry (and everything under it).
 pub fn delta<'a>(tree: &'a [TreeEntry], base: &TreeMap) -> Delta<'a> {
-    delta_by(tree, &by_path(tree), base)
+    delta_by(tree, &by_path(tree), base, usize::MAX).unwrap_or_else(|| Delta {
+        entries: Vec::new(),
+        whiteouts: Vec::new(),
+    })
 }
 
 /// `tree` by path, as [`delta_by`] takes it.
@@ -450,12 +453,15 @@ fn by_path(tree: &[TreeEntry]) -> HashMap<&[u8], &Node> {
     tree.iter().map(|e| (key(&e.path), &e.node)).collect()
 }
 
-/// [`delta`], with the tree by path made once for many bases.
+/// [`delta`], with the tree by path made once for many bases; `None` as
+/// soon as it is known to hold more than `limit` entries (then it is not
+/// worth finishing: a closer base is known already).
 fn delta_by<'a>(
     tree: &'a [TreeEntry],
     new: &HashMap<&'a [u8], &'a Node>,
     base: &TreeMap,
-) -> Delta<'a> {
+    limit: usize,
+) -> Option<Delta<'a>> {
     let is_dir = |n: Option<&Node>| matches!(n, Some(Node::Dir { .. }));
     let mut need: HashSet<&[u8]> = HashSet::new();
     fn mark<'p>(need: &mut HashSet<&'p [u8]>, p: &'p Path) {
@@ -465,15 +471,23 @@ fn delta_by<'a>(
             }
         }
     }
+    // (Every key marked is one of the tree's own entries, its directories
+    // included, so `need` never outgrows the delta's entries.)
     for e in tree {
         if base.get(key(&e.path)) != Some(&e.node) {
             mark(&mut need, &e.path);
+            if need.len() > limit {
+                return None;
+            }
         }
     }
     let mut whiteouts = Vec::new();
     for k in base.keys() {
         if new.contains_key(k.as_slice()) {
             continue;
+        }
+        if need.len() + whiteouts.len() > limit {
+            return None;
         }
         let p = path(k);
         let parent = p.parent().unwrap_or(Path::new(""));
@@ -488,14 +502,52 @@ fn delta_by<'a>(
             }
         }
     }
+    if need.len() + whiteouts.len() > limit {
+        return None;
+    }
     whiteouts.sort();
-    Delta {
+    Some(Delta {
         entries: tree
             .iter()
             .filter(|e| need.contains(key(&e.path)))
             .collect(),
         whiteouts,
+    })
+}
+
+/// The closest of `candidates` (key, tree, last use) to build `tree` on:
+/// the smallest delta, the lower key on a tie, none thicker than `cap`.
+/// Each delta costs a look-up per entry of both trees, and a build makes
+/// a new tree for every compile, so the most recently used go first (the
+/// last compile's tree is one object file away) and a tree further off
+/// than the best so far is passed by: on its entry count alone (the
+/// entries one tree has beyond the other are all in the delta), or as
+/// soon as its delta outgrows the best.
+fn closest<'a, 'k>(
+    tree: &'a [TreeEntry],
+    candidates: &'k [(String, Arc<TreeMap>, u64)],
+    cap: usize,
+) -> Option<(Delta<'a>, &'k String)> {
+    let new = by_path(tree);
+    let mut order: Vec<&(String, Arc<TreeMap>, u64)> = candidates.iter().collect();
+    order.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    let mut best: Option<(Delta<'a>, &'k String)> = None;
+    for (k, t, _) in order {
+        let limit = best.as_ref().map_or(cap, |(d, _)| d.len());
+        if tree.len().saturating_sub(t.len()) > limit {
+            continue;
+        }
+        let Some(d) = delta_by(tree, &new, t, limit) else {
+            continue;
+        };
+        let better = best
+            .as_ref()
+            .is_none_or(|(b, bk)| (d.len(), k) < (b.len(), *bk));
+        if better {
+            best = Some((d, k));
+        }
     }
+    best
 }
 
 /// The largest layer worth building on another for a tree of `n`
@@ -674,16 +726,11 @@ impl Lowers {
             st.layers
                 .iter()
                 .filter(|(_, l)| l.depth < MAX_DEPTH)
-                .filter_map(|(k, l)| Some((k.clone(), l.tree.clone()?)))
+                .filter_map(|(k, l)| Some((k.clone(), l.tree.clone()?, l.used)))
                 .collect::<Vec<_>>()
         };
         // The closest layer to build on, if building on it is cheaper.
-        let new = by_path(tree);
-        let best = candidates
-            .iter()
-            .map(|(k, t)| (delta_by(tree, &new, t), k))
-            .min_by_key(|(d, k)| (d.len(), (*k).clone()))
-            .filter(|(d, _)| d.len() <= delta_cap(tree.len()));
+        let best = closest(tree, &candidates, delta_cap(tree.len()));
         let base = best.and_then(|(d, k)| {
             let mut st = self.lock();
             if !st.layers.contains_key(k) {
@@ -1088,6 +1135,51 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(delta(&gone, &map(&base)).whiteouts, [PathBuf::from("a")]);
+    }
+
+    #[test]
+    fn the_closest_base_is_the_one_an_exhaustive_search_picks() {
+        // A build's trees: the sources, then one more object file each.
+        let build = |objects: usize, touched: Option<usize>| {
+            let mut t = vec![dir("src"), file("Makefile", b"all:")];
+            for i in 0..40 {
+                let c = if touched == Some(i) {
+                    "edited"
+                } else {
+                    "int f;"
+                };
+                t.push(file(&format!("src/f{i}.c"), format!("{c}{i}").as_bytes()));
+            }
+            for i in 0..objects {
+                t.push(file(&format!("src/f{i}.o"), format!("obj{i}").as_bytes()));
+            }
+            t
+        };
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for round in 0..200 {
+            let n = 2 + next(8) as usize;
+            let candidates: Vec<(String, Arc<TreeMap>, u64)> = (0..n)
+                .map(|i| {
+                    let t = build(next(40) as usize, (next(3) == 0).then(|| next(40) as usize));
+                    (format!("k{i:02}"), Arc::new(map(&t)), next(5))
+                })
+                .collect();
+            let tree = build(next(40) as usize, (next(4) == 0).then(|| next(40) as usize));
+            let cap = [usize::MAX, 8, 2][round % 3];
+            let exhaustive = candidates
+                .iter()
+                .map(|(k, t, _)| (delta(&tree, t).len(), k))
+                .min()
+                .filter(|(l, _)| *l <= cap);
+            let found = closest(&tree, &candidates, cap).map(|(d, k)| (d.len(), k));
+            assert_eq!(found, exhaustive, "round {round}");
+        }
     }
 
     #[test]
