@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::image::{ImageEntry, ImageNode};
 use crate::proto::{Hash, Node, TreeEntry};
@@ -79,7 +79,20 @@ pub struct Cas {
     /// Bytes in the cache, once counted (eviction then reads the
     /// directory only when over the cap).
     usage: Arc<Mutex<Option<u64>>>,
+    /// When each content (and its executable copy) was last given its
+    /// owner and marked used, by owner: linked again within
+    /// [`TOUCH_EVERY`], a file costs one `link`, not also an `lchown`, an
+    /// `open` and a `futimens` (each of which dirties its inode). A build
+    /// makes a tree of hundreds of files whole every few compiles.
+    readied: Arc<Mutex<HashMap<Readied, Instant>>>,
 }
+
+/// A content, whether its executable copy, and the owner it was given.
+type Readied = (Hash, bool, Option<(u32, u32)>);
+
+/// How often a content in use is marked used again (its modification
+/// time, by which eviction picks the least recently used).
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl Cas {
     /// A cache in `dir` (made if absent) holding at most `cap_bytes`.
@@ -99,7 +112,18 @@ impl Cas {
             cap_bytes,
             known: Arc::default(),
             usage: Arc::default(),
+            readied: Arc::default(),
         }
+    }
+
+    fn readied(&self) -> std::sync::MutexGuard<'_, HashMap<Readied, Instant>> {
+        self.readied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets `h`: its file is gone.
+    fn forget(&self, h: &Hash) {
+        self.known().remove(h);
+        self.readied().retain(|k, _| &k.0 != h);
     }
 
     fn path(&self, h: &Hash) -> PathBuf {
@@ -252,7 +276,8 @@ impl Cas {
                     return Err(CasError::Missing(hex::encode(h)));
                 }
                 let base = self.path(h);
-                let src = if mode & 0o111 != 0 {
+                let exec = mode & 0o111 != 0;
+                let src = if exec {
                     let x = base.with_extension("x");
                     if !x.exists() {
                         let tmp = base.with_extension(format!("x.tmp{}", unique()));
@@ -267,14 +292,22 @@ impl Cas {
                 } else {
                     base
                 };
-                chown(&src, owner)?;
-                if let Ok(f) = fs::File::options().write(true).open(&src) {
-                    let _ = f.set_modified(now);
+                let key = (*h, exec, owner);
+                let fresh = self
+                    .readied()
+                    .get(&key)
+                    .is_some_and(|t| t.elapsed() < TOUCH_EVERY);
+                if !fresh {
+                    chown(&src, owner)?;
+                    if let Ok(f) = fs::File::options().write(true).open(&src) {
+                        let _ = f.set_modified(now);
+                    }
+                    self.readied().insert(key, Instant::now());
                 }
                 if let Err(err) = fs::hard_link(&src, &target) {
                     if err.kind() == io::ErrorKind::NotFound && !src.exists() {
                         // Evicted since it was seen.
-                        self.known().remove(h);
+                        self.forget(h);
                         return Err(CasError::Missing(hex::encode(h)));
                     }
                     return Err(io_err(&target)(err));
@@ -379,7 +412,7 @@ impl Cas {
                 .and_then(|n| hex::decode(n.as_encoded_bytes()).ok())
                 .and_then(|v| Hash::try_from(v).ok())
             {
-                self.known().remove(&h);
+                self.forget(&h);
             }
             if fs::remove_file(&p).is_ok() {
                 total -= len;
@@ -1004,6 +1037,39 @@ mod tests {
             cas.materialize(&missing, &d.join("l3"), None),
             Err(CasError::Missing(_))
         ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_content_linked_again_soon_is_not_touched_again() {
+        let d = tmp("touch");
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        let h = hash(b"obj");
+        cas.put(&h, b"obj").unwrap();
+        let tree = vec![file("f.o", b"obj")];
+        let mtime = || fs::metadata(cas.path(&h)).unwrap().modified().unwrap();
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let set = |t| {
+            fs::File::options()
+                .write(true)
+                .open(cas.path(&h))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        set(old);
+        // First use: marked used (eviction goes by modification time).
+        cas.materialize(&tree, &d.join("l1"), None).unwrap();
+        assert!(mtime() > old);
+        // Used again within the minute: linked, not touched.
+        set(old);
+        cas.materialize(&tree, &d.join("l2"), None).unwrap();
+        assert_eq!(mtime(), old);
+        assert_eq!(fs::read(d.join("l2/f.o")).unwrap(), b"obj");
+        // Evicted and brought again: marked anew.
+        cas.forget(&h);
+        cas.materialize(&tree, &d.join("l3"), None).unwrap();
+        assert!(mtime() > old);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -35,6 +35,11 @@ pub struct Manifest {
     pub sources: HashMap<Hash, PathBuf>,
     /// Total bytes of file content.
     pub bytes: u64,
+    /// The root holds shoal's own commit bookkeeping (a commit in
+    /// progress, or one a crash interrupted): whoever owns the tree runs
+    /// `shoal_files::recover` and scans again. Told by the scan, so that a
+    /// tree with none is read once, not twice.
+    pub internal: bool,
 }
 
 /// SHA-256 of `data`.
@@ -183,7 +188,11 @@ impl<K: Fn(&Path) -> bool> Walker<'_, K> {
         for name in &names {
             let os = OsStr::from_bytes(name.to_bytes());
             let n = os.to_string_lossy();
-            if n == ".git" || shoal_files::is_internal(&n) {
+            if n == ".git" {
+                continue;
+            }
+            if shoal_files::is_internal(&n) {
+                self.m.internal |= rel.as_os_str().is_empty();
                 continue;
             }
             let rel_child = rel.join(os);
@@ -485,6 +494,34 @@ mod tests {
             ]
         );
         assert_eq!(m.sources.len(), 3, "a.c and b.c share one content");
+        assert!(!m.internal, "no commit's bookkeeping here");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_commits_bookkeeping_at_the_root_is_told_and_never_shipped() {
+        let d = std::env::temp_dir().join(format!("shoal-scan-int-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(d.join("src/.shoal-commit-00ff")).unwrap();
+        fs::write(d.join("src/a.c"), "a").unwrap();
+        let paths = |m: &Manifest| -> Vec<String> {
+            m.entries
+                .iter()
+                .map(|e| e.path.display().to_string())
+                .collect()
+        };
+        // Below the root such a name is not a commit's: skipped, not told.
+        let m = scan(&d).unwrap();
+        assert_eq!(paths(&m), ["src", "src/a.c"]);
+        assert!(!m.internal);
+        for name in [".shoal-commit-0001", ".shoal-prep-0002"] {
+            fs::create_dir_all(d.join(name)).unwrap();
+            fs::write(d.join(name).join("lock"), "").unwrap();
+            let m = scan(&d).unwrap();
+            assert_eq!(paths(&m), ["src", "src/a.c"], "{name}");
+            assert!(m.internal, "{name}");
+            fs::remove_dir_all(d.join(name)).unwrap();
+        }
         fs::remove_dir_all(&d).unwrap();
     }
 }

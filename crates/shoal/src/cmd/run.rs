@@ -149,6 +149,25 @@ fn task_id() -> String {
     hex::encode(b)
 }
 
+/// Finishes (or undoes) the commits a crash interrupted in the tree at
+/// `cwd`, so that the command sees the tree as they leave it.
+fn recover(cwd: &Path) -> Result<(), String> {
+    match shoal_files::recover(cwd) {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            eprintln!(
+                "shoal: finished {n} interrupted commit(s) in {}",
+                cwd.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "recovering an interrupted commit in {}: {e}",
+            cwd.display()
+        )),
+    }
+}
+
 /// Runs the command right here, without the cluster (the agent is not
 /// reachable): distcc's fallback.
 fn run_plain(command: &[OsString]) -> anyhow::Result<ExitCode> {
@@ -193,14 +212,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let cwd = std::env::current_dir().context("the current directory")?;
-    match shoal_files::recover(&cwd) {
-        Ok(0) => {}
-        Ok(n) => eprintln!(
-            "shoal: finished {n} interrupted commit(s) in {}",
-            cwd.display()
-        ),
-        Err(e) => bail!("recovering an interrupted commit in {}: {e}", cwd.display()),
-    }
     let socket = a.agent.socket();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -222,6 +233,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                         "shoal: running locally: no agent at {} ({e})",
                         socket.display()
                     );
+                }
+                // Here the tree is not scanned: whatever a crash left is
+                // looked for directly.
+                if let Err(e) = recover(&cwd) {
+                    eprintln!("shoal: {e}");
+                    return Ok(ExitCode::from(2));
                 }
                 return run_plain(&a.command);
             }
@@ -347,7 +364,13 @@ async fn session(
         move || -> Result<_, String> {
             // Files unchanged since an earlier run are not read again.
             let mut cache = HashCache::for_root(&cwd);
-            let m = tree::scan_with(&cwd, &mut cache).map_err(|e| e.to_string())?;
+            let mut m = tree::scan_with(&cwd, &mut cache).map_err(|e| e.to_string())?;
+            if m.internal {
+                // A commit a crash interrupted is finished (or undone)
+                // first: the task sees the tree as it ends up.
+                recover(&cwd)?;
+                m = tree::scan_with(&cwd, &mut cache).map_err(|e| e.to_string())?;
+            }
             if let Err(e) = cache.save() {
                 tracing::debug!(error = %e, "hash cache not saved");
             }
@@ -600,8 +623,11 @@ async fn attempt_once(
                     let Some(path) = manifest.sources.get(&h) else {
                         bail!("the executor asked for a content this tree does not have");
                     };
-                    let data = tokio::fs::read(path)
-                        .await
+                    // Read on this (only) runtime thread, as the scan was:
+                    // the task has not started, nothing else waits, and a
+                    // blocking-pool thread (`tokio::fs`) cost a thread's
+                    // start and exit per run that ships anything.
+                    let data = std::fs::read(path)
                         .with_context(|| format!("reading {}", path.display()))?;
                     if tree::hash(&data) != h {
                         eprintln!(
