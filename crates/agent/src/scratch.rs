@@ -5,9 +5,10 @@
 //! created and four removed for every task; on an ext4 without a journal
 //! (this project's machines), every inode freed makes each later inode
 //! allocation on the disk scan past it for a while, so a busy executor
-//! paid for that churn over and over. A task that leaves its upper layer
-//! as it found it (nothing written, or the kept result moved away) hands
-//! its directory to the next task instead.
+//! paid for that churn over and over. A task hands its directory to the
+//! next task instead: its upper layer emptied of what the task wrote (a
+//! compile's object file), the directories themselves kept, unless
+//! something else of the task's is left in them.
 //!
 //! A directory is taken only by one task at a time, and given back only
 //! once its overlay is unmounted (the task's namespaces are gone).
@@ -49,8 +50,10 @@ impl Scratch {
     }
 
     /// Gives a task's directory back once its overlay is unmounted: kept
-    /// when nothing of the task is left in it, else removed.
+    /// when, its upper layer emptied, nothing of the task is left in it,
+    /// else removed.
     pub fn give_back(&self, d: PathBuf) {
+        empty_upper(&d);
         if clean(&d, None) {
             let mut free = self.lock();
             if free.len() < self.cap {
@@ -77,6 +80,24 @@ impl Scratch {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes what a task left in `d`'s upper layer (the files it wrote,
+/// its whiteouts, the directories it made or changed), not the layer's
+/// top directory: a task whose changes were read (or moved away) leaves
+/// its directory ready for the next one, at the cost of its own files
+/// only. What cannot be removed stays, and the directory then goes whole.
+fn empty_upper(d: &Path) {
+    let Ok(rd) = std::fs::read_dir(d.join("upper")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            shoal_executor::workspace::remove_all(&e.path())
+        } else {
+            std::fs::remove_file(e.path())
+        };
     }
 }
 
@@ -150,16 +171,29 @@ mod tests {
         assert!(a.exists());
         assert_eq!(s.take(), a, "the clean one is taken again");
 
-        // A file in the upper layer: removed, not reused.
+        // What the task wrote in its upper layer (files, a directory it
+        // made, even read-only, a whiteout): emptied, and the directory
+        // serves again.
         std::fs::write(a.join("upper/out.o"), b"x").unwrap();
+        std::fs::create_dir_all(a.join("upper/sub/deeper")).unwrap();
+        std::fs::write(a.join("upper/sub/deeper/f"), b"y").unwrap();
+        std::fs::set_permissions(
+            a.join("upper/sub"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o500),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", a.join("upper/link")).unwrap();
         s.give_back(a.clone());
-        assert!(!a.exists(), "a directory with the task's files goes");
+        assert!(a.join("upper").is_dir(), "the directory is kept");
+        assert_eq!(std::fs::read_dir(a.join("upper")).unwrap().count(), 0);
+        assert!(Path::new("/etc/passwd").exists(), "a link is removed, not followed");
+        assert_eq!(s.take(), a, "the emptied one is taken again");
         let b = made(&s);
         assert_ne!(b, a);
 
-        // A whiteout (a deletion) is an entry too; so is leftover copy-up
-        // scratch, and anything beside upper and work.
-        for dirty in ["upper/.wh.x", "work/work/#1", "run"] {
+        // Leftover copy-up scratch, and anything beside upper and work:
+        // removed whole.
+        for dirty in ["work/work/#1", "run"] {
             let d = made(&s);
             std::fs::create_dir_all(d.join(dirty).parent().unwrap()).unwrap();
             std::fs::write(d.join(dirty), b"").unwrap();
