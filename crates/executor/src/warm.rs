@@ -337,6 +337,22 @@ fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
 /// # Errors
 /// The socket failed.
 pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
+    // Every task's supervisor and pid 1 are forked from here, and copy
+    // whatever heap page they write. With glibc's fast bins, a child's
+    // first larger allocation walks and merges every small chunk this
+    // process freed (`malloc_consolidate`), writing to pages all over the
+    // heap: about half of a task's page faults in these processes. Without
+    // them, a child writes only the chunks it uses.
+    // SAFETY: `mallopt` only sets the allocator's parameters (merging the
+    // fast bins it had); no other thread runs in this process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
+    SPAWN_STACK_MEM
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .resize(SPAWN_STACK, 0);
     // Die with the agent's thread that made us, and stay out of its
     // terminal's process group (a Ctrl-C to the agent is not for us).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
@@ -642,6 +658,12 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
 /// The stack of pid 2 until its exec: it makes only system calls.
 const SPAWN_STACK: usize = 64 * 1024;
 
+/// That stack, made (and written) once in the spawner: each task's pid 1,
+/// a fork of it, shares its pages and copies only the one or two pid 2
+/// writes, where a stack of its own was 64 KiB zeroed, sixteen page faults,
+/// per task. Only ever locked in a process with no other thread.
+static SPAWN_STACK_MEM: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
 /// Starts pid 2 as the command, as `posix_spawn` does: a child that shares
 /// this process's memory until it execs (`CLONE_VM | CLONE_VFORK`), so no
 /// page table is copied for it and none torn down at its exec; this
@@ -679,7 +701,14 @@ fn spawn_command(
     // Written by the child when it cannot exec, read once it is gone.
     let mut failed: i32 = 0;
     let failed_at = std::ptr::addr_of_mut!(failed);
-    let mut stack = vec![0u8; SPAWN_STACK];
+    let mut kept = SPAWN_STACK_MEM.lock().unwrap_or_else(|e| e.into_inner());
+    let mut own = Vec::new();
+    let stack: &mut [u8] = if kept.len() >= SPAWN_STACK {
+        &mut kept[..]
+    } else {
+        own.resize(SPAWN_STACK, 0);
+        &mut own
+    };
     let child = move || -> isize {
         // SAFETY: runs in the child, on its own stack, while this process
         // is suspended (CLONE_VFORK): only async-signal-safe calls, on
@@ -749,7 +778,7 @@ fn spawn_command(
     let pid = unsafe {
         nix::sched::clone(
             Box::new(child),
-            &mut stack,
+            stack,
             nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
             Some(libc::SIGCHLD),
         )
