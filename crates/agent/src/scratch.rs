@@ -186,7 +186,10 @@ mod tests {
         s.give_back(a.clone());
         assert!(a.join("upper").is_dir(), "the directory is kept");
         assert_eq!(std::fs::read_dir(a.join("upper")).unwrap().count(), 0);
-        assert!(Path::new("/etc/passwd").exists(), "a link is removed, not followed");
+        assert!(
+            Path::new("/etc/passwd").exists(),
+            "a link is removed, not followed"
+        );
         assert_eq!(s.take(), a, "the emptied one is taken again");
         let b = made(&s);
         assert_ne!(b, a);
