@@ -1092,6 +1092,36 @@ impl Slot {
         stdio: [BorrowedFd<'_>; 3],
         keep: Option<KeptTree>,
     ) -> Result<u32, WarmError> {
+        match self.send_task(mgr, limits, req, stdio) {
+            Ok(()) => self
+                .released
+                .extend(keep.and_then(|k| self.kept_tree.replace(k))),
+            Err(e) => {
+                // Not sent. Unless the request alone was at fault (the
+                // caller then runs the task in that tree's directory, and
+                // gives the slot back), the caller gives the task another
+                // directory and discards this slot: with it goes the tree's.
+                if !matches!(e, WarmError::TooLarge) {
+                    self.released.extend(keep);
+                }
+                return Err(e);
+            }
+        }
+        match self.read_reply(Some(Duration::from_secs(30)))? {
+            Reply::Started { pid } => Ok(pid),
+            Reply::Failed { errno, message } => Err(WarmError::Task { errno, message }),
+            _ => Err(WarmError::Malformed(self.name.clone())),
+        }
+    }
+
+    /// The part of [`Slot::start`] before the spawner has the request.
+    fn send_task(
+        &mut self,
+        mgr: &dyn CgroupManager,
+        limits: &Limits,
+        req: &Request,
+        stdio: [BorrowedFd<'_>; 3],
+    ) -> Result<(), WarmError> {
         if self.spare_asked {
             // (Made while the slot waited in the pool.)
             match self.read_reply(Some(Duration::from_secs(10)))? {
@@ -1114,16 +1144,8 @@ impl Slot {
             return Err(WarmError::TooLarge);
         }
         match send(self.sock.as_fd(), &bytes, &stdio) {
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Err(WarmError::TooLarge),
-            r => r.map_err(self.link_err())?,
-        }
-        if let Some(k) = keep {
-            self.released.extend(self.kept_tree.replace(k));
-        }
-        match self.read_reply(Some(Duration::from_secs(30)))? {
-            Reply::Started { pid } => Ok(pid),
-            Reply::Failed { errno, message } => Err(WarmError::Task { errno, message }),
-            _ => Err(WarmError::Malformed(self.name.clone())),
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => Err(WarmError::TooLarge),
+            r => r.map_err(self.link_err()),
         }
     }
 
@@ -1196,7 +1218,9 @@ impl Slot {
             .chain(self.released.drain(..))
         {
             // Its mount went with the spawner.
-            let _ = crate::workspace::remove_all(&k.dir);
+            if let Err(e) = crate::workspace::remove_all(&k.dir) {
+                tracing::warn!(dir = %k.dir.display(), error = %e, "a discarded slot's tree directory not removed");
+            }
         }
         if let Some(r) = &self.root {
             // Empty here: its root was mounted in the spawner's namespace.

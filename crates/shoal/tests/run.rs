@@ -586,6 +586,22 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
 /// (with the client's stderr, kept open).
 /// The trees mounted (by any process, in any mount namespace) at the
 /// mount points a warm slot's spawner keeps under `tasks`.
+/// Waits until h0's warm slot is back and ready, with its spare workspace
+/// (three processes): a task's end reaches its submitter before that.
+fn warm_slot_ready() {
+    let ready = wait_for(Duration::from_secs(20), || {
+        let d = std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h0").ok()?;
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+            .any(|e| {
+                std::fs::read_to_string(e.path().join("cgroup.procs"))
+                    .is_ok_and(|p| p.lines().count() == 3)
+            })
+            .then_some(())
+    });
+    assert!(ready.is_some(), "h0's warm slot");
+}
+
 fn kept_tree_mounts(tasks: &Path) -> std::collections::BTreeSet<String> {
     let prefix = tasks.to_string_lossy().into_owned();
     let mut out = std::collections::BTreeSet::new();
@@ -599,7 +615,10 @@ fn kept_tree_mounts(tasks: &Path) -> std::collections::BTreeSet<String> {
             };
             let at = head.split(' ').nth(4).unwrap_or_default();
             if tail.starts_with("overlay shoal-tree ") && at.starts_with(&prefix) {
-                out.insert(at.to_owned());
+                // A task directory serves task after task: a tree's mount is
+                // told by its layers too, not its place alone (the copies
+                // of it in other namespaces show the same).
+                out.insert(format!("{at} {tail}"));
             }
         }
     }
@@ -617,26 +636,11 @@ fn a_warm_slot_keeps_a_tree_mounted_only_while_its_tasks_leave_it_as_it_was() {
     start_all(&mut lab, &[0], &[]);
     wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
     wait_facts(&lab);
-    // Its slot back and ready, with its spare workspace (three
-    // processes): a task's end reaches its submitter before that.
-    let slot_ready = || {
-        let ready = wait_for(Duration::from_secs(20), || {
-            let d = std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h0").ok()?;
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
-                .any(|e| {
-                    std::fs::read_to_string(e.path().join("cgroup.procs"))
-                        .is_ok_and(|p| p.lines().count() == 3)
-                })
-                .then_some(())
-        });
-        assert!(ready.is_some(), "h0's warm slot");
-    };
     let tree = Tree::new(&lab.dir.join("tree"));
     tree.write("a.txt", "hi\n");
     let tasks = lab.hosts[0].data_dir.join("tasks");
     let sh = |commit: &str, script: &str| {
-        slot_ready();
+        warm_slot_ready();
         let o = out(run(
             &lab,
             &tree,
@@ -771,6 +775,92 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
         "the executor kept the task's process ({}), cgroup or files ({:?})",
         any_process_with_cmdline(b"sleep\x00300\x00"),
         shoal_netns::task_leftovers(&tasks)
+    );
+}
+
+#[test]
+fn a_warm_start_that_fails_leaves_no_directory_behind() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run15", 34, 1) else {
+        return;
+    };
+    lab.configs[0] = format!("warm_slots = 1\n{}", lab.configs[0]);
+    start_all(&mut lab, &[0], &[]);
+    wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
+    wait_facts(&lab);
+    let tree = Tree::new(&lab.dir.join("tree"));
+    tree.write("a.txt", "1\n");
+    let tasks = lab.hosts[0].data_dir.join("tasks");
+    let cat = || {
+        let o = out(run(&lab, &tree, &["--local", "--", "cat", "a.txt"]));
+        assert!(o.status.success(), "{}", s(&o.stderr));
+        s(&o.stdout)
+    };
+    // The one slot keeps this tree mounted in a directory of its own.
+    warm_slot_ready();
+    assert_eq!(cat(), "1\n");
+    warm_slot_ready();
+    // Its spawner (and the spare workspace it made ahead) dies while the
+    // slot waits in the pool...
+    let data_dir = lab.hosts[0].data_dir.to_string_lossy().into_owned();
+    let mut killed = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(c) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c);
+        if c.contains("\0__spawner\0") && c.contains(&data_dir) {
+            let pid: i32 = e.file_name().to_string_lossy().parse().unwrap();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.push(pid);
+        }
+    }
+    assert!(!killed.is_empty(), "the slot's spawner was found");
+    // Dead, its socket closed (a zombie until the agent reaps it): the
+    // start fails before its request is sent.
+    let dead = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || killed
+            .iter()
+            .all(dead)
+            .then_some(()))
+        .is_some(),
+        "the slot's processes died"
+    );
+    // ... and the next task, with a new tree (so a new directory made for
+    // the slot to keep), is given it: the start fails before the request
+    // is sent, the task runs in a fresh cgroup and a directory of its own.
+    tree.write("a.txt", "2\n");
+    assert_eq!(cat(), "2\n");
+    assert!(
+        lab.log(0).contains("warm slot failed"),
+        "the task was given the dead slot: {}",
+        lab.log(0)
+    );
+    // Left: the directory it ran in (kept for a next task). Not the dead
+    // slot's, nor the one made for the failed start.
+    let dirs = || {
+        std::fs::read_dir(&tasks)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || (dirs().len() == 1)
+            .then_some(()))
+        .is_some(),
+        "task directories left: {:?}",
+        dirs()
     );
 }
 
