@@ -453,6 +453,30 @@ struct TaskGuard {
     spec: Option<Spec>,
 }
 
+/// A task cgroup whose processes would not die at once is tried again
+/// this often, this many times.
+const REMOVE_EVERY: Duration = Duration::from_secs(1);
+const REMOVE_TRIES: u32 = 60;
+
+/// Removes task cgroup `name` once its last process has died: tries every
+/// `every`, `tries` times, and gives the last error.
+fn remove_later(
+    m: &dyn CgroupManager,
+    name: &str,
+    every: Duration,
+    tries: u32,
+) -> Result<(), shoal_executor::cgroup::CgroupError> {
+    let mut r = Ok(());
+    for _ in 0..tries {
+        std::thread::sleep(every);
+        r = m.remove(name);
+        if r.is_ok() {
+            break;
+        }
+    }
+    r
+}
+
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         if let Some((pool, slot)) = self.slot.take() {
@@ -462,19 +486,63 @@ impl Drop for TaskGuard {
             self.scratch.give_back_slot(&pool, slot, keep_tree);
         } else if let (Some((m, name)), false) = (&self.cgroup, self.warm) {
             if let Err(e) = m.remove(name) {
-                tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
+                // Its processes, at the guests' idle class, may take a
+                // while to die of their SIGKILL on a busy machine (seen:
+                // over 2 s with both cores taken), and their workspace's
+                // mounts and files are still theirs meanwhile: the cgroup
+                // is tried again, and the rest done after, off this thread.
+                tracing::debug!(cgroup = %name, error = %e, "task cgroup not removed yet");
+                let (m, name) = (m.clone(), name.clone());
+                let rest = self.rest();
+                std::thread::spawn(move || {
+                    if let Err(e) = remove_later(m.as_ref(), &name, REMOVE_EVERY, REMOVE_TRIES) {
+                        tracing::warn!(cgroup = %name, error = %e, "task cgroup not removed");
+                    }
+                    rest.finish();
+                });
+                return;
             }
         }
+        self.rest().finish();
+    }
+}
+
+/// What a task's guard cleans up once no process of the task is left.
+struct Rest {
+    spec: Option<Spec>,
+    lower: Option<shoal_task::cas::Lower>,
+    image: Option<shoal_task::cas::Lower>,
+    /// The task's directory, unless it is its slot's.
+    dir: Option<PathBuf>,
+    scratch: Arc<crate::scratch::Scratch>,
+}
+
+impl TaskGuard {
+    fn rest(&mut self) -> Rest {
+        // (A slot's tree directory is the slot's: it went with the slot,
+        // or back to `scratch` already.)
+        let dir = (!self.in_slot && !self.dir.as_os_str().is_empty())
+            .then(|| std::mem::take(&mut self.dir));
+        Rest {
+            spec: self.spec.take(),
+            lower: self.lower.take(),
+            image: self.image.take(),
+            dir,
+            scratch: self.scratch.clone(),
+        }
+    }
+}
+
+impl Rest {
+    fn finish(mut self) {
         if let Some(s) = &self.spec {
             let _ = workspace::cleanup(s);
         }
         // Unmounted: its shared lower layer and image may go.
         self.lower = None;
         self.image = None;
-        // (A slot's tree directory is the slot's: it went with the slot,
-        // or back to `scratch` above.)
-        if !self.in_slot && !self.dir.as_os_str().is_empty() {
-            self.scratch.give_back(std::mem::take(&mut self.dir));
+        if let Some(d) = self.dir.take() {
+            self.scratch.give_back(d);
         }
     }
 }
@@ -1682,6 +1750,24 @@ impl Drop for WarmProc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_cgroup_whose_processes_are_slow_to_die_is_removed_later() {
+        use shoal_executor::cgroup::{fake::Recording, Limits};
+        let m = Recording::default();
+        m.create("task-slow", &Limits::default()).unwrap();
+        // Busy three times (its processes still dying), then gone.
+        m.refuse_removes(3);
+        assert!(m.remove("task-slow").is_err());
+        let every = Duration::from_millis(1);
+        assert!(remove_later(&m, "task-slow", every, 5).is_ok());
+        assert!(!m.exists("task-slow"));
+        // One that never empties: the last error, after every try.
+        m.create("task-stuck", &Limits::default()).unwrap();
+        m.refuse_removes(100);
+        assert!(remove_later(&m, "task-stuck", every, 5).is_err());
+        assert!(m.exists("task-stuck"));
+    }
 
     #[test]
     fn a_small_spool_stays_in_memory_and_a_large_one_goes_whole_to_its_file() {

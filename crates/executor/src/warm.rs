@@ -341,8 +341,9 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     // whatever heap page they write. With glibc's fast bins, a child's
     // first larger allocation walks and merges every small chunk this
     // process freed (`malloc_consolidate`), writing to pages all over the
-    // heap: about half of a task's page faults in these processes. Without
-    // them, a child writes only the chunks it uses.
+    // heap. Without them, a child writes only the chunks it uses (with
+    // pid 2's stack made once, below: about a third fewer page faults in
+    // a task's processes, BENCHMARKS.md, session 10).
     // SAFETY: `mallopt` only sets the allocator's parameters (merging the
     // fast bins it had); no other thread runs in this process.
     #[allow(unsafe_code)]

@@ -872,6 +872,21 @@ fn run_steps(steps: &[Step]) -> io::Result<()> {
     Ok(())
 }
 
+/// Puts thread `tid` back in the ordinary scheduling class (from the
+/// guests' idle class, so that a killed task can die promptly).
+pub(crate) fn ordinary_class(tid: u32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let tid =
+        libc::pid_t::try_from(tid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `param` is a valid sched_param that outlives the call; the
+    // call touches no other memory of ours.
+    #[allow(unsafe_code)]
+    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts the calling process (and, by inheritance, everything it starts)
 /// under `SCHED_IDLE` and the idle I/O class. Two system calls, safe
 /// between fork and exec.

@@ -348,3 +348,55 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
     lifted();
     assert_eq!(s.mgr.pids("slot").unwrap().len(), 1, "its process stayed");
 }
+
+#[test]
+fn a_killed_guest_dies_at_once_though_every_core_is_taken() {
+    let Some(mut s) = scratch("starved") else {
+        return;
+    };
+    if s.mgr.version() != cgroup::CgroupVersion::V1 {
+        eprintln!("skipped: the idle class is lifted on cgroup v1 only");
+        return;
+    }
+    s.mgr.guest_class().unwrap();
+    s.mgr.create("starved", &Limits::default()).unwrap();
+    // A guest at the idle class, in the guests' idle group, holding
+    // 400 MB (which its death must give back: CPU it needs)...
+    let pid = spawn(&mut s, "starved", "exec chrt -i 0 tail /dev/zero");
+    let rss_kb = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while rss_kb() < 400_000 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(rss_kb() >= 400_000, "the guest grew");
+    s.mgr.set_frozen("starved", true).unwrap();
+    // ... and every core taken, twice over, by the owner's own work.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut hogs: Vec<Child> = (0..2 * cores)
+        .map(|_| {
+            Command::new("/bin/sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let removed = s.mgr.remove("starved");
+    let took = t.elapsed();
+    for h in &mut hogs {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    assert!(
+        removed.is_ok(),
+        "the guest ({pid}) still there after {took:?}: {removed:?}"
+    );
+}

@@ -31,6 +31,9 @@ pub enum Call {
 struct State {
     calls: Vec<Call>,
     groups: BTreeMap<String, (Limits, Vec<u32>, bool)>,
+    /// Removals still to refuse (as a cgroup whose processes have not
+    /// died yet).
+    busy_removes: usize,
 }
 
 /// Records every call and keeps the groups in memory.
@@ -43,6 +46,16 @@ impl Recording {
     /// The calls made so far, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
+    }
+
+    /// The next `n` removals fail as busy (their processes not dead yet).
+    pub fn refuse_removes(&self, n: usize) {
+        self.lock().busy_removes = n;
+    }
+
+    /// Whether group `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.lock().groups.contains_key(name)
     }
 
     /// Whether `name` is frozen.
@@ -124,6 +137,10 @@ impl CgroupManager for Recording {
         check_name(name)?;
         let mut s = self.lock();
         s.calls.push(Call::Remove(name.to_owned()));
+        if s.busy_removes > 0 {
+            s.busy_removes -= 1;
+            return Err(CgroupError::Busy(name.to_owned()));
+        }
         s.groups.remove(name);
         Ok(())
     }

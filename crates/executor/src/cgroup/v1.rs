@@ -90,6 +90,37 @@ impl V1 {
     }
 }
 
+/// At most this many processes of a task being killed are moved out of
+/// the guests' idle group (see [`V1::lift_idle`]).
+const LIFT_AT_MOST: usize = 16;
+
+impl V1 {
+    /// Dying takes CPU (a process gives back its memory, its namespaces'
+    /// mounts go), which a task's processes, at the guests' idle class, may
+    /// wait seconds for on a machine whose cores are all taken (seen: a
+    /// SIGKILLed `sleep` still there 10 s later, with its workspace). So,
+    /// before they are killed, each thread's policy goes back to the
+    /// ordinary one and each process leaves the guests' idle group for the
+    /// cpu hierarchy's root (the other hierarchies keep it, so the kill
+    /// still finds it). Before: a process already exiting can no longer be
+    /// moved. A move costs an RCU grace period here, so a task with many
+    /// processes has only its first few moved.
+    fn lift_idle(&self, name: &str) {
+        let freezer = self.dir("freezer", name);
+        for tid in procs(&freezer.join("tasks")).unwrap_or_default() {
+            let _ = crate::workspace::ordinary_class(tid);
+        }
+        let root = self.root.join("cpu").join("cgroup.procs");
+        for pid in procs(&freezer.join("cgroup.procs"))
+            .unwrap_or_default()
+            .into_iter()
+            .take(LIFT_AT_MOST)
+        {
+            let _ = write(&root, &pid.to_string());
+        }
+    }
+}
+
 impl CgroupManager for V1 {
     fn version(&self) -> CgroupVersion {
         CgroupVersion::V1
@@ -193,18 +224,23 @@ impl CgroupManager for V1 {
         check_name(name)?;
         // v1 has no cgroup.kill: freeze so nothing forks while we kill,
         // SIGKILL every member, thaw so the kills are delivered.
-        let end = Instant::now() + Duration::from_secs(2);
+        let start = Instant::now();
+        let mut lifted = false;
         loop {
             let pids = self.pids(name)?;
             if pids.is_empty() {
                 return Ok(());
+            }
+            if !lifted {
+                self.lift_idle(name);
+                lifted = true;
             }
             let _ = self.set_frozen(name, true);
             for p in self.pids(name)? {
                 let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
             }
             self.set_frozen(name, false)?;
-            if Instant::now() > end {
+            if start.elapsed() > Duration::from_secs(2) {
                 return Err(CgroupError::Busy(name.to_owned()));
             }
             std::thread::sleep(Duration::from_micros(200));
