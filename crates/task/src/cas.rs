@@ -475,10 +475,10 @@ impl Delta<'_> {
 /// made; a non-directory hides whatever the base has at its path; a
 /// whiteout hides a removed entry (and everything under it).
 pub fn delta<'a>(tree: &'a [TreeEntry], base: &TreeMap) -> Delta<'a> {
-    delta_by(tree, &by_path(tree), base, usize::MAX).unwrap_or_else(|| Delta {
-        entries: Vec::new(),
-        whiteouts: Vec::new(),
-    })
+    match delta_by(tree, &by_path(tree), base, usize::MAX) {
+        Some(d) => d,
+        None => unreachable!("no delta holds more than usize::MAX entries"),
+    }
 }
 
 /// `tree` by path, as [`delta_by`] takes it.
