@@ -586,6 +586,19 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
 /// (with the client's stderr, kept open).
 /// The trees mounted (by any process, in any mount namespace) at the
 /// mount points a warm slot's spawner keeps under `tasks`.
+/// A 1-host lab whose agent has one warm slot (every task runs in it, one
+/// after another), up and with its facts, and a tree holding `a.txt`.
+fn one_slot_lab(tag: &str, subnet: u8, a_txt: &str) -> Option<(Lab, Tree)> {
+    let mut lab = lab(tag, subnet, 1)?;
+    lab.configs[0] = format!("warm_slots = 1\n{}", lab.configs[0]);
+    start_all(&mut lab, &[0], &[]);
+    wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
+    wait_facts(&lab);
+    let tree = Tree::new(&lab.dir.join("tree"));
+    tree.write("a.txt", a_txt);
+    Some((lab, tree))
+}
+
 /// Waits until h0's warm slot is back and ready, with its spare workspace
 /// (three processes): a task's end reaches its submitter before that.
 fn warm_slot_ready() {
@@ -628,16 +641,9 @@ fn kept_tree_mounts(tasks: &Path) -> std::collections::BTreeSet<String> {
 #[test]
 fn a_warm_slot_keeps_a_tree_mounted_only_while_its_tasks_leave_it_as_it_was() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("run14", 33, 1) else {
+    let Some((lab, tree)) = one_slot_lab("run14", 33, "hi\n") else {
         return;
     };
-    // One slot: every task below runs in it, one after another.
-    lab.configs[0] = format!("warm_slots = 1\n{}", lab.configs[0]);
-    start_all(&mut lab, &[0], &[]);
-    wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
-    wait_facts(&lab);
-    let tree = Tree::new(&lab.dir.join("tree"));
-    tree.write("a.txt", "hi\n");
     let tasks = lab.hosts[0].data_dir.join("tasks");
     let sh = |commit: &str, script: &str| {
         warm_slot_ready();
@@ -781,15 +787,9 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
 #[test]
 fn a_warm_start_that_fails_leaves_no_directory_behind() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut lab) = lab("run15", 34, 1) else {
+    let Some((lab, tree)) = one_slot_lab("run15", 34, "1\n") else {
         return;
     };
-    lab.configs[0] = format!("warm_slots = 1\n{}", lab.configs[0]);
-    start_all(&mut lab, &[0], &[]);
-    wait_alive(&lab, &[0], &[0], Duration::from_secs(20));
-    wait_facts(&lab);
-    let tree = Tree::new(&lab.dir.join("tree"));
-    tree.write("a.txt", "1\n");
     let tasks = lab.hosts[0].data_dir.join("tasks");
     let cat = || {
         let o = out(run(&lab, &tree, &["--local", "--", "cat", "a.txt"]));
