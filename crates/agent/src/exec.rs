@@ -491,7 +491,7 @@ impl Drop for TaskGuard {
                 // over 2 s with both cores taken), and their workspace's
                 // mounts and files are still theirs meanwhile: the cgroup
                 // is tried again, and the rest done after, off this thread.
-                tracing::debug!(cgroup = %name, error = %e, "task cgroup not removed yet");
+                tracing::info!(cgroup = %name, error = %e, "task cgroup not removed yet: trying again");
                 let (m, name) = (m.clone(), name.clone());
                 let rest = self.rest();
                 std::thread::spawn(move || {

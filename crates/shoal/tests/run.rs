@@ -778,10 +778,62 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     });
     assert!(
         clean.is_some(),
-        "the executor kept the task's process ({}), cgroup or files ({:?})",
-        any_process_with_cmdline(b"sleep\x00300\x00"),
-        shoal_netns::task_leftovers(&tasks)
+        "the executor kept the task's process ({}), cgroup or files ({:?}); h1's groups: {:?}",
+        describe_process(b"sleep\x00300\x00"),
+        shoal_netns::task_leftovers(&tasks),
+        std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h1")
+            .map(|d| d
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("task-") || n.starts_with("warm-"))
+                .collect::<Vec<_>>())
+            .unwrap_or_default()
     );
+}
+
+/// What the kernel says of the process with this command line, if any (for
+/// a failure's message): its state, where it waits, its cgroups and their
+/// freezer's state.
+fn describe_process(want: &[u8]) -> String {
+    let Some(pid) = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ok = n.chars().all(|c| c.is_ascii_digit())
+            && std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want);
+        ok.then_some(n)
+    }) else {
+        return "none".into();
+    };
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    let status = read("status");
+    let line = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let cgroups = read("cgroup");
+    let freezer = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_owned()))
+        .unwrap_or_default();
+    let state = std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{freezer}/freezer.state"))
+        .unwrap_or_default();
+    format!(
+        "pid {pid}, {}, {}, {}, wchan {}, sched policy {}, freezer {freezer} {}, cgroups {:?}",
+        line("State:"),
+        line("SigPnd:"),
+        line("ShdPnd:"),
+        read("wchan"),
+        read("stat")
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(38))
+            .unwrap_or("?")
+            .to_owned(),
+        state.trim(),
+        cgroups.lines().collect::<Vec<_>>()
+    )
 }
 
 #[test]
