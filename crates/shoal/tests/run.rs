@@ -819,8 +819,24 @@ fn describe_process(want: &[u8]) -> String {
         .unwrap_or_default();
     let state = std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{freezer}/freezer.state"))
         .unwrap_or_default();
+    // Its age, to tell a process of this test's from one left by another.
+    let ticks: f64 = read("stat")
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().nth(19))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0.0);
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
     format!(
-        "pid {pid}, {}, {}, {}, wchan {}, sched policy {}, freezer {freezer} {}, cgroups {:?}",
+        "pid {pid}, started {:.1} s ago, {}, {}, {}, wchan {}, sched policy {}, freezer {freezer} {}, cgroups {:?}",
+        uptime - ticks / hz,
         line("State:"),
         line("SigPnd:"),
         line("ShdPnd:"),
