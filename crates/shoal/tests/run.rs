@@ -59,6 +59,11 @@ fn run(lab: &Lab, tree: &Tree, args: &[&str]) -> Command {
     c
 }
 
+/// `sh -c SCRIPT` run on h1 through h0's agent, to its end.
+fn sh_on_h1(lab: &Lab, tree: &Tree, script: &str) -> Output {
+    out(run(lab, tree, &["--node", "h1", "--", "sh", "-c", script]))
+}
+
 /// Reads the child's stderr up to "shoal: started on NODE" (`-v`) and
 /// returns the node and the rest of stderr.
 fn until_started(
@@ -112,11 +117,7 @@ fn exit_status_streams_and_stdin_as_if_local() {
         ));
         assert_eq!(o.status.code(), Some(code), "{}", s(&o.stderr));
     }
-    let o = out(run(
-        &lab,
-        &tree,
-        &["--node", "h1", "--", "sh", "-c", "kill -KILL $$"],
-    ));
+    let o = sh_on_h1(&lab, &tree, "kill -KILL $$");
     assert_eq!(
         o.status.code(),
         Some(137),
@@ -208,7 +209,7 @@ fn file_changes_come_back_only_on_success() {
     tree.write("gone.txt", "bye\n");
     std::fs::create_dir_all(tree.0.join("sub")).unwrap();
     tree.write("sub/keep.txt", "k\n");
-    let o = out(run(&lab, &tree, &["--node", "h1", "--", "sh", "-c", "echo two >> a.txt; rm gone.txt; mkdir -p out; echo built > out/x; ln -s out/x latest; cat sub/keep.txt"]));
+    let o = sh_on_h1(&lab, &tree, "echo two >> a.txt; rm gone.txt; mkdir -p out; echo built > out/x; ln -s out/x latest; cat sub/keep.txt");
     assert!(o.status.success(), "{}", s(&o.stderr));
     assert_eq!(s(&o.stdout), "k\n", "the tree was shipped");
     assert_eq!(tree.read("a.txt").as_deref(), Some("one\ntwo\n"));
@@ -218,18 +219,7 @@ fn file_changes_come_back_only_on_success() {
         std::fs::read_link(tree.0.join("latest")).unwrap(),
         PathBuf::from("out/x")
     );
-    let o = out(run(
-        &lab,
-        &tree,
-        &[
-            "--node",
-            "h1",
-            "--",
-            "sh",
-            "-c",
-            "echo no > failed.txt; rm a.txt; exit 3",
-        ],
-    ));
+    let o = sh_on_h1(&lab, &tree, "echo no > failed.txt; rm a.txt; exit 3");
     assert_eq!(o.status.code(), Some(3));
     assert_eq!(
         tree.read("failed.txt"),
@@ -530,18 +520,11 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
     );
     // A guest's command runs at the idle class; its workspace's pid 1
     // (set-up and teardown, the agent's work) does not.
-    let o = out(run(
+    let o = sh_on_h1(
         &lab,
         &tree,
-        &[
-            "--node",
-            "h1",
-            "--",
-            "sh",
-            "-c",
-            "echo $(cut -d' ' -f41 /proc/self/stat) $(cut -d' ' -f41 /proc/1/stat)",
-        ],
-    ));
+        "echo $(cut -d' ' -f41 /proc/self/stat) $(cut -d' ' -f41 /proc/1/stat)",
+    );
     assert_eq!(s(&o.stdout), "5 0\n", "{}", s(&o.stderr));
     // What a command leaves running when it ends dies with it: it neither
     // writes into the change set nor lands later.
