@@ -150,30 +150,112 @@ pub struct User {
 }
 
 impl User {
-    /// The user `uid` as the password and group databases have it: its
-    /// primary group and supplementary groups. A uid without an entry gets
-    /// its own number as group and no supplementary groups.
+    /// The user `uid` as the system's user and group databases have it:
+    /// its primary group and supplementary groups. A uid without an entry
+    /// gets its own number as group and no supplementary groups.
+    ///
+    /// Not through glibc's NSS in this process: `shoal` is linked
+    /// statically, and a static glibc that loads an NSS module (systemd,
+    /// sss, LDAP: whatever `/etc/nsswitch.conf` names after `files`) into
+    /// itself crashes (seen here: `_nss_systemd_getpwuid_r`, for a uid
+    /// `/etc/passwd` lacks). The system's `getent` asks NSS in a process of
+    /// its own; where it cannot run, `/etc/passwd` and `/etc/group` are
+    /// read directly.
     pub fn lookup(uid: u32) -> Self {
-        use nix::unistd::{getgrouplist, Uid, User as PwUser};
-        match PwUser::from_uid(Uid::from_raw(uid)) {
-            Ok(Some(u)) => {
-                let name = std::ffi::CString::new(u.name.as_bytes()).unwrap_or_default();
-                let groups = getgrouplist(&name, u.gid)
-                    .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
-                    .unwrap_or_default();
-                Self {
-                    uid,
-                    gid: u.gid.as_raw(),
-                    groups,
-                }
+        let found = match getent(&["passwd", &uid.to_string()]) {
+            Getent::Found(p) => parse_passwd(&p, uid).map(|(name, gid)| {
+                let groups = match getent(&["initgroups", &name]) {
+                    Getent::Found(g) => parse_initgroups(&g),
+                    _ => Vec::new(),
+                };
+                Self::with_groups(uid, gid, groups)
+            }),
+            Getent::NotFound => None,
+            Getent::Unavailable => {
+                let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+                from_files(uid, &read("/etc/passwd"), &read("/etc/group"))
             }
-            _ => Self {
-                uid,
-                gid: uid,
-                groups: Vec::new(),
-            },
-        }
+        };
+        found.unwrap_or_else(|| Self {
+            uid,
+            gid: uid,
+            groups: Vec::new(),
+        })
     }
+
+    /// As `getgrouplist(3)` lists them: the primary group first, then the
+    /// others, each once.
+    fn with_groups(uid: u32, gid: u32, others: impl IntoIterator<Item = u32>) -> Self {
+        let mut groups = vec![gid];
+        for g in others {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        Self { uid, gid, groups }
+    }
+}
+
+/// What `getent` answered.
+enum Getent {
+    /// Its output.
+    Found(String),
+    /// No such entry (its exit status 2).
+    NotFound,
+    /// It could not be run, or failed otherwise.
+    Unavailable,
+}
+
+fn getent(args: &[&str]) -> Getent {
+    let out = std::process::Command::new("getent")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Getent::Found(String::from_utf8_lossy(&o.stdout).into()),
+        Ok(o) if o.status.code() == Some(2) => Getent::NotFound,
+        _ => Getent::Unavailable,
+    }
+}
+
+/// The name and primary group of `uid` in `passwd(5)` lines.
+fn parse_passwd(text: &str, uid: u32) -> Option<(String, u32)> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 4 || f[0].is_empty() || f[2].parse::<u32>().ok()? != uid {
+            return None;
+        }
+        Some((f[0].to_owned(), f[3].parse().ok()?))
+    })
+}
+
+/// The groups in `getent initgroups NAME`'s line: the name, then group
+/// ids (not the primary group, which comes from the user's entry).
+fn parse_initgroups(text: &str) -> Vec<u32> {
+    text.lines()
+        .next()
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `uid` as `/etc/passwd` and `/etc/group` (their texts) have it: NSS's
+/// `files` source.
+fn from_files(uid: u32, passwd: &str, group: &str) -> Option<User> {
+    let (name, gid) = parse_passwd(passwd, uid)?;
+    let others = group.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 4 || !f[3].split(',').any(|m| m == name) {
+            return None;
+        }
+        f[2].parse().ok()
+    });
+    Some(User::with_groups(uid, gid, others))
 }
 
 /// Why [`spawn_as`] or [`as_user`] could not run the closure.
@@ -240,6 +322,62 @@ fn switch(user: &User) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_read_from_passwd_and_group_texts_as_nss_files_does() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      # a comment\n\
+                      alice:x:1000:1000:Alice,,,:/home/alice:/bin/bash\n\
+                      bob:x:1001:100::/home/bob:/bin/sh\n\
+                      broken:x:notanumber:1\n";
+        let group = "root:x:0:\n\
+                     users:x:100:alice\n\
+                     alice:x:1000:\n\
+                     wheel:x:10:bob,alice\n\
+                     audio:x:29:alicexyz\n";
+        let alice = from_files(1000, passwd, group).unwrap();
+        assert_eq!(alice.gid, 1000);
+        assert_eq!(
+            alice.groups,
+            vec![1000, 100, 10],
+            "primary first, each once"
+        );
+        let bob = from_files(1001, passwd, group).unwrap();
+        assert_eq!(
+            bob.groups,
+            vec![100, 10],
+            "the primary group is not listed twice"
+        );
+        assert!(from_files(4242, passwd, group).is_none());
+        assert_eq!(
+            parse_initgroups("alice      100 10 27\n"),
+            vec![100, 10, 27]
+        );
+        assert_eq!(
+            parse_initgroups("root                 \n"),
+            Vec::<u32>::new()
+        );
+        assert_eq!(parse_passwd(passwd, 0), Some(("root".into(), 0)));
+    }
+
+    #[test]
+    fn lookup_agrees_with_this_system_and_survives_uids_it_lacks() {
+        // uid 0 is in every /etc/passwd.
+        let root = User::lookup(0);
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(root.groups.first(), Some(&0));
+        // A uid no database has (with NSS modules beyond `files`, that was
+        // a crash in the static binary).
+        let none = User::lookup(4_000_000_123);
+        assert_eq!(
+            none,
+            User {
+                uid: 4_000_000_123,
+                gid: 4_000_000_123,
+                groups: Vec::new()
+            }
+        );
+    }
 
     #[test]
     fn a_users_worker_is_reused_survives_a_panic_and_keeps_the_agent_root() {
