@@ -1318,9 +1318,9 @@ impl Pool {
             .or_else(|| st.free.iter().rposition(|s| s.kept_tree.is_none()))
             .or_else(|| st.free.len().checked_sub(1))?;
         let slot = st.free.swap_remove(i);
+        // Free and handed out together are as many as before: nothing for
+        // the pool's thread to make (it is not woken on the task's path).
         st.out += 1;
-        drop(st);
-        self.inner.wake.notify_one();
         Some(slot)
     }
 
