@@ -883,7 +883,9 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
     } = status;
     guard.slot = slot;
     if !link_up && !detach {
-        child.reap().await;
+        if let Some(s) = child.reap().await {
+            guard.slot = Some(s);
+        }
         return Err(LinkError::Closed);
     }
     let mut end = Vec::new();
@@ -958,7 +960,9 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
     }
     if delivered.is_err() {
         // Reaped before the guard removes the task's cgroup and files.
-        child.reap().await;
+        if let Some(s) = child.reap().await {
+            guard.slot = Some(s);
+        }
     }
     match spool.take() {
         None => delivered?,
@@ -1000,7 +1004,9 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
         }
     }
     let t_exit = t0.elapsed();
-    child.reap().await;
+    if let Some(s) = child.reap().await {
+        guard.slot = Some(s);
+    }
     // Unmounting and removing the cgroup take a while on cgroup v1: not on
     // the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
@@ -1339,7 +1345,7 @@ async fn prepare(
             guard.in_slot |= eligible;
         }
         match (slot, req_back, r) {
-            (slot, _, Ok(pid)) => {
+            (slot, _, Ok((pid, end))) => {
                 tracing::debug!(
                     start_ms = t.elapsed().as_secs_f64() * 1e3,
                     slot = slot.cgroup(),
@@ -1347,7 +1353,7 @@ async fn prepare(
                 );
                 guard.cgroup = Some((mgr.clone(), slot.cgroup().to_owned()));
                 guard.warm = true;
-                let proc = Proc::Warm(WarmProc::new(pool, mgr, slot, pid));
+                let proc = Proc::Warm(WarmProc::new(pool, mgr, slot, pid, end));
                 return io.started(proc, upper).map_err(|e| err125("pipes", &e));
             }
             (slot, _, Err(WarmError::Task { errno, message })) => {
@@ -1619,7 +1625,7 @@ impl Proc {
     fn id(&self) -> Option<u32> {
         match self {
             Self::Cold(c) => c.child.id(),
-            Self::Warm(w) => w.wait.is_some().then_some(w.pid),
+            Self::Warm(w) => (w.wait.is_some() && !w.ended).then_some(w.pid),
         }
     }
 
@@ -1633,11 +1639,20 @@ impl Proc {
         }
     }
 
-    /// Waits until a supervisor forked here has exited (its namespaces
-    /// torn down), after an early report of the end.
-    async fn reap(&mut self) {
-        if let Self::Cold(c) = self {
-            let _ = c.child.wait().await;
+    /// After an early report of the end: waits until a supervisor forked
+    /// here has exited (its namespaces torn down), or until a warm slot's
+    /// spawner has told the end too, and returns the slot to give back.
+    async fn reap(&mut self) -> Option<(Arc<Pool>, Slot)> {
+        match self {
+            Self::Cold(c) => {
+                let _ = c.child.wait().await;
+                None
+            }
+            Self::Warm(w) => {
+                let h = w.wait.take()?;
+                let (slot, _, _) = h.await.ok()?;
+                Some((w.pool.clone(), slot))
+            }
         }
     }
 
@@ -1671,6 +1686,24 @@ impl Proc {
                 })
             }
             Self::Warm(w) => {
+                if let Some(r) = w.end.as_mut() {
+                    // As for a task forked here: pid 1 tells the end, and
+                    // its processes are gone then (the spawner's report,
+                    // which the slot's thread waits for, comes later).
+                    let mut b = [0u8; 2];
+                    let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
+                    w.end = None;
+                    if let Some(raw) = (n == 2).then(|| workspace::end_status(b)).flatten() {
+                        w.ended = true;
+                        return Ok(Ended {
+                            status: std::process::ExitStatus::from_raw(raw),
+                            usage: Some(w.meter.usage(w.mgr.as_ref())),
+                            // (Given back once the spawner has told it too:
+                            // see `reap`.)
+                            slot: None,
+                        });
+                    }
+                }
                 let Some(h) = w.wait.as_mut() else {
                     return Err(std::io::Error::other("waited twice"));
                 };
@@ -1687,24 +1720,43 @@ impl Proc {
     }
 }
 
-/// A task a warm slot started: its supervisor's pid and the wait for its
-/// end (a blocking read of the spawner's report).
+/// A task a warm slot started: its supervisor's pid, the read end of its
+/// pid 1's report of the end (`Slot::start`), and the wait for the
+/// spawner's (a blocking read, which also gets the slot back).
 struct WarmProc {
     pid: u32,
     pool: Arc<Pool>,
+    mgr: Arc<dyn CgroupManager>,
+    meter: shoal_executor::warm::Meter,
+    end: Option<tokio::net::unix::pipe::Receiver>,
+    /// pid 1 told the end: nothing of the task runs any more.
+    ended: bool,
     #[allow(clippy::type_complexity)]
     wait: Option<tokio::task::JoinHandle<(Slot, std::process::ExitStatus, shoal_executor::Usage)>>,
 }
 
 impl WarmProc {
-    fn new(pool: Arc<Pool>, mgr: Arc<dyn CgroupManager>, mut slot: Slot, pid: u32) -> Self {
+    fn new(
+        pool: Arc<Pool>,
+        mgr: Arc<dyn CgroupManager>,
+        mut slot: Slot,
+        pid: u32,
+        end: std::os::fd::OwnedFd,
+    ) -> Self {
+        let meter = slot.meter();
+        let m = mgr.clone();
         let wait = tokio::task::spawn_blocking(move || {
-            let (status, usage) = slot.wait(mgr.as_ref());
+            let (status, usage) = slot.wait(m.as_ref());
             (slot, status, usage)
         });
         Self {
             pid,
             pool,
+            mgr,
+            meter,
+            // (Without it, the spawner's report alone tells the end.)
+            end: tokio::net::unix::pipe::Receiver::from_owned_fd(end).ok(),
+            ended: false,
             wait: Some(wait),
         }
     }
@@ -1713,7 +1765,7 @@ impl WarmProc {
         // Not yet known to have ended, so the pid is still this task's
         // supervisor (its spawner reaps it only after reporting the end;
         // a kill between the two reaches an exiting process).
-        if self.wait.is_some() {
+        if self.wait.is_some() && !self.ended {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid as i32),
                 nix::sys::signal::Signal::SIGKILL,

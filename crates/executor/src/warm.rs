@@ -289,7 +289,9 @@ fn send(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<
 /// Receives one message and the descriptors that came with it. `Ok(None)`:
 /// the other end closed.
 fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
-    let mut space = nix::cmsg_space!([i32; 3]);
+    // At most five: a task's stdin, stdout, stderr, its end pipe, and its
+    // tree (to pid 1). More is an error (`MSG_CTRUNC`), not a loss.
+    let mut space = nix::cmsg_space!([i32; 5]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
         match recvmsg::<()>(
@@ -435,6 +437,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                     message: format!("malformed request: {e}"),
                 }),
                 Vec::new(),
+                None,
             ),
         };
         // The mount points of its tree, made on the shared root: the next
@@ -447,15 +450,20 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
             }
         };
         match r {
-            (Ok((mut child, early)), made) => {
+            (Ok((mut child, early)), made, end) => {
                 reply(sock, &Reply::Started { pid: child.id() })?;
                 // How it ended, as soon as the supervisor knows; then its
                 // exit (the namespaces' teardown) is waited for.
                 let told = read_end(early.as_fd());
                 drop(early);
                 if let Some(status) = told {
+                    if let Some(e) = &end {
+                        // (A workspace made ahead tells the agent itself.)
+                        tell_end(e.as_fd(), status);
+                    }
                     reply(sock, &Reply::Exited { status })?;
                 }
+                drop(end);
                 let status = loop {
                     match child.wait() {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -473,7 +481,7 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
                 }
                 reply(sock, &Reply::Gone)?;
             }
-            (Err(f), made) => {
+            (Err(f), made, _) => {
                 forget(&made);
                 reply(sock, &f)?;
             }
@@ -605,11 +613,13 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
     let Ok(req) = postcard::from_bytes::<Request>(&buf[..n]) else {
         fail(None, "malformed request".into());
     };
-    // (A fourth: the task's tree, mounted already by the spawner.)
+    // stdin, stdout, stderr, the agent's end of the task (see
+    // `Slot::start`), and a fifth: the task's tree, mounted already by the
+    // spawner.
     let mut fds = fds;
-    let tree = if fds.len() == 4 { fds.pop() } else { None };
-    let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
-        fail(None, "a request without its three descriptors".into());
+    let tree = if fds.len() == 5 { fds.pop() } else { None };
+    let Ok([stdin, stdout, stderr, end]) = <[OwnedFd; 4]>::try_from(fds) else {
+        fail(None, "a request without its four descriptors".into());
     };
     let plan = match Plan::on_base(&req.spec, base) {
         Ok(p) => p,
@@ -647,7 +657,14 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
             drop((stdin, stdout, stderr));
             let _ = reply(link.as_fd(), &Reply::Started { pid: 0 });
             drop(link);
-            supervise(child, true, Report::Write(status_w.as_raw_fd()), None)
+            // The end is told to the agent directly too: no supervisor,
+            // spawner or thread of the agent's between.
+            supervise(
+                child,
+                true,
+                Report::Write(status_w.as_raw_fd()),
+                Some(end.as_raw_fd()),
+            )
         }
         Err(errno) => {
             let m = std::io::Error::from_raw_os_error(errno);
@@ -813,6 +830,18 @@ fn read_end(fd: BorrowedFd<'_>) -> Option<i32> {
     crate::workspace::end_status(buf)
 }
 
+/// Tells a task's end (a wait status) on `fd` as a supervisor's early
+/// report does: two bytes in one write.
+fn tell_end(fd: BorrowedFd<'_>, status: i32) {
+    let st = ExitStatus::from_raw(status);
+    let b = match (st.code(), st.signal()) {
+        (Some(c), _) => [0, c as u8],
+        (None, Some(s)) => [1, s as u8],
+        _ => return,
+    };
+    let _ = nix::unistd::write(fd, &b);
+}
+
 /// A started task: the workspace's supervisor and the read end of its
 /// early report.
 type Spawned = (Supervisor, OwnedFd);
@@ -854,7 +883,9 @@ impl Supervisor {
 }
 
 /// Starts one task; returns it (or why not) with the directories its
-/// workspace makes on the slot's shared root, to remove once it ended.
+/// workspace makes on the slot's shared root, to remove once it ended, and
+/// the agent's end pipe when the spawner is to tell the end on it (pid 1
+/// of a workspace made ahead tells it itself).
 fn start(
     req: Request,
     fds: Vec<OwnedFd>,
@@ -862,7 +893,17 @@ fn start(
     base: Option<&Path>,
     spare: &mut Option<Prefork>,
     trees: &mut Trees,
-) -> (Result<Spawned, Reply>, Vec<PathBuf>) {
+) -> (Result<Spawned, Reply>, Vec<PathBuf>, Option<OwnedFd>) {
+    let mut fds = fds;
+    // stdin, stdout, stderr and the agent's end pipe.
+    let end = if fds.len() == 4 { fds.pop() } else { None };
+    let Some(end) = end.filter(|_| fds.len() == 3) else {
+        let f = Reply::Failed {
+            errno: None,
+            message: "a request without its four descriptors".into(),
+        };
+        return (Err(f), Vec::new(), None);
+    };
     let made = match (&req.spec.tree, base, &req.spec.root) {
         // Those the root lacks now (its own mount points stay).
         (Some(t), Some(b), Root::Host) => crate::workspace::tree_dirs(b, &t.at)
@@ -881,9 +922,10 @@ fn start(
             // (The network is the slot's own, as the spawner's tasks have.)
             let mut req = req;
             req.spec.net = Net::Inherit;
-            // Its tree as the kept mount's copy; mounted by the task
-            // itself when that fails.
-            let mut fds = fds;
+            // The end pipe goes to pid 1, which tells the end on it; then
+            // its tree as the kept mount's copy (mounted by the task itself
+            // when that fails).
+            fds.push(end);
             if let Some(t) = &req.spec.tree {
                 match trees.copy_for(t) {
                     Ok(fd) => fds.push(fd),
@@ -894,7 +936,7 @@ fn start(
                     }
                 }
             }
-            (start_ahead(p, &req, &fds), made)
+            (start_ahead(p, &req, &fds), made, None)
         }
         other => {
             if let Some(p) = other {
@@ -904,7 +946,7 @@ fn start(
             // the agent never gives it the kept tree's). The kept one is
             // kept no longer: unmounted when the slot is back.
             trees.retire();
-            (start_in(req, fds, host_net, base), made)
+            (start_in(req, fds, host_net, base), made, Some(end))
         }
     }
 }
@@ -1072,7 +1114,10 @@ impl Slot {
     /// Sets the slot's limits for its next task and starts `req` there
     /// with these descriptors as its stdin, stdout and stderr. Returns the
     /// pid of the workspace's supervisor (signals sent to it reach the
-    /// command).
+    /// command), and the read end of a pipe on which the task's end comes
+    /// as soon as it is known, before [`Slot::wait`] has it: two bytes
+    /// ([`crate::workspace::end_status`]), or end of file when the
+    /// workspace died without telling (then [`Slot::wait`] says how).
     ///
     /// `keep`: the request's tree (its directory, what identifies it, what
     /// must live as long as its mount), for the spawner to keep mounted
@@ -1092,8 +1137,14 @@ impl Slot {
         req: &Request,
         stdio: [BorrowedFd<'_>; 3],
         keep: Option<KeptTree>,
-    ) -> Result<u32, WarmError> {
-        match self.send_task(mgr, limits, req, stdio) {
+    ) -> Result<(u32, OwnedFd), WarmError> {
+        let (end_r, end_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| self.link_err()(e.into()))?;
+        let [a, b, c] = stdio;
+        let sent = self.send_task(mgr, limits, req, [a, b, c, end_w.as_fd()]);
+        // Only the workspace holds the write end now.
+        drop(end_w);
+        match sent {
             Ok(()) => self
                 .released
                 .extend(keep.and_then(|k| self.kept_tree.replace(k))),
@@ -1109,7 +1160,7 @@ impl Slot {
             }
         }
         match self.read_reply(Some(Duration::from_secs(30)))? {
-            Reply::Started { pid } => Ok(pid),
+            Reply::Started { pid } => Ok((pid, end_r)),
             Reply::Failed { errno, message } => Err(WarmError::Task { errno, message }),
             _ => Err(WarmError::Malformed(self.name.clone())),
         }
@@ -1121,7 +1172,7 @@ impl Slot {
         mgr: &dyn CgroupManager,
         limits: &Limits,
         req: &Request,
-        stdio: [BorrowedFd<'_>; 3],
+        fds: [BorrowedFd<'_>; 4],
     ) -> Result<(), WarmError> {
         if self.spare_asked {
             // (Made while the slot waited in the pool.)
@@ -1144,7 +1195,7 @@ impl Slot {
         if bytes.len() > MAX_REQUEST {
             return Err(WarmError::TooLarge);
         }
-        match send(self.sock.as_fd(), &bytes, &stdio) {
+        match send(self.sock.as_fd(), &bytes, &fds) {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => Err(WarmError::TooLarge),
             r => r.map_err(self.link_err()),
         }
@@ -1161,9 +1212,17 @@ impl Slot {
             }
             _ => ExitStatus::from_raw(libc::SIGKILL),
         };
-        let mut usage = mgr.usage(&self.name).unwrap_or_default();
-        usage.oom_kills = usage.oom_kills.saturating_sub(self.oom_base);
-        (status, usage)
+        (status, self.meter().usage(mgr))
+    }
+
+    /// What measures its task's use of the slot's cgroup, for a caller
+    /// that learns of the end before [`Slot::wait`] (the slot then being
+    /// on another thread).
+    pub fn meter(&self) -> Meter {
+        Meter {
+            name: self.name.clone(),
+            oom_base: self.oom_base,
+        }
     }
 
     /// Waits until the last task's workspace is gone (reported right
@@ -1230,6 +1289,23 @@ impl Slot {
         if let Err(e) = mgr.remove(&self.name) {
             tracing::warn!(slot = %self.name, error = %e, "warm slot's cgroup not removed");
         }
+    }
+}
+
+/// Measures a slot's task: its cgroup's counters, restarted for it.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    name: String,
+    oom_base: u64,
+}
+
+impl Meter {
+    /// What the task used (zero where the counters cannot be read). Its
+    /// OOM kills are those since the task started.
+    pub fn usage(&self, mgr: &dyn CgroupManager) -> Usage {
+        let mut usage = mgr.usage(&self.name).unwrap_or_default();
+        usage.oom_kills = usage.oom_kills.saturating_sub(self.oom_base);
+        usage
     }
 }
 

@@ -999,7 +999,8 @@ fn close_all_but(keep: [Option<i32>; 2]) {
 
 /// A supervisor: forwards signals to `child`, dies with its own parent
 /// (`SIGKILL`), reaps (every orphan too, when `reap_all`), and ends as the
-/// command ended, telling `early` first when given.
+/// command ended, telling `early` first when given (pid 1 tells it beside
+/// its report, the outer supervisor once it has read that report).
 pub(crate) fn supervise(
     child: nix::unistd::Pid,
     reap_all: bool,
@@ -1080,6 +1081,9 @@ pub(crate) fn supervise(
                 {}
             }
             tell(fd, kind, value);
+            if let Some(e) = early {
+                tell(e, kind, value);
+            }
             (kind, value)
         }
         Report::Read(fd) => {
