@@ -40,35 +40,11 @@ use shoal_transport::ClusterKey;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
+use crate::peer::{LinkPool, LinkRx, LinkTx};
 use crate::runtime::{ask_main, ControlMsg};
 
 /// How often the runner looks at the queue without being woken.
 const TICK: Duration = Duration::from_millis(250);
-
-/// A kept link is used again only while it has been idle for less than
-/// this (its executor keeps it for [`crate::exec::IDLE_LINK`]).
-const LINK_REUSE: Duration = Duration::from_secs(20);
-
-/// The most idle links kept per executor.
-const MAX_IDLE_LINKS: usize = 16;
-
-type LinkRx = shoal_transport::stream::Reader<tokio::net::TcpStream>;
-type LinkTx = shoal_transport::stream::Writer<tokio::net::TcpStream>;
-
-/// A batch link between two attempts.
-struct IdleLink {
-    since: std::time::Instant,
-    rx: LinkRx,
-    tx: LinkTx,
-}
-
-impl std::fmt::Debug for IdleLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdleLink")
-            .field("since", &self.since)
-            .finish_non_exhaustive()
-    }
-}
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -178,7 +154,7 @@ pub struct Batch {
     journal: Result<Journal, String>,
     state: Mutex<State>,
     /// Links to executors between attempts (see [`Batch::connect`]).
-    links: Mutex<HashMap<SocketAddr, Vec<IdleLink>>>,
+    links: LinkPool,
     wake: Notify,
     key: ClusterKey,
     cluster: String,
@@ -221,7 +197,7 @@ impl Batch {
         let b = Arc::new(Self {
             journal,
             state: Mutex::new(State::default()),
-            links: Mutex::new(HashMap::new()),
+            links: LinkPool::default(),
             wake: Notify::new(),
             key,
             cluster: cluster.to_owned(),
@@ -770,23 +746,11 @@ impl Batch {
     /// A batch link to the attempt's executor: one kept from an earlier
     /// attempt when one is idle there (no connection, no handshake), else
     /// a new one. A kept link is used only while it has been idle for less
-    /// than [`LINK_REUSE`] (its executor keeps it for longer) and is still
+    /// than [`crate::peer::LINK_REUSE`] (its executor keeps it for longer) and is still
     /// open and quiet: an executor that restarted or closed it is never
     /// sent an attempt on it.
     async fn connect(&self, p: &Pick) -> Result<(LinkRx, LinkTx), End> {
-        let kept = {
-            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-            let mut found = None;
-            if let Some(idle) = links.get_mut(&p.addr) {
-                while let Some(mut l) = idle.pop() {
-                    if l.since.elapsed() < LINK_REUSE && l.rx.idle_and_open() {
-                        found = Some((l.rx, l.tx));
-                        break;
-                    }
-                }
-            }
-            found
-        };
+        let kept = self.links.take(p.addr);
         match kept {
             Some(l) => Ok(l),
             None => crate::peer::connect_task(
@@ -801,18 +765,9 @@ impl Batch {
     }
 
     /// Keeps a link whose attempt ended cleanly, for the next attempt to
-    /// the same executor (at most [`MAX_IDLE_LINKS`] there).
+    /// the same executor.
     fn keep_link(&self, addr: SocketAddr, rx: LinkRx, tx: LinkTx) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = links.entry(addr).or_default();
-        idle.retain(|l| l.since.elapsed() < LINK_REUSE);
-        if idle.len() < MAX_IDLE_LINKS {
-            idle.push(IdleLink {
-                since: std::time::Instant::now(),
-                rx,
-                tx,
-            });
-        }
+        self.links.keep(addr, rx, tx);
     }
 
     /// Collects an attempt that was running when this agent stopped: its

@@ -566,7 +566,8 @@ fn safe_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Serves a link: one task until it ends, and on a batch runner's link
+/// Serves a link: one task until it ends, and on a kept link
+/// (`sequential`: a batch runner's, or an agent relaying `shoal run`s)
 /// each next one it sends. Never panics on input; every refusal is a
 /// `Failed` message naming the cause. `guest`: from another
 /// node (under the owner's policy); `batch`: from another agent's batch
@@ -578,6 +579,7 @@ pub async fn serve<R, W>(
     env: Arc<ExecEnv>,
     guest: bool,
     batch: bool,
+    sequential: bool,
     rx: R,
     mut tx: W,
 ) -> Result<(), LinkError>
@@ -590,9 +592,9 @@ where
         .await
         .map_err(|_| LinkError::Closed)??;
     serve_one(&env, guest, batch, first, &mut inbox, &mut tx).await?;
-    // A batch runner's link serves its next attempt too (no new
-    // connection, no new handshake), until it is closed or left idle.
-    if !batch {
+    // A kept link serves its next task too (no new connection, no new
+    // handshake), until it is closed or left idle.
+    if !sequential {
         return Ok(());
     }
     loop {
@@ -600,6 +602,12 @@ where
             Ok(Ok(m)) => m,
             Ok(Err(_)) | Err(_) => return Ok(()),
         };
+        if !matches!(next, ToExec::Start(_) | ToExec::Reattach { .. }) {
+            // Sent by the last task's submitter before it saw the end
+            // (input, a signal, a window size), relayed after it: that
+            // task is over.
+            continue;
+        }
         serve_one(&env, guest, batch, next, &mut inbox, &mut tx).await?;
     }
 }

@@ -24,6 +24,72 @@ pub enum Hello {
     /// A batch attempt from another agent's runner: it may be detached
     /// and collected later (`Reattach`). Never relayed from a client.
     Batch,
+    /// Tasks of `shoal run`, relayed, one after another on the same link
+    /// (kept between them by the relaying agent, [`LinkPool`]): no
+    /// connection and no handshake per task.
+    Runs,
+}
+
+/// A kept link is used again only while it has been idle for less than
+/// this (its executor keeps it for [`crate::exec::IDLE_LINK`]).
+pub const LINK_REUSE: Duration = Duration::from_secs(20);
+
+/// The most idle links kept per executor.
+const MAX_IDLE_LINKS: usize = 16;
+
+/// The receiving half of a task link to an executor.
+pub type LinkRx = Reader<TcpStream>;
+/// The sending half of a task link to an executor.
+pub type LinkTx = Writer<TcpStream>;
+
+/// A link between two tasks.
+struct IdleLink {
+    since: std::time::Instant,
+    rx: LinkRx,
+    tx: LinkTx,
+}
+
+/// Task links to executors kept between tasks, by executor address.
+#[derive(Default)]
+pub struct LinkPool {
+    links: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Vec<IdleLink>>>,
+}
+
+impl std::fmt::Debug for LinkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkPool").finish_non_exhaustive()
+    }
+}
+
+impl LinkPool {
+    /// A link kept for `addr`, if one is: used only while it has been
+    /// idle for less than [`LINK_REUSE`] and is still open and quiet (an
+    /// executor that restarted or closed it is never sent a task on it).
+    pub fn take(&self, addr: std::net::SocketAddr) -> Option<(LinkRx, LinkTx)> {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = links.get_mut(&addr)?;
+        while let Some(mut l) = idle.pop() {
+            if l.since.elapsed() < LINK_REUSE && l.rx.idle_and_open() {
+                return Some((l.rx, l.tx));
+            }
+        }
+        None
+    }
+
+    /// Keeps a link whose task ended cleanly, for the next task to the
+    /// same executor (at most [`MAX_IDLE_LINKS`] there).
+    pub fn keep(&self, addr: std::net::SocketAddr, rx: LinkRx, tx: LinkTx) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = links.entry(addr).or_default();
+        idle.retain(|l| l.since.elapsed() < LINK_REUSE);
+        if idle.len() < MAX_IDLE_LINKS {
+            idle.push(IdleLink {
+                since: std::time::Instant::now(),
+                rx,
+                tx,
+            });
+        }
+    }
 }
 
 /// Serves connections until the listener fails. Without an executor
@@ -95,8 +161,8 @@ async fn conn(
         Hello::Bandwidth { bytes } => crate::bandwidth::answer(w, bytes)
             .await
             .map_err(|e| e.to_string()),
-        Hello::Task | Hello::Batch => match exec {
-            Some(env) => exec::serve(env, true, hello == Hello::Batch, r, w)
+        Hello::Task | Hello::Batch | Hello::Runs => match exec {
+            Some(env) => exec::serve(env, true, hello == Hello::Batch, hello != Hello::Task, r, w)
                 .await
                 .map_err(|e| e.to_string()),
             None => {

@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use shoal_task::link::{FrameSink, FrameSource, Plain};
+use shoal_task::link::{Boundaries, FrameSink, FrameSource, Plain};
+use shoal_task::proto::FromExec;
 
 use crate::checks::Verified;
 use crate::config::{AgentConfig, SwimProfile};
@@ -280,6 +281,8 @@ struct Ctx {
     inflight: Arc<Mutex<HashMap<String, u32>>>,
     /// Batch jobs submitted here.
     batch: Arc<crate::batch::Batch>,
+    /// Links to executors kept between relayed `shoal run`s.
+    run_links: Arc<peer::LinkPool>,
 }
 
 async fn serve_control(listener: UnixListener, tx: mpsc::Sender<ControlMsg>, ctx: Ctx) {
@@ -488,8 +491,14 @@ async fn run_task(
         place::Choice::Local { fallback } => return run_here(r, w, ctx, &me, fallback).await,
         place::Choice::Remote { name, addr } => (name, addr),
     };
-    let remote = match addr.parse::<SocketAddr>() {
-        Ok(a) => peer::connect_task(a, &ctx.key, &ctx.cluster, peer::Hello::Task).await,
+    // A link kept from an earlier task there when there is one: no
+    // connection and no handshake (about half a millisecond).
+    let to = addr.parse::<SocketAddr>();
+    let remote = match &to {
+        Ok(a) => match ctx.run_links.take(*a) {
+            Some(kept) => Ok(kept),
+            None => peer::connect_task(*a, &ctx.key, &ctx.cluster, peer::Hello::Runs).await,
+        },
         Err(e) => Err(e.to_string()),
     };
     let (mut rr, mut rw) = match remote {
@@ -508,22 +517,39 @@ async fn run_task(
     )
     .await?;
     bump(&ctx.inflight, &name, 1);
-    // Relay frames both ways until either side ends.
+    // Relay frames both ways, untouched, until either side ends or the
+    // task's last message has gone down.
     let mut local_r = Plain(r);
     let mut local_w = Plain(w);
+    // What went up: a frame half sent, or a message half relayed, leaves
+    // the link unfit for another task.
+    let mut up_at = Boundaries::default();
+    let mut sending = false;
     let up = async {
         while let Ok(f) = local_r.recv_frame().await {
+            up_at.next(&f);
+            sending = true;
             if rw.send_frame(&f).await.is_err() {
                 break;
             }
+            sending = false;
         }
     };
+    // True once the task's last message (`Exit`, `Failed`, `Evicted`)
+    // went down: the executor then waits for the link's next task.
     let down = async {
+        let mut at = Boundaries::default();
         while let Ok(f) = rr.recv_frame().await {
-            if local_w.send_frame(&f).await.is_err() {
+            let last = at.next(&f).is_some_and(FromExec::encoded_ends_task);
+            let sent = local_w.send_frame(&f).await.is_ok();
+            if last {
+                return true;
+            }
+            if !sent {
                 break;
             }
         }
+        false
     };
     // A partitioned executor's TCP connection can stay half-open for
     // minutes: membership says sooner. When the executor is declared down
@@ -531,14 +557,23 @@ async fn run_task(
     // lost and runs it elsewhere (the stale executor's result can no longer
     // reach it, and it kills the task when its link breaks).
     let gone = crate::batch::gone(main, &name);
-    tokio::select! {
-        () = up => {}
-        () = down => {}
+    let ended = tokio::select! {
+        biased;
+        ended = down => ended,
+        // The submitter went first: the link is dropped, and with it the
+        // task.
+        () = up => false,
         state = gone => {
             tracing::warn!(node = %name, %state, "executor lost from the membership; dropping its task");
+            false
         }
-    }
+    };
     bump(&ctx.inflight, &name, -1);
+    if let (true, false, true, Ok(a)) = (ended, sending, up_at.between_messages(), to) {
+        // (Whatever the submitter sent after the end and was relayed, the
+        // executor passes by: that task is over.)
+        ctx.run_links.keep(a, rr, rw);
+    }
     Ok(())
 }
 
@@ -554,7 +589,7 @@ async fn run_here(
     let node = me.to_owned();
     write_line(&mut w, &Response::Run { node, fallback }).await?;
     bump(&ctx.inflight, me, 1);
-    let res = exec::serve(ctx.exec.clone(), false, false, Plain(r), Plain(w)).await;
+    let res = exec::serve(ctx.exec.clone(), false, false, false, Plain(r), Plain(w)).await;
     bump(&ctx.inflight, me, -1);
     if let Err(e) = res {
         tracing::debug!(error = %e, "local task link ended");
@@ -826,6 +861,7 @@ async fn run_inner(
             exec: exec_env.clone(),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             batch,
+            run_links: Arc::new(peer::LinkPool::default()),
         },
     ));
     tokio::spawn(peer::serve(

@@ -1078,6 +1078,157 @@ fn ctrl_c_at_the_submitter_reaches_the_remote_task() {
     assert!(t.elapsed() < Duration::from_secs(10));
 }
 
+/// Task connections h1's agent holds open, as `ss` sees them in h1's
+/// namespace (the agent's TCP service port is the lab's SWIM port).
+fn task_links_on_h1(lab: &Lab) -> usize {
+    let port = lab.hosts[1].addr().rsplit(':').next().unwrap().to_owned();
+    let o = lab
+        .cmd(1, "ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ss: {}", s(&o.stderr));
+    s(&o.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[test]
+fn relayed_runs_reuse_one_link_and_late_input_does_not_reach_the_next_task() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run16", 35, 2) else {
+        return;
+    };
+    assert_eq!(task_links_on_h1(&lab), 0, "no task yet");
+    for i in 0..4 {
+        let o = sh_on_h1(
+            &lab,
+            &tree,
+            &format!("echo run {i} on $SHOAL_NODE; exit {i}"),
+        );
+        assert_eq!(o.status.code(), Some(i), "{}", s(&o.stderr));
+        assert_eq!(s(&o.stdout), format!("run {i} on h1\n"));
+    }
+    // The relaying agent kept the link of each ended task and sent the
+    // next one on it: one connection for four tasks.
+    assert_eq!(task_links_on_h1(&lab), 1, "one kept link");
+    // Input still coming after the task ended (`head` exits at once, `yes`
+    // writes on): relayed after the end, the executor passes it by.
+    let mut c = run(&lab, &tree, &["--node", "h1", "--", "head", "-c", "2"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let chunk = [b'y'; 4096];
+        // (Until the client is gone: then the pipe breaks.)
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+    let o = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert_eq!(s(&o.stdout), "yy", "{}", s(&o.stderr));
+    assert_eq!(o.status.code(), Some(0));
+    for _ in 0..3 {
+        let o = sh_on_h1(&lab, &tree, "cat; echo after");
+        assert_eq!(s(&o.stdout), "after\n", "{}", s(&o.stderr));
+        assert_eq!(o.status.code(), Some(0));
+    }
+    assert!(task_links_on_h1(&lab) <= 2, "links kept, not one per task");
+    // A submitter killed mid-task: its link is dropped, and with it the
+    // task (as before links were kept).
+    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "300"]);
+    c.stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let (_node, _err) = until_started(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = shoal_netns::wait_for(Duration::from_secs(10), || {
+        (!any_process_with_cmdline(b"sleep\x00300\x00")).then_some(())
+    });
+    assert!(gone.is_some(), "the task died with its submitter's link");
+    let o = sh_on_h1(&lab, &tree, "echo still");
+    assert_eq!(s(&o.stdout), "still\n", "{}", s(&o.stderr));
+}
+
+#[test]
+fn a_kept_link_passes_by_what_came_after_its_last_task_ended() {
+    use shoal_task::link;
+    use shoal_task::proto::{Commit, FromExec, Status, TaskSpec, ToExec};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((lab, tree)) = cluster("run17", 36, 2) else {
+        return;
+    };
+    let key = shoal_transport::ClusterKey::load(&lab.dir.join("cluster.key")).unwrap();
+    let netns = lab.hosts[0].netns.clone();
+    let addr: std::net::SocketAddr = lab.hosts[1].addr().parse().unwrap();
+    let cwd = tree.0.clone();
+    // As h0's agent relaying `shoal run`s: one link, task after task, with
+    // what a submitter may still send after its task's end in between.
+    let outs = std::thread::spawn(move || {
+        // (This thread only, into h0's network.)
+        let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let hello = shoal_agent::peer::Hello::Runs;
+            let (mut rx, mut tx) = shoal_agent::peer::connect_task(addr, &key, "lab", hello)
+                .await
+                .unwrap();
+            let mut outs = Vec::new();
+            for (i, script) in ["echo first", "echo second", "echo third"]
+                .iter()
+                .enumerate()
+            {
+                let spec = TaskSpec {
+                    task_id: format!("late{i}"),
+                    argv: vec![b"sh".to_vec(), b"-c".to_vec(), script.as_bytes().to_vec()],
+                    env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+                    cwd: cwd.clone(),
+                    tree: Vec::new(),
+                    resources: Default::default(),
+                    net_host: false,
+                    commit: Commit::Never,
+                    tty: None,
+                    image: None,
+                    detach: false,
+                };
+                link::send(&mut tx, &ToExec::Start(spec)).await.unwrap();
+                let mut out = Vec::new();
+                loop {
+                    match link::recv::<FromExec, _>(&mut rx).await {
+                        Ok(FromExec::Stdout(d)) => out.extend(d),
+                        Ok(FromExec::Exit { status, .. }) => {
+                            assert_eq!(status, Status::Code(0));
+                            break;
+                        }
+                        Ok(FromExec::Failed { message, .. }) => panic!("task {i}: {message}"),
+                        Ok(_) => {}
+                        Err(e) => panic!("task {i}: the link broke: {e}"),
+                    }
+                }
+                outs.push(String::from_utf8(out).unwrap());
+                link::send(&mut tx, &ToExec::Stdin(b"late".to_vec()))
+                    .await
+                    .unwrap();
+                link::send(&mut tx, &ToExec::StdinEof).await.unwrap();
+                link::send(&mut tx, &ToExec::Signal(15)).await.unwrap();
+            }
+            outs
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outs, ["first\n", "second\n", "third\n"]);
+}
+
 #[test]
 fn an_executor_cut_off_by_a_partition_is_replaced_and_the_result_lands_once() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -102,6 +102,39 @@ impl<R: AsyncRead + Unpin + Send> FrameSource for Plain<R> {
     }
 }
 
+/// Follows frames relayed untouched, message by message.
+#[derive(Debug)]
+pub struct Boundaries {
+    /// The next frame starts a message.
+    at_start: bool,
+}
+
+impl Default for Boundaries {
+    fn default() -> Self {
+        Self { at_start: true }
+    }
+}
+
+impl Boundaries {
+    /// Takes the next frame; returns the message when this frame is all of
+    /// it (the first of its message, and no more follow).
+    pub fn next<'a>(&mut self, frame: &'a [u8]) -> Option<&'a [u8]> {
+        let last = frame.first() != Some(&1);
+        let whole = self.at_start && last;
+        self.at_start = last;
+        if whole {
+            frame.get(1..)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the frames so far end a message (none is half relayed).
+    pub fn between_messages(&self) -> bool {
+        self.at_start
+    }
+}
+
 /// Sends `msg` as one or more frames.
 ///
 /// # Errors
@@ -177,6 +210,86 @@ mod tests {
             recv::<FromExec, _>(&mut rx).await,
             Err(LinkError::Closed)
         ));
+    }
+
+    /// Keeps the frames sent to it.
+    #[derive(Default)]
+    struct Frames(Vec<Vec<u8>>);
+
+    impl FrameSink for Frames {
+        async fn send_frame(&mut self, f: &[u8]) -> Result<(), LinkError> {
+            self.0.push(f.to_vec());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_finds_each_tasks_last_message_among_untouched_frames() {
+        use crate::proto::Status;
+        let exit = FromExec::Exit {
+            status: Status::Code(3),
+            oom: false,
+            cpu_s: 0.5,
+            mem_peak_bytes: None,
+        };
+        let failed = FromExec::Failed {
+            code: 127,
+            message: "x: command not found".into(),
+        };
+        let evicted = FromExec::Evicted {
+            node: "h1".into(),
+            reason: "owner".into(),
+        };
+        // Output as large as a last message's variant, spread over frames:
+        // its later frames start with such a byte too.
+        let big = FromExec::Stdout(vec![6; 3 * CHUNK]);
+        let msgs = vec![
+            FromExec::Started { node: "h1".into() },
+            FromExec::Stdout(vec![7, 9, 6]),
+            big,
+            FromExec::Content(vec![]),
+            exit,
+            FromExec::Unknown,
+            failed,
+            FromExec::NeedImage,
+            evicted,
+            FromExec::Need(vec![[6; 32]]),
+        ];
+        let mut sink = Frames::default();
+        for m in &msgs {
+            send(&mut sink, m).await.unwrap();
+        }
+        let mut b = Boundaries::default();
+        let mut whole = Vec::new();
+        let mut last = Vec::new();
+        for f in &sink.0 {
+            if let Some(m) = b.next(f) {
+                whole.push(postcard::from_bytes::<FromExec>(m).unwrap());
+                last.push(FromExec::encoded_ends_task(m));
+            } else {
+                assert!(f.len() > 1, "only a message's frames are passed by");
+            }
+        }
+        assert!(b.between_messages());
+        let expect: Vec<_> = msgs
+            .iter()
+            .filter(|m| !matches!(m, FromExec::Stdout(d) if d.len() > CHUNK))
+            .cloned()
+            .collect();
+        assert_eq!(whole, expect, "every one-frame message, in order");
+        assert_eq!(
+            last,
+            expect.iter().map(FromExec::ends_task).collect::<Vec<_>>()
+        );
+        assert_eq!(last.iter().filter(|l| **l).count(), 3);
+        // Half way through a large message: not between messages.
+        let mut b = Boundaries::default();
+        let mut sink = Frames::default();
+        send(&mut sink, &FromExec::Stdout(vec![0; 2 * CHUNK]))
+            .await
+            .unwrap();
+        assert!(b.next(&sink.0[0]).is_none());
+        assert!(!b.between_messages());
     }
 
     #[tokio::test]

@@ -211,3 +211,25 @@ pub enum FromExec {
     /// them come before `Exit`).
     Content(Vec<u8>),
 }
+
+impl FromExec {
+    /// Whether this is a task's last message (`Exit`, `Failed` or
+    /// `Evicted`): its executor then waits for the link's next task.
+    pub fn ends_task(&self) -> bool {
+        matches!(
+            self,
+            Self::Exit { .. } | Self::Failed { .. } | Self::Evicted { .. }
+        )
+    }
+
+    /// Whether `bytes`, one whole encoded message, is a task's last
+    /// ([`FromExec::ends_task`]). Only those decode: the first byte is the
+    /// variant (postcard: a varint), so output and contents, most of a
+    /// link's bytes, are passed by without a copy.
+    pub fn encoded_ends_task(bytes: &[u8]) -> bool {
+        /// `Exit`, `Failed` and `Evicted` (pinned by a test).
+        const LAST: [u8; 3] = [6, 7, 9];
+        bytes.first().is_some_and(|v| LAST.contains(v))
+            && postcard::from_bytes::<Self>(bytes).is_ok_and(|m| m.ends_task())
+    }
+}
