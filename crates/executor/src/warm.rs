@@ -6,9 +6,9 @@
 //! its parent's cgroup at no such cost. So a warm slot pays the move once,
 //! ahead of time: a spawner (`shoal` run again, [`serve`]) moves into the
 //! slot's cgroup when the slot is made, and forks every task of that slot
-//! from there. A slot serves one task at a time and many in turn; before
-//! each, its limits are set and its counters restarted
-//! ([`CgroupManager::reuse`]).
+//! from there. A slot serves one task at a time and many in turn: when a
+//! task has ended its counters are restarted ([`CgroupManager::restart`]),
+//! and before the next its limits are set ([`CgroupManager::reuse`]).
 //!
 //! ```text
 //!  agent ── Request + stdin/stdout/stderr (SCM_RIGHTS) ──▶ spawner (in cgroup warm-N)
@@ -1033,6 +1033,9 @@ pub struct Slot {
     sock: OwnedFd,
     spawner: std::process::Child,
     oom_base: u64,
+    /// Its counters were restarted (and `oom_base` read) since its last
+    /// task: done when it came back, off the next task's path.
+    restarted: bool,
     /// The limits its cgroup has now, when known (unknown after a failed
     /// reuse): those unchanged are not written again.
     applied: Option<Limits>,
@@ -1188,8 +1191,12 @@ impl Slot {
             ..*limits
         };
         let last = self.applied.take();
-        self.oom_base = mgr.reuse(&self.name, &limits, last.as_ref())?;
+        mgr.reuse(&self.name, &limits, last.as_ref())?;
         self.applied = Some(limits);
+        if !std::mem::take(&mut self.restarted) {
+            // (Its first task, or one whose slot came back unrestarted.)
+            self.oom_base = mgr.restart(&self.name)?;
+        }
         let bytes =
             postcard::to_stdvec(&ToSpawnerRef::Task(req)).map_err(|_| WarmError::TooLarge)?;
         if bytes.len() > MAX_REQUEST {
@@ -1222,6 +1229,20 @@ impl Slot {
         Meter {
             name: self.name.clone(),
             oom_base: self.oom_base,
+        }
+    }
+
+    /// Restarts its counters for its next task, while it waits for one.
+    /// A task's CPU time then also holds the making of its workspace
+    /// ahead (`MakeSpare`, about half a millisecond), work done for it.
+    fn restart(&mut self, mgr: &dyn CgroupManager) -> bool {
+        match mgr.restart(&self.name) {
+            Ok(base) => {
+                self.oom_base = base;
+                self.restarted = true;
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -1409,8 +1430,10 @@ impl Pool {
     pub fn give_back(&self, mut slot: Slot, keep_tree: bool) -> Vec<KeptTree> {
         // Kept: its spawner makes the next task's workspace while it waits.
         let mut released = Vec::new();
-        let keep =
-            slot.settle() && self.inner.clean(&slot) && slot.ask_spare(keep_tree, &mut released);
+        let keep = slot.settle()
+            && self.inner.clean(&slot)
+            && slot.restart(self.inner.mgr.as_ref())
+            && slot.ask_spare(keep_tree, &mut released);
         let mut st = self.inner.lock();
         st.out = st.out.saturating_sub(1);
         if keep && !st.closed {
@@ -1541,6 +1564,7 @@ impl Inner {
                 sock: ours,
                 spawner,
                 oom_base: 0,
+                restarted: false,
                 // What a group made without limits has.
                 applied: Some(Limits::default()),
                 tearing_down: false,

@@ -303,26 +303,30 @@ pub trait CgroupManager: fmt::Debug + Send + Sync {
     /// # Errors
     /// The parent's counter cannot be read.
     fn parent_cpu_usec(&self) -> Result<u64, CgroupError>;
-    /// Makes `name`, a group that already has processes in it (a warm
-    /// slot's spawner), ready for its next task: sets every limit
-    /// (`None`: none) and restarts its CPU and peak-memory counters.
+    /// Sets every limit of `name`, a group that already has processes in
+    /// it (a warm slot's spawner), for its next task (`None`: none).
     /// `last`: the limits the group has now (set by its creation or the
     /// last `reuse`), when known; the memory, pids and weight limits equal
     /// to those are not written again (the CPU quota always is: the
-    /// owner's policy changes it while a task runs). Returns the group's
-    /// OOM kills so far, a counter the kernel cannot restart.
+    /// owner's policy changes it while a task runs).
     ///
     /// # Errors
     /// Bad limits, no such cgroup, the kernel refused (a memory limit below
-    /// what cannot be reclaimed), or a hierarchy whose counters cannot be
-    /// restarted (cgroup v2).
-    fn reuse(
-        &self,
-        name: &str,
-        limits: &Limits,
-        last: Option<&Limits>,
-    ) -> Result<u64, CgroupError> {
+    /// what cannot be reclaimed), or a hierarchy whose groups are not
+    /// reused (cgroup v2).
+    fn reuse(&self, name: &str, limits: &Limits, last: Option<&Limits>) -> Result<(), CgroupError> {
         let _ = (name, limits, last);
+        Err(CgroupError::Unsupported("reusing a group"))
+    }
+    /// Restarts the CPU and peak-memory counters of `name` (a warm slot
+    /// between two tasks), and returns its OOM kills so far, a counter the
+    /// kernel cannot restart.
+    ///
+    /// # Errors
+    /// No such cgroup, or a hierarchy whose counters cannot be restarted
+    /// (cgroup v2).
+    fn restart(&self, name: &str) -> Result<u64, CgroupError> {
+        let _ = name;
         Err(CgroupError::Unsupported("restarting a group's counters"))
     }
     /// Sends `signal` to every process in `name` (SIGTERM on eviction).

@@ -146,12 +146,7 @@ impl CgroupManager for V1 {
         Ok(())
     }
 
-    fn reuse(
-        &self,
-        name: &str,
-        limits: &Limits,
-        last: Option<&Limits>,
-    ) -> Result<u64, CgroupError> {
+    fn reuse(&self, name: &str, limits: &Limits, last: Option<&Limits>) -> Result<(), CgroupError> {
         check_name(name)?;
         limits.validate()?;
         // (Each write costs tens of microseconds on the task's path.)
@@ -192,6 +187,12 @@ impl CgroupManager for V1 {
                 .map_or_else(|| "max".to_owned(), |p| p.to_string());
             write(&self.dir("pids", name).join("pids.max"), &pids)?;
         }
+        Ok(())
+    }
+
+    fn restart(&self, name: &str) -> Result<u64, CgroupError> {
+        check_name(name)?;
+        let mem = self.dir("memory", name);
         write(&self.dir("cpuacct", name).join("cpuacct.usage"), "0")?;
         write(&mem.join("memory.max_usage_in_bytes"), "0")?;
         Ok(read(&mem.join("memory.oom_control"))
