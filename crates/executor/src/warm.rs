@@ -922,20 +922,27 @@ fn start(
             // (The network is the slot's own, as the spawner's tasks have.)
             let mut req = req;
             req.spec.net = Net::Inherit;
-            // The end pipe goes to pid 1, which tells the end on it; then
-            // its tree as the kept mount's copy (mounted by the task itself
-            // when that fails).
-            fds.push(end);
-            if let Some(t) = &req.spec.tree {
-                match trees.copy_for(t) {
-                    Ok(fd) => fds.push(fd),
+            // Its tree as the kept mount's copy.
+            let tree = match &req.spec.tree {
+                Some(t) => match trees.copy_for(t) {
+                    Ok(fd) => Some(fd),
                     Err(e) => {
                         // (Never two overlays on one upper directory.)
                         trees.drop_kept();
                         tracing::debug!(error = %e, "no kept tree");
+                        // pid 1 of a workspace made ahead is in the slot's
+                        // root already, where the layers' host paths are
+                        // not: this task gets a workspace made for it.
+                        p.discard();
+                        return (start_in(req, fds, host_net, base), made, Some(end));
                     }
-                }
-            }
+                },
+                None => None,
+            };
+            // The end pipe goes to pid 1, which tells the end on it; then
+            // the tree.
+            fds.push(end);
+            fds.extend(tree);
             (start_ahead(p, &req, &fds), made, None)
         }
         other => {

@@ -23,7 +23,7 @@
 //! groups (the kernel allows no other way without a setuid helper), and
 //! cannot do more than that user could.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -466,27 +466,56 @@ impl Plan {
         if !self.shared_root || self.user_ns.is_some() {
             return Err(io::Error::other("not a plan on a shared root"));
         }
+        // pid 1 is in the slot's root already (`prepare_on_base`): the
+        // plan's paths, the host's, are seen from it.
         let steps = self.steps.get(TASK_MOUNTS..).unwrap_or_default();
         match (tree, self.tree_step) {
             (Some(fd), Some(i)) if i >= TASK_MOUNTS => {
                 let (before, rest) = steps.split_at(i - TASK_MOUNTS);
-                run_steps(before)?;
-                let Some((Step::Mount { target, .. }, after)) = rest.split_first() else {
-                    return Err(io::Error::other("the tree's step is not a mount"));
+                for step in before {
+                    let Step::Mkdir(p) = step else {
+                        return Err(io::Error::other(
+                            "a step before the tree is not a directory",
+                        ));
+                    };
+                    run_steps(&[Step::Mkdir(self.in_root(p)?)])?;
+                }
+                let Some((Step::Mount { target, .. }, [])) = rest.split_first() else {
+                    return Err(io::Error::other("the tree's step is not the last mount"));
                 };
                 rustix::mount::move_mount(
                     fd,
                     c"",
                     rustix::fs::CWD,
-                    target.as_c_str(),
+                    self.in_root(target)?.as_c_str(),
                     rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
                 )?;
-                run_steps(after)?;
             }
             (Some(_), _) => return Err(io::Error::other("a tree for a plan without one")),
-            (None, _) => run_steps(steps)?,
+            (None, None) => {}
+            (None, Some(_)) => {
+                // (Its layers are host paths, which it no longer sees.)
+                return Err(io::Error::other(
+                    "a workspace made ahead needs its tree mounted for it",
+                ));
+            }
         }
-        self.enter_root()
+        self.settle_in()
+    }
+
+    /// A host path under the plan's root as seen once in that root.
+    fn in_root(&self, p: &CStr) -> io::Result<CString> {
+        let rest = p
+            .to_bytes()
+            .strip_prefix(self.new_root.to_bytes())
+            .filter(|r| r.is_empty() || r.starts_with(b"/"))
+            .ok_or_else(|| io::Error::other(format!("{p:?} is not under the slot's root")))?;
+        let rest = if rest.is_empty() {
+            b"/".as_slice()
+        } else {
+            rest
+        };
+        CString::new(rest).map_err(io::Error::other)
     }
 
     /// [`Plan::set_up`] from step `first` on.
@@ -498,9 +527,7 @@ impl Plan {
     /// Once everything is mounted: the root, host name, directory and
     /// identity.
     fn enter_root(&self) -> io::Result<()> {
-        nix::unistd::pivot_root(self.new_root.as_c_str(), self.old_root.as_c_str())?;
-        nix::unistd::chdir("/")?;
-        umount2(self.old_root_rel.as_c_str(), MntFlags::MNT_DETACH)?;
+        pivot_into(self.new_root.as_c_str(), self.old_root.as_c_str())?;
         if !self.shared_root {
             // (A shared root keeps its mount point for the next task.)
             nix::unistd::unlinkat(
@@ -509,6 +536,12 @@ impl Plan {
                 nix::unistd::UnlinkatFlags::RemoveDir,
             )?;
         }
+        self.settle_in()
+    }
+
+    /// In the root: the root made read-only, the host name, directory and
+    /// identity.
+    fn settle_in(&self) -> io::Result<()> {
         // The assembled root itself is read-only; /tmp and the tree are not.
         mount(
             None::<&str>,
@@ -578,7 +611,28 @@ fn task_mounts(root_dir: &Path) -> Result<[Step; TASK_MOUNTS], WorkspaceError> {
 pub(crate) fn prepare_on_base(base: &Path) -> io::Result<()> {
     let steps = task_mounts(base).map_err(io::Error::other)?;
     keep_mounts_private()?;
-    run_steps(&steps)
+    run_steps(&steps)?;
+    // Into the slot's root now, off the task's path: `pivot_root` waits
+    // for an RCU grace period, and the host's mounts are detached here.
+    let new_root = c(base).map_err(io::Error::other)?;
+    let old_root = c(base.join(".oldroot")).map_err(io::Error::other)?;
+    pivot_into(&new_root, &old_root)
+}
+
+/// `pivot_root` into `new_root`, the old root put at `old_root` (a
+/// directory in it) and detached.
+fn pivot_into(new_root: &CStr, old_root: &CStr) -> io::Result<()> {
+    nix::unistd::pivot_root(new_root, old_root)?;
+    nix::unistd::chdir("/")?;
+    let rel = old_root
+        .to_bytes()
+        .strip_prefix(new_root.to_bytes())
+        .ok_or_else(|| io::Error::other("the old root is not in the new one"))?;
+    umount2(
+        CString::new(rel).map_err(io::Error::other)?.as_c_str(),
+        MntFlags::MNT_DETACH,
+    )?;
+    Ok(())
 }
 
 /// In a new mount namespace: what is mounted here stays here.
