@@ -180,7 +180,9 @@ fn a_thousand_tasks_land_once_while_executors_die_and_come_back() {
             "--",
             "sh",
             "-c",
-            "echo $SHOAL_TASK_INDEX; echo $SHOAL_TASK_INDEX > out",
+            // (50 ms each: on 8 slots the batch lasts 6 s at the least,
+            // however fast the executors, so that they are disturbed.)
+            "sleep 0.05; echo $SHOAL_TASK_INDEX; echo $SHOAL_TASK_INDEX > out",
         ],
     );
     let id = ids[0];
@@ -188,7 +190,7 @@ fn a_thousand_tasks_land_once_while_executors_die_and_come_back() {
     let mut victim = 1;
     let mut kills = 0;
     while t0.elapsed() < Duration::from_secs(240) {
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1000));
         let j = job(&lab, &dir, id).unwrap();
         if j["state"] == "done" {
             break;
