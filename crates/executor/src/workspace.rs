@@ -454,8 +454,9 @@ impl Plan {
     }
 
     /// The rest of a workspace whose namespaces, private mounts, `/proc`
-    /// and `/tmp` were made ahead ([`prepare_on_base`]): its tree, root,
-    /// host name, directory and identity. For a plan on a slot's shared
+    /// and `/tmp` were made ahead, and which is in its root already
+    /// ([`prepare_on_base`]): its tree, the root made read-only, host name,
+    /// directory and identity. For a plan on a slot's shared
     /// root ([`Plan::on_base`]) only. `tree`: the task's tree mounted
     /// already, detached ([`clone_tree`]), attached here instead of a new
     /// overlay mount.
