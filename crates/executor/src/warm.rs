@@ -11,8 +11,9 @@
 //! and before the next its limits are set ([`CgroupManager::reuse`]).
 //!
 //! ```text
-//!  agent ── Request + stdin/stdout/stderr (SCM_RIGHTS) ──▶ spawner (in cgroup warm-N)
+//!  agent ── Request + stdin/stdout/stderr + end pipe (SCM_RIGHTS) ──▶ spawner (in cgroup warm-N)
 //!        ◀── Started{pid} | Failed{errno} ──                 └─fork─▶ workspace (crate::workspace)
+//!        ◀═══ end pipe: the wait status, from pid 1 itself (a workspace made ahead)
 //!        ◀── Exited{wait status} ──  (the workspace's processes are gone)
 //!        ◀── Gone ──                 (and its namespaces and mounts too)
 //! ```
@@ -20,8 +21,9 @@
 //! `Exited` comes as soon as the supervisor knows how the command ended
 //! ([`Plan::report_end_to`]): the task's files are final then, and the
 //! namespaces' teardown (the overlay's unmount syncs the upper layer, about
-//! a millisecond) is off the task's path. The slot serves again after
-//! `Gone`.
+//! a millisecond) is off the task's path. pid 1 of a workspace made ahead
+//! tells the end on the agent's end pipe before that (no supervisor,
+//! spawner or agent thread between). The slot serves again after `Gone`.
 //!
 //! Before `Ready`, and when the pool takes a slot back (`MakeSpare`, while
 //! the slot waits for its next task), the spawner makes the next task's
