@@ -226,15 +226,12 @@ impl CgroupManager for V1 {
         // v1 has no cgroup.kill: freeze so nothing forks while we kill,
         // SIGKILL every member, thaw so the kills are delivered.
         let start = Instant::now();
-        let mut lifted = false;
+        // (Once, before the first kill; nothing to move in an empty group.)
+        self.lift_idle(name);
         loop {
             let pids = self.pids(name)?;
             if pids.is_empty() {
                 return Ok(());
-            }
-            if !lifted {
-                self.lift_idle(name);
-                lifted = true;
             }
             let _ = self.set_frozen(name, true);
             for p in self.pids(name)? {
