@@ -891,9 +891,7 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
     } = status;
     guard.slot = slot;
     if !link_up && !detach {
-        if let Some(s) = child.reap().await {
-            guard.slot = Some(s);
-        }
+        reap(&mut child, &mut guard).await;
         return Err(LinkError::Closed);
     }
     let mut end = Vec::new();
@@ -968,9 +966,7 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
     }
     if delivered.is_err() {
         // Reaped before the guard removes the task's cgroup and files.
-        if let Some(s) = child.reap().await {
-            guard.slot = Some(s);
-        }
+        reap(&mut child, &mut guard).await;
     }
     match spool.take() {
         None => delivered?,
@@ -1012,9 +1008,7 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
         }
     }
     let t_exit = t0.elapsed();
-    if let Some(s) = child.reap().await {
-        guard.slot = Some(s);
-    }
+    reap(&mut child, &mut guard).await;
     // Unmounting and removing the cgroup take a while on cgroup v1: not on
     // the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
@@ -1033,6 +1027,13 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
         cas.evict();
     });
     Ok(())
+}
+
+/// [`Proc::reap`], the slot it gives back going to the task's guard.
+async fn reap(child: &mut Proc, guard: &mut TaskGuard) {
+    if let Some(s) = child.reap().await {
+        guard.slot = Some(s);
+    }
 }
 
 /// File content a change set holds before its files are streamed
@@ -1670,13 +1671,8 @@ impl Proc {
             Self::Cold(c) => {
                 let ColdProc { child, early } = c.as_mut();
                 if let Some(r) = early.as_mut() {
-                    // Written in one write(2) of two bytes: one read gets
-                    // both (and is cancel-safe), or end of file when the
-                    // supervisor died without reporting.
-                    let mut b = [0u8; 2];
-                    let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
+                    let raw = read_end(r).await;
                     *early = None;
-                    let raw = (n == 2).then(|| workspace::end_status(b)).flatten();
                     if let Some(raw) = raw {
                         // The supervisor is still exiting: reaped by
                         // `reap` before the task's cgroup and files go.
@@ -1698,10 +1694,9 @@ impl Proc {
                     // As for a task forked here: pid 1 tells the end, and
                     // its processes are gone then (the spawner's report,
                     // which the slot's thread waits for, comes later).
-                    let mut b = [0u8; 2];
-                    let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
+                    let raw = read_end(r).await;
                     w.end = None;
-                    if let Some(raw) = (n == 2).then(|| workspace::end_status(b)).flatten() {
+                    if let Some(raw) = raw {
                         w.ended = true;
                         return Ok(Ended {
                             status: std::process::ExitStatus::from_raw(raw),
@@ -1726,6 +1721,16 @@ impl Proc {
             }
         }
     }
+}
+
+/// Reads an early report of a task's end (`Plan::report_end_to`, or pid 1
+/// of a warm slot's workspace) as a wait status. Written in one write(2) of
+/// two bytes: one read gets both (and is cancel-safe); `None` at end of
+/// file, when the writer died without reporting.
+async fn read_end(r: &mut tokio::net::unix::pipe::Receiver) -> Option<i32> {
+    let mut b = [0u8; 2];
+    let n = tokio::io::AsyncReadExt::read(r, &mut b).await.unwrap_or(0);
+    (n == 2).then(|| workspace::end_status(b)).flatten()
 }
 
 /// A task a warm slot started: its supervisor's pid, the read end of its
