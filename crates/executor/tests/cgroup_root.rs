@@ -47,6 +47,17 @@ fn scratch(test: &str) -> Option<Scratch> {
     }
 }
 
+/// [`scratch`] on cgroup v1 only: elsewhere the test is skipped, saying
+/// that `what` is for v1.
+fn scratch_v1(test: &str, what: &str) -> Option<Scratch> {
+    let s = scratch(test)?;
+    if s.mgr.version() != cgroup::CgroupVersion::V1 {
+        eprintln!("skipped: {what} on cgroup v1 only");
+        return None;
+    }
+    Some(s)
+}
+
 fn spawn(s: &mut Scratch, name: &str, script: &str) -> u32 {
     let mut c = Command::new("/bin/sh");
     c.args(["-c", script])
@@ -255,13 +266,9 @@ fn guests_at_the_idle_class_and_their_cpu_counted_on_the_parent() {
 
 #[test]
 fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
-    let Some(mut s) = scratch("reuse") else {
+    let Some(mut s) = scratch_v1("reuse", "counters are restarted") else {
         return;
     };
-    if s.mgr.version() != cgroup::CgroupVersion::V1 {
-        eprintln!("skipped: counters are restarted on cgroup v1 only");
-        return;
-    }
     s.mgr.create("slot", &Limits::default()).unwrap();
     // The first "task" uses CPU; the spawner stands in as a sleeping shell.
     spawn(
@@ -352,13 +359,9 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
 
 #[test]
 fn a_killed_guest_dies_at_once_though_every_core_is_taken() {
-    let Some(mut s) = scratch("starved") else {
+    let Some(mut s) = scratch_v1("starved", "the idle class is lifted") else {
         return;
     };
-    if s.mgr.version() != cgroup::CgroupVersion::V1 {
-        eprintln!("skipped: the idle class is lifted on cgroup v1 only");
-        return;
-    }
     s.mgr.guest_class().unwrap();
     s.mgr.create("starved", &Limits::default()).unwrap();
     // A guest at the idle class, in the guests' idle group, holding
