@@ -729,6 +729,8 @@ impl Batch {
                 name: i.origin.display().to_string(),
             }),
             detach: true,
+            // (A batch task reads no input.)
+            no_input: true,
         };
         if let Err(e) = link::send(&mut tx, &ToExec::Start(spec)).await {
             return End::Lost(e.to_string());
@@ -863,9 +865,8 @@ impl Batch {
                         }
                     }
                 }
-                FromExec::Started { .. } => {
-                    let _ = link::send(tx, &ToExec::StdinEof).await;
-                }
+                // (Its stdin is /dev/null: `no_input`.)
+                FromExec::Started { .. } => {}
                 FromExec::Stdout(d) => {
                     if let Err(e) = so.write_all(&d).await {
                         return End::Failed(125, format!("writing stdout: {e}"));

@@ -739,7 +739,11 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
             _ => None,
         });
     let mut missing = env.cas.missing(wanted.chain(image_files));
-    link::send(tx, &FromExec::Need(missing.clone())).await?;
+    if !missing.is_empty() {
+        // (A tree the cache holds whole, most runs', goes on to `Started`
+        // without a message and a wake of the submitter's.)
+        link::send(tx, &FromExec::Need(missing.clone())).await?;
+    }
     while !missing.is_empty() {
         match inbox.recv().await? {
             ToExec::Blob { hash, data } => {
@@ -950,17 +954,29 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
             });
         }
     }
+    // Whether large files follow the change set, read from the upper layer.
+    let streams = end.iter().any(|m| match m {
+        FromExec::Changes(cs) => cs.streamed().next().is_some(),
+        _ => false,
+    });
     let mut delivered = Err(LinkError::Closed);
     if link_up {
         delivered = Ok(());
-        for m in &end {
-            let mut sent = link::send(tx, m).await;
-            if let (Ok(()), FromExec::Changes(cs)) = (&sent, m) {
-                sent = send_streamed(tx, &upper, cs, &env.node).await;
-            }
-            if let Err(e) = sent {
-                delivered = Err(e);
-                break;
+        if !streams {
+            // (Changes and the exit status in one write: the submitter
+            // wakes once for its task's end.)
+            let all: Vec<&FromExec> = end.iter().collect();
+            delivered = link::send_small(tx, &all).await;
+        } else {
+            for m in &end {
+                let mut sent = link::send(tx, m).await;
+                if let (Ok(()), FromExec::Changes(cs)) = (&sent, m) {
+                    sent = send_streamed(tx, &upper, cs, &env.node).await;
+                }
+                if let Err(e) = sent {
+                    delivered = Err(e);
+                    break;
+                }
             }
         }
     }
@@ -972,10 +988,6 @@ async fn serve_one<R: FrameSource + 'static, W: FrameSink>(
         None => delivered?,
         Some(sp) if delivered.is_ok() => env.detached.forget(&spec.task_id, sp.on_disk()),
         Some(Spool { out, err, tx }) => {
-            let streams = end.iter().any(|m| match m {
-                FromExec::Changes(cs) => cs.streamed().next().is_some(),
-                _ => false,
-            });
             match (out.kept(), err.kept()) {
                 (Some(stdout), Some(stderr)) => {
                     // The large files its changes did not hold stay on
@@ -1293,7 +1305,7 @@ async fn prepare(
         .cgroups
         .clone()
         .ok_or_else(|| failed(125, "no cgroups"))?;
-    let io = TaskIo::new(spec.tty).map_err(|e| err125("pipes", &e))?;
+    let io = TaskIo::new(spec.tty, spec.no_input).map_err(|e| err125("pipes", &e))?;
     let argv0 = OsString::from_vec(spec.argv[0].clone());
     let not_started = |errno: Option<i32>, e: &dyn std::fmt::Display| match errno {
         Some(nix::libc::ENOENT) => failed(
@@ -1519,13 +1531,17 @@ enum TaskIo {
         slave: std::os::fd::OwnedFd,
     },
     Pipes {
-        ours: [std::os::fd::OwnedFd; 3],
+        /// Our end of its stdin; none when the task gets no input (its
+        /// stdin is `/dev/null`).
+        input: Option<std::os::fd::OwnedFd>,
+        /// Our ends of its stdout and stderr.
+        output: [std::os::fd::OwnedFd; 2],
         theirs: [std::os::fd::OwnedFd; 3],
     },
 }
 
 impl TaskIo {
-    fn new(tty: Option<(u16, u16)>) -> std::io::Result<Self> {
+    fn new(tty: Option<(u16, u16)>, no_input: bool) -> std::io::Result<Self> {
         use nix::fcntl::OFlag;
         Ok(match tty {
             Some((rows, cols)) => {
@@ -1548,11 +1564,18 @@ impl TaskIo {
                 }
             }
             None => {
-                let (ir, iw) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                let (ir, iw) = if no_input {
+                    let null = std::fs::File::open("/dev/null")?;
+                    (std::os::fd::OwnedFd::from(null), None)
+                } else {
+                    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                    (r, Some(w))
+                };
                 let (or, ow) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
                 let (er, ew) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
                 Self::Pipes {
-                    ours: [iw, or, er],
+                    input: iw,
+                    output: [or, er],
                     theirs: [ir, ow, ew],
                 }
             }
@@ -1590,12 +1613,19 @@ impl TaskIo {
                     upper,
                 })
             }
-            Self::Pipes { ours, theirs } => {
+            Self::Pipes {
+                input,
+                output: [o, e],
+                theirs,
+            } => {
                 drop(theirs);
-                let [i, o, e] = ours;
+                let stdin: Option<In> = match input {
+                    Some(i) => Some(Box::new(pipe::Sender::from_owned_fd(i)?)),
+                    None => None,
+                };
                 Ok(Started {
                     proc,
-                    stdin: Some(Box::new(pipe::Sender::from_owned_fd(i)?)),
+                    stdin,
                     stdout: Some(Box::new(pipe::Receiver::from_owned_fd(o)?)),
                     stderr: Some(Box::new(pipe::Receiver::from_owned_fd(e)?)),
                     winfd: None,

@@ -304,9 +304,14 @@ async fn write_line(
     w: &mut tokio::net::unix::OwnedWriteHalf,
     resp: &Response,
 ) -> std::io::Result<()> {
+    w.write_all(&line(resp)).await
+}
+
+/// An answer as it goes on the control socket: one JSON line.
+fn line(resp: &Response) -> Vec<u8> {
     let mut out = serde_json::to_vec(resp).unwrap_or_default();
     out.push(b'\n');
-    w.write_all(&out).await
+    out
 }
 
 pub(crate) async fn ask_main(tx: &mpsc::Sender<ControlMsg>, req: Request) -> Response {
@@ -537,19 +542,32 @@ async fn run_task(
     };
     // True once the task's last message (`Exit`, `Failed`, `Evicted`)
     // went down: the executor then waits for the link's next task.
+    // The frames that have come together go on together (a task's last
+    // messages, say): the submitter wakes once for them.
     let down = async {
         let mut at = Boundaries::default();
-        while let Ok(f) = rr.recv_frame().await {
-            let last = at.next(&f).is_some_and(FromExec::encoded_ends_task);
-            let sent = local_w.send_frame(&f).await.is_ok();
+        loop {
+            let (mut frames, mut last, mut broken) = (Vec::new(), false, false);
+            while frames.is_empty() || (!last && rr.frame_ready()) {
+                match rr.recv_frame().await {
+                    Ok(f) => {
+                        last = at.next(&f).is_some_and(FromExec::encoded_ends_task);
+                        frames.push(f);
+                    }
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            let sent = frames.is_empty() || local_w.send_frames(&frames).await.is_ok();
             if last {
                 return true;
             }
-            if !sent {
-                break;
+            if broken || !sent {
+                return false;
             }
         }
-        false
     };
     // A partitioned executor's TCP connection can stay half-open for
     // minutes: membership says sooner. When the executor is declared down
@@ -581,20 +599,56 @@ async fn run_task(
 /// and serves it here.
 async fn run_here(
     r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    mut w: tokio::net::unix::OwnedWriteHalf,
+    w: tokio::net::unix::OwnedWriteHalf,
     ctx: &Ctx,
     me: &str,
     fallback: Option<String>,
 ) -> std::io::Result<()> {
     let node = me.to_owned();
-    write_line(&mut w, &Response::Run { node, fallback }).await?;
+    let mut tx = AnswerFirst {
+        answer: Some(line(&Response::Run { node, fallback })),
+        w: Plain(w),
+    };
     bump(&ctx.inflight, me, 1);
-    let res = exec::serve(ctx.exec.clone(), false, false, false, Plain(r), Plain(w)).await;
+    let res = exec::serve(ctx.exec.clone(), false, false, false, Plain(r), &mut tx).await;
     bump(&ctx.inflight, me, -1);
     if let Err(e) = res {
         tracing::debug!(error = %e, "local task link ended");
     }
+    if let Some(answer) = tx.answer.take() {
+        // Nothing was sent: the client still learns where its task was,
+        // and then that it was lost.
+        tx.w.0.write_all(&answer).await?;
+    }
     Ok(())
+}
+
+/// A local task's link to its client, the agent's answer (where the task
+/// runs) not yet written: it goes in the write of the first frames (the
+/// task's `Started`, or what it needs first), so that the client wakes
+/// once for both.
+struct AnswerFirst<W> {
+    answer: Option<Vec<u8>>,
+    w: Plain<W>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin + Send> FrameSink for AnswerFirst<W> {
+    async fn send_frame(&mut self, f: &[u8]) -> Result<(), shoal_task::link::LinkError> {
+        if self.answer.is_some() {
+            self.send_frames(&[f.to_vec()]).await
+        } else {
+            self.w.send_frame(f).await
+        }
+    }
+
+    async fn send_frames(&mut self, frames: &[Vec<u8>]) -> Result<(), shoal_task::link::LinkError> {
+        let Some(mut out) = self.answer.take() else {
+            return self.w.send_frames(frames).await;
+        };
+        Plain(&mut out).send_frames(frames).await?;
+        self.w.0.write_all(&out).await?;
+        Ok(())
+    }
 }
 
 fn bump(m: &Mutex<HashMap<String, u32>>, name: &str, by: i32) {
@@ -979,4 +1033,41 @@ async fn leave(sh: &mut Shell) {
     tracing::info!("left the cluster");
     let env = sh.exec.clone();
     let _ = tokio::task::spawn_blocking(move || env.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_task::link;
+
+    #[tokio::test]
+    async fn a_local_tasks_answer_waits_for_its_first_frames_and_goes_before_them() {
+        let mut tx = AnswerFirst {
+            answer: Some(b"{\"result\":\"run\"}\n".to_vec()),
+            w: Plain(Vec::new()),
+        };
+        assert!(tx.w.0.is_empty(), "nothing written before a frame");
+        link::send(&mut tx, &FromExec::Started { node: "h0".into() })
+            .await
+            .unwrap();
+        let exit = FromExec::Exit {
+            status: shoal_task::proto::Status::Code(0),
+            oom: false,
+            cpu_s: 0.0,
+            mem_peak_bytes: None,
+        };
+        link::send_small(&mut tx, &[&exit]).await.unwrap();
+        assert!(tx.answer.is_none());
+        let bytes = tx.w.0;
+        let mut r = tokio::io::BufReader::new(&bytes[..]);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "{\"result\":\"run\"}\n");
+        let mut r = Plain(r);
+        assert_eq!(
+            link::recv::<FromExec, _>(&mut r).await.unwrap(),
+            FromExec::Started { node: "h0".into() }
+        );
+        assert_eq!(link::recv::<FromExec, _>(&mut r).await.unwrap(), exit);
+    }
 }

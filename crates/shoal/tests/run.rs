@@ -6,9 +6,11 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
@@ -148,6 +150,19 @@ fn exit_status_streams_and_stdin_as_if_local() {
     child.stdin.take().unwrap().write_all(b"a\nc\nb\n").unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(s(&o.stdout), "c\nb\na\n");
+    // No input here (stdin /dev/null): the task's stdin is /dev/null too,
+    // here and relayed, not a pipe that ends at once.
+    for node in ["h0", "h1"] {
+        let stat = ["stat", "-L", "-c", "%F %t,%T", "/proc/self/fd/0"];
+        let args: Vec<&str> = ["--node", node, "--"].into_iter().chain(stat).collect();
+        let o = out(run(&lab, &tree, &args));
+        assert_eq!(
+            s(&o.stdout),
+            "character special file 1,3\n",
+            "{}",
+            s(&o.stderr)
+        );
+    }
     let o = out(run(&lab, &tree, &["--", "no-such-command-here"]));
     assert_eq!(o.status.code(), Some(127));
     assert!(
@@ -582,20 +597,30 @@ fn one_slot_lab(tag: &str, subnet: u8, a_txt: &str) -> Option<(Lab, Tree)> {
     Some((lab, tree))
 }
 
-/// Waits until h0's warm slot is back and ready, with its spare workspace
-/// (three processes): a task's end reaches its submitter before that.
+/// Waits until one of h0's warm slots is back in its pool with the next
+/// task's workspace made ahead (a task's end reaches its submitter before
+/// that): its spawner and that workspace's two processes in its cgroup.
+/// The workspace must be a new one: the last task's supervisor and pid 1,
+/// on their way out, are three with the spawner too.
 fn warm_slot_ready() {
+    // The workspaces made ahead seen ready so far (the spawner's pid is
+    // seen again: two new pids of three make a new workspace).
+    static SEEN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     let ready = wait_for(Duration::from_secs(20), || {
         let d = std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h0").ok()?;
         d.flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
-            .any(|e| {
-                std::fs::read_to_string(e.path().join("cgroup.procs"))
-                    .is_ok_and(|p| p.lines().count() == 3)
+            .find_map(|e| {
+                let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).ok()?;
+                let pids: BTreeSet<u32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+                (pids.len() == 3 && pids.difference(&seen).count() >= 2).then_some(pids)
             })
-            .then_some(())
     });
-    assert!(ready.is_some(), "h0's warm slot");
+    let Some(pids) = ready else {
+        panic!("h0's warm slot");
+    };
+    seen.extend(pids);
 }
 
 fn kept_tree_mounts(tasks: &Path) -> std::collections::BTreeSet<String> {
@@ -1199,6 +1224,7 @@ fn a_kept_link_passes_by_what_came_after_its_last_task_ended() {
                     tty: None,
                     image: None,
                     detach: false,
+                    no_input: false,
                 };
                 link::send(&mut tx, &ToExec::Start(spec)).await.unwrap();
                 let mut out = Vec::new();

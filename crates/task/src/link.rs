@@ -47,23 +47,65 @@ impl From<StreamError> for LinkError {
 pub trait FrameSink: Send {
     /// Sends one frame.
     fn send_frame(&mut self, f: &[u8]) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Sends frames in order; a sink that can puts them in one write, so
+    /// that the other side wakes once for them all.
+    fn send_frames(
+        &mut self,
+        frames: &[Vec<u8>],
+    ) -> impl Future<Output = Result<(), LinkError>> + Send {
+        async move {
+            for f in frames {
+                self.send_frame(f).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl<T: FrameSink> FrameSink for &mut T {
+    fn send_frame(&mut self, f: &[u8]) -> impl Future<Output = Result<(), LinkError>> + Send {
+        (**self).send_frame(f)
+    }
+
+    fn send_frames(
+        &mut self,
+        frames: &[Vec<u8>],
+    ) -> impl Future<Output = Result<(), LinkError>> + Send {
+        (**self).send_frames(frames)
+    }
 }
 
 /// Something that yields frames.
 pub trait FrameSource: Send {
     /// The next frame.
     fn recv_frame(&mut self) -> impl Future<Output = Result<Vec<u8>, LinkError>> + Send;
+
+    /// Whether the next frame has come whole already (`recv_frame` would
+    /// not wait). `false` when the source cannot tell.
+    fn frame_ready(&self) -> bool {
+        false
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send> FrameSink for Writer<S> {
     async fn send_frame(&mut self, f: &[u8]) -> Result<(), LinkError> {
         Ok(self.send(f).await?)
     }
+
+    async fn send_frames(&mut self, frames: &[Vec<u8>]) -> Result<(), LinkError> {
+        let payloads: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        Ok(self.send_many(&payloads).await?)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send> FrameSource for Reader<S> {
     async fn recv_frame(&mut self) -> Result<Vec<u8>, LinkError> {
         Ok(self.recv().await?)
+    }
+
+    fn frame_ready(&self) -> bool {
+        self.message_ready()
     }
 }
 
@@ -74,9 +116,23 @@ pub struct Plain<T>(pub T);
 
 impl<W: AsyncWrite + Unpin + Send> FrameSink for Plain<W> {
     async fn send_frame(&mut self, f: &[u8]) -> Result<(), LinkError> {
-        let mut buf = Vec::with_capacity(f.len() + 4);
-        buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
-        buf.extend_from_slice(f);
+        self.write_frames(&[f]).await
+    }
+
+    async fn send_frames(&mut self, frames: &[Vec<u8>]) -> Result<(), LinkError> {
+        let frames: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        self.write_frames(&frames).await
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> Plain<W> {
+    /// Frames, each behind its length, in one write.
+    async fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), LinkError> {
+        let mut buf = Vec::with_capacity(frames.iter().map(|f| f.len() + 4).sum());
+        for f in frames {
+            buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            buf.extend_from_slice(f);
+        }
         self.0.write_all(&buf).await?;
         Ok(())
     }
@@ -140,18 +196,49 @@ impl Boundaries {
 /// # Errors
 /// The link failed.
 pub async fn send<T: Serialize, S: FrameSink>(sink: &mut S, msg: &T) -> Result<(), LinkError> {
-    let bytes = postcard::to_stdvec(msg)?;
-    let mut chunks = bytes.chunks(CHUNK).peekable();
-    if chunks.peek().is_none() {
-        return sink.send_frame(&[0]).await;
-    }
-    while let Some(c) = chunks.next() {
-        let mut f = Vec::with_capacity(c.len() + 1);
-        f.push(u8::from(chunks.peek().is_some()));
-        f.extend_from_slice(c);
+    for f in frames_of(&postcard::to_stdvec(msg)?) {
         sink.send_frame(&f).await?;
     }
     Ok(())
+}
+
+/// An encoded message's frames: chunks of at most [`CHUNK`] bytes, each
+/// behind its "more follows" flag (one frame, `[0]`, for no bytes).
+fn frames_of(bytes: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let n = bytes.len().div_ceil(CHUNK).max(1);
+    (0..n).map(move |i| {
+        let c = bytes
+            .get(i * CHUNK..bytes.len().min((i + 1) * CHUNK))
+            .unwrap_or_default();
+        let mut f = Vec::with_capacity(c.len() + 1);
+        f.push(u8::from(i + 1 < n));
+        f.extend_from_slice(c);
+        f
+    })
+}
+
+/// Sends small messages (of at most [`CHUNK`] bytes encoded each, else
+/// as [`send`] would) in one write where the sink can: a task's last
+/// messages wake its submitter once.
+///
+/// # Errors
+/// The link failed.
+pub async fn send_small<T: Serialize, S: FrameSink>(
+    sink: &mut S,
+    msgs: &[&T],
+) -> Result<(), LinkError> {
+    let mut frames = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let bytes = postcard::to_stdvec(m)?;
+        if bytes.len() > CHUNK {
+            // (Not small: frames so far first, then this one as usual.)
+            sink.send_frames(&std::mem::take(&mut frames)).await?;
+            send(sink, m).await?;
+            continue;
+        }
+        frames.extend(frames_of(&bytes));
+    }
+    sink.send_frames(&frames).await
 }
 
 /// Receives one message.
@@ -206,6 +293,62 @@ mod tests {
             recv::<FromExec, _>(&mut rx).await.unwrap(),
             FromExec::Need(vec![])
         );
+        assert!(matches!(
+            recv::<FromExec, _>(&mut rx).await,
+            Err(LinkError::Closed)
+        ));
+    }
+
+    /// Counts the writes made on it, and keeps what they wrote.
+    #[derive(Default)]
+    struct Writes {
+        count: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.count += 1;
+            self.bytes.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn small_messages_go_in_one_write_and_a_large_one_as_usual() {
+        use crate::proto::Status;
+        let exit = FromExec::Exit {
+            status: Status::Code(0),
+            oom: false,
+            cpu_s: 0.1,
+            mem_peak_bytes: Some(1 << 20),
+        };
+        let out = FromExec::Stdout(b"hello".to_vec());
+        let mut w = Plain(Writes::default());
+        send_small(&mut w, &[&out, &exit]).await.unwrap();
+        assert_eq!(w.0.count, 1, "two small messages, one write");
+        let big = FromExec::Stdout(vec![7; 3 * CHUNK]);
+        send_small(&mut w, &[&out, &big, &exit]).await.unwrap();
+        let mut rx = Plain(&w.0.bytes[..]);
+        for want in [&out, &exit, &out, &big, &exit] {
+            assert_eq!(&recv::<FromExec, _>(&mut rx).await.unwrap(), want);
+        }
         assert!(matches!(
             recv::<FromExec, _>(&mut rx).await,
             Err(LinkError::Closed)

@@ -96,6 +96,12 @@ pub struct TaskSpec {
     /// collect with [`ToExec::Reattach`] after a restart. Otherwise (`shoal
     /// run`) the task dies with its submitter.
     pub detach: bool,
+    /// The submitter has no input for the task (its own stdin is
+    /// `/dev/null`, or a terminal without `-t`, or it is a batch
+    /// attempt): the task's stdin is
+    /// `/dev/null` as well, no pipe is made for it, and no `StdinEof`
+    /// follows.
+    pub no_input: bool,
 }
 
 /// An image a task runs in, by id. The executor asks for its manifest

@@ -418,6 +418,7 @@ async fn session(
             name: i.origin.display().to_string(),
         }),
         detach: false,
+        no_input: no_input(a.tty),
     };
     let mut progress = Progress::default();
     let mut exclude: Vec<String> = Vec::new();
@@ -520,16 +521,15 @@ async fn attempt_once(
         memory_bytes: a.mem,
         exclude: exclude.to_vec(),
     };
-    let mut line = serde_json::to_vec(&req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    // The task goes with the request, not after the answer (one round
-    // trip less): the agent reads it once it has placed the task, here or
-    // on the node it relays to. A refusal leaves it unread (and may close
-    // the link before it is all written: the refusal is read first).
-    let mut w = Plain(w);
-    let sent = link::send(&mut w, &ToExec::Start(spec.clone())).await;
-    let Plain(w) = w;
+    let mut out = serde_json::to_vec(&req)?;
+    out.push(b'\n');
+    // The task goes with the request, in the same write (the agent wakes
+    // once), not after the answer (one round trip less): the agent reads
+    // it once it has placed the task, here or on the node it relays to. A
+    // refusal leaves it unread (and may close the link before it is all
+    // written: the refusal is read first).
+    link::send(&mut Plain(&mut out), &ToExec::Start(spec.clone())).await?;
+    let sent = w.write_all(&out).await;
     let mut answer = String::new();
     r.read_line(&mut answer).await?;
     let node = match serde_json::from_str::<Response>(&answer) {
@@ -570,6 +570,8 @@ async fn attempt_once(
     let mut stderr = std::io::stderr();
     let (mut out_at, mut err_at) = (0u64, 0u64);
     let mut started = false;
+    // The executor asked for contents (it does only when it lacks any).
+    let mut needed = false;
     // A commit whose large files are still coming, and its size.
     let mut streaming: Option<(shoal_files::Commit, usize)> = None;
     let outcome = loop {
@@ -640,23 +642,23 @@ async fn attempt_once(
                     shipped += data.len() as u64;
                     out_tx.send(ToExec::Blob { hash: h, data }).await?;
                 }
+                needed = true;
                 if a.verbose {
-                    let of_image = image
-                        .map_or_else(String::new, |i| format!(" and a {}-byte image", i.bytes));
-                    eprintln!(
-                        "shoal: shipped {shipped} bytes ({count} contents) of a {}-byte tree{of_image}",
-                        manifest.bytes
-                    );
+                    say_shipped(shipped, count, manifest, image);
                 }
             }
             FromExec::Started { node } => {
+                if a.verbose && !needed {
+                    // (An executor that lacks nothing says nothing.)
+                    say_shipped(0, 0, manifest, image);
+                }
                 if !started {
                     started = true;
                     forward_signals(out_tx.clone(), a.tty);
                     if a.tty && std::io::stdin().is_terminal() {
                         progress.raw = RawMode::enter();
                     }
-                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone(), a.tty);
+                    forward_stdin(out_tx.clone(), progress.stdin_sent.clone(), spec.no_input);
                 }
                 if a.verbose {
                     eprintln!("shoal: started on {node}");
@@ -741,6 +743,15 @@ async fn attempt_once(
     Ok(outcome)
 }
 
+/// Says, for `--verbose`, what this attempt shipped.
+fn say_shipped(shipped: u64, count: usize, manifest: &tree::Manifest, image: Option<&Arc<Image>>) {
+    let of_image = image.map_or_else(String::new, |i| format!(" and a {}-byte image", i.bytes));
+    eprintln!(
+        "shoal: shipped {shipped} bytes ({count} contents) of a {}-byte tree{of_image}",
+        manifest.bytes
+    );
+}
+
 /// Finishes a streaming commit once all its contents have come.
 fn finish_when_complete(
     streaming: &mut Option<(shoal_files::Commit, usize)>,
@@ -762,9 +773,9 @@ fn finish_when_complete(
 /// Sends stdin to the task when it is a pipe or a file; a terminal is not
 /// read (so that `make -j` jobs do not fight over it) and the task sees
 /// end of input.
-fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, tty: bool) {
-    if (std::io::stdin().is_terminal() && !tty) || stdin_is_null() {
-        let _ = tx.try_send(ToExec::StdinEof);
+fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, no_input: bool) {
+    if no_input {
+        // (The spec said so: the task's stdin is /dev/null.)
         return;
     }
     std::thread::spawn(move || {
@@ -785,6 +796,13 @@ fn forward_stdin(tx: mpsc::Sender<ToExec>, sent: Arc<AtomicBool>, tty: bool) {
             }
         }
     });
+}
+
+/// Whether the task gets no input from here: stdin is `/dev/null` (as for
+/// most commands a build runs), or a terminal without `-t` (what is typed
+/// is this shell's, not the task's).
+fn no_input(tty: bool) -> bool {
+    !tty && (std::io::stdin().is_terminal() || stdin_is_null())
 }
 
 /// Whether stdin is `/dev/null` (as for most commands a build runs): its
