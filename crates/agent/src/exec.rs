@@ -1198,52 +1198,29 @@ async fn prepare(
         reuse,
         key,
     } = {
-        let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
         let (pool, scratch) = (env.warm.clone(), env.scratch.clone());
-        let tree = spec.tree.clone();
         let at = spec.cwd.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let lower = lowers
-                .get(&cas, &tree, guest_owner())
-                .map_err(|e| e.to_string())?;
-            let mut key = lower.stack();
-            key.push(at);
-            let matches = |s: &Slot| s.kept_tree().is_some_and(|k| k.key == key);
-            // (Taken now only for a tree it may keep: another task, with an
-            // image to unpack, say, takes one when it is ready to start.)
-            let slot = pool
-                .as_ref()
-                .filter(|_| eligible)
-                .and_then(|p| Some((p.clone(), p.take_preferring(matches)?)));
-            let reuse = eligible && slot.as_ref().is_some_and(|(_, s)| matches(s));
-            let dir = match slot.as_ref().and_then(|(_, s)| s.kept_tree()) {
-                Some(k) if reuse => k.dir.clone(),
-                _ => {
-                    let d = scratch.take();
-                    if let Err(e) = fresh_dirs(&d) {
-                        // (A full disk, say: the slot and the directory go
-                        // back.)
-                        if let Some((p, s)) = slot {
-                            scratch.give_back_slot(&p, s, true);
-                        }
-                        scratch.give_back(d);
-                        return Err(e);
-                    }
-                    d
-                }
-            };
-            Ok(Prepared {
-                lower,
-                slot,
-                dir,
-                reuse,
-                key,
-            })
-        })
-        .await;
+        // A tree made already (the same tree as an earlier task's) is
+        // prepared here on the event loop: a few small file operations. One
+        // to make goes to a thread.
+        let r = match env.lowers.made(&spec.tree) {
+            Some(lower) => take_slot(lower, at, eligible, pool, &scratch, true),
+            None => {
+                let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
+                let tree = spec.tree.clone();
+                tokio::task::spawn_blocking(move || -> Result<_, String> {
+                    let lower = lowers
+                        .get(&cas, &tree, guest_owner())
+                        .map_err(|e| e.to_string())?;
+                    take_slot(lower, at, eligible, pool, &scratch, false)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+            }
+        };
         match r {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(err125("preparing the task's files", &e)),
+            Ok(p) => p,
             Err(e) => return Err(err125("preparing the task's files", &e)),
         }
     };
@@ -1456,7 +1433,63 @@ async fn prepare(
     }
 }
 
-/// What `prepare` finds or makes off the runtime's threads.
+/// With the task's lower layer: a warm slot for it (the one keeping this
+/// tree, if any) and its directory. `inline`: called on the event loop
+/// (what may block goes to a thread).
+fn take_slot(
+    lower: Lower,
+    at: PathBuf,
+    eligible: bool,
+    pool: Option<Arc<Pool>>,
+    scratch: &Arc<crate::scratch::Scratch>,
+    inline: bool,
+) -> Result<Prepared, String> {
+    let mut key = lower.stack();
+    key.push(at);
+    let matches = |s: &Slot| s.kept_tree().is_some_and(|k| k.key == key);
+    // (Taken now only for a tree it may keep: another task, with an
+    // image to unpack, say, takes one when it is ready to start.)
+    let slot = pool
+        .as_ref()
+        .filter(|_| eligible)
+        .and_then(|p| Some((p.clone(), p.take_preferring(matches)?)));
+    let reuse = eligible && slot.as_ref().is_some_and(|(_, s)| matches(s));
+    let dir = match slot.as_ref().and_then(|(_, s)| s.kept_tree()) {
+        Some(k) if reuse => k.dir.clone(),
+        _ => {
+            let d = scratch.take();
+            if let Err(e) = fresh_dirs(&d) {
+                // (A full disk, say: the slot and the directory go back,
+                // on a thread when this is the event loop: a slot's give
+                // back waits for its spawner.)
+                let scratch = scratch.clone();
+                let back = move || {
+                    if let Some((p, s)) = slot {
+                        scratch.give_back_slot(&p, s, true);
+                    }
+                    scratch.give_back(d);
+                };
+                if inline {
+                    tokio::task::spawn_blocking(back);
+                } else {
+                    back();
+                }
+                return Err(e);
+            }
+            d
+        }
+    };
+    Ok(Prepared {
+        lower,
+        slot,
+        dir,
+        reuse,
+        key,
+    })
+}
+
+/// What `prepare` finds or makes: the tree's lower layer, made off the
+/// runtime's threads when it is new.
 struct Prepared {
     lower: Lower,
     /// A warm slot, if one is ready (the one keeping this tree, if any).

@@ -731,6 +731,26 @@ impl Lowers {
         (st.layers.len(), st.in_use.len())
     }
 
+    /// The lower layer of `tree` if it is made already (held, as
+    /// [`Lowers::get`] holds it); `None` when it is still to be made.
+    /// Touches no file: cheap enough for an event loop.
+    pub fn made(self: &Arc<Self>, tree: &[TreeEntry]) -> Option<Lower> {
+        let key = Self::key(tree).ok()?;
+        let mut st = self.lock();
+        if !st.layers.contains_key(&key) {
+            return None;
+        }
+        let keys = st.chain(&key);
+        st.hold(&keys);
+        drop(st);
+        Some(self.lower(keys))
+    }
+
+    /// What names `tree`'s layer.
+    fn key(tree: &[TreeEntry]) -> Result<String, postcard::Error> {
+        Ok(hex::encode(&hash(&postcard::to_stdvec(tree)?)[..16]))
+    }
+
     /// The lower layer of `tree`, made from `cas` if no task has it yet:
     /// on top of the closest layer made already when that costs less than
     /// making it whole.
@@ -743,11 +763,10 @@ impl Lowers {
         tree: &[TreeEntry],
         owner: Option<(u32, u32)>,
     ) -> Result<Lower, CasError> {
-        let bytes = postcard::to_stdvec(tree).map_err(|e| CasError::Io {
+        let key = Self::key(tree).map_err(|e| CasError::Io {
             path: self.dir.clone(),
             source: io::Error::other(e.to_string()),
         })?;
-        let key = hex::encode(&hash(&bytes)[..16]);
         // Made already: hold it with its bases.
         let candidates = {
             let mut st = self.lock();
@@ -1303,6 +1322,31 @@ mod tests {
         drop(kept);
         lowers.evict();
         assert!(stack.iter().all(|p| !p.exists()), "released by the clone");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_layer_made_already_is_found_without_making_and_held() {
+        let d = tmp("made");
+        let cas = Cas::open(&d.join("cas"), 1 << 20).unwrap();
+        cas.put(&hash(b"a"), b"a").unwrap();
+        let tree = vec![dir("src"), file("src/a.c", b"a")];
+        let lowers = Arc::new(Lowers::new(&d.join("lowers"), 0));
+        assert!(lowers.made(&tree).is_none(), "not made yet");
+        assert_eq!(lowers.counts(), (0, 0), "and nothing made by asking");
+        let made = lowers.get(&cas, &tree, None).unwrap();
+        let stack = made.stack();
+        drop(made);
+        let found = lowers.made(&tree).expect("made by the first task");
+        assert_eq!(found.stack(), stack);
+        // Held: eviction (keeping no unused layer) leaves it.
+        lowers.evict();
+        assert!(stack.iter().all(|p| p.join("src/a.c").is_file()));
+        drop(found);
+        lowers.evict();
+        assert!(lowers.made(&tree).is_none(), "evicted once released");
+        // Another tree is not this one.
+        assert!(lowers.made(&[dir("src")]).is_none());
         fs::remove_dir_all(&d).unwrap();
     }
 
