@@ -632,6 +632,16 @@ struct Layer {
 }
 
 impl State {
+    /// The layer `key` with its bases, held, if it is made.
+    fn hold_made(&mut self, key: &str) -> Option<Vec<String>> {
+        if !self.layers.contains_key(key) {
+            return None;
+        }
+        let keys = self.chain(key);
+        self.hold(&keys);
+        Some(keys)
+    }
+
     /// `key` and the layers it sits on, top first.
     fn chain(&self, key: &str) -> Vec<String> {
         let mut out = vec![key.to_owned()];
@@ -736,13 +746,7 @@ impl Lowers {
     /// Touches no file: cheap enough for an event loop.
     pub fn made(self: &Arc<Self>, tree: &[TreeEntry]) -> Option<Lower> {
         let key = Self::key(tree).ok()?;
-        let mut st = self.lock();
-        if !st.layers.contains_key(&key) {
-            return None;
-        }
-        let keys = st.chain(&key);
-        st.hold(&keys);
-        drop(st);
+        let keys = self.lock().hold_made(&key)?;
         Some(self.lower(keys))
     }
 
@@ -770,9 +774,7 @@ impl Lowers {
         // Made already: hold it with its bases.
         let candidates = {
             let mut st = self.lock();
-            if st.layers.contains_key(&key) {
-                let keys = st.chain(&key);
-                st.hold(&keys);
+            if let Some(keys) = st.hold_made(&key) {
                 return Ok(self.lower(keys));
             }
             st.layers
