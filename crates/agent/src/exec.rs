@@ -1048,6 +1048,12 @@ async fn reap(child: &mut Proc, guard: &mut TaskGuard) {
     }
 }
 
+/// The most entries a task's tree may have for its layer to be looked up
+/// on the event loop (`Lowers::made` serializes and hashes the whole
+/// tree: a few hundred kilobytes for this many; a larger tree's lookup
+/// goes to a thread with the rest of its preparation).
+const INLINE_TREE: usize = 4096;
+
 /// File content a change set holds before its files are streamed
 /// instead ([`ChangeSet::from_upper_within`]): what either side holds in
 /// memory of a task's changes.
@@ -1202,8 +1208,12 @@ async fn prepare(
         let at = spec.cwd.clone();
         // A tree made already (the same tree as an earlier task's) is
         // prepared here on the event loop: a few small file operations. One
-        // to make goes to a thread.
-        let r = match env.lowers.made(&spec.tree) {
+        // to make, or one so large that hashing it would hold up the event
+        // loop, goes to a thread.
+        let made = (spec.tree.len() <= INLINE_TREE)
+            .then(|| env.lowers.made(&spec.tree))
+            .flatten();
+        let r = match made {
             Some(lower) => take_slot(lower, at, eligible, pool, &scratch, true),
             None => {
                 let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
