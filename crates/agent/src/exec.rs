@@ -20,7 +20,7 @@ use shoal_executor::cgroup::{spawn_into, CgroupManager, Limits};
 use shoal_executor::warm::{self, KeptTree, Pool, Slot, WarmError};
 use shoal_executor::workspace::{self, Net, Plan, Root, Spec, Tree};
 use shoal_files::ChangeSet;
-use shoal_task::cas::{Cas, Lower};
+use shoal_task::cas::{Cas, Lookup, Lower};
 use shoal_task::image::{id_of, ImageEntry, ImageNode};
 use shoal_task::link::{self, FrameSink, FrameSource, LinkError};
 use shoal_task::proto::{Commit, FromExec, Node, Status, TaskSpec, ToExec};
@@ -1049,7 +1049,7 @@ async fn reap(child: &mut Proc, guard: &mut TaskGuard) {
 }
 
 /// The most entries a task's tree may have for its layer to be looked up
-/// on the event loop (`Lowers::made` serializes and hashes the whole
+/// on the event loop (`Lowers::lookup` serializes and hashes the whole
 /// tree: a few hundred kilobytes for this many; a larger tree's lookup
 /// goes to a thread with the rest of its preparation).
 const INLINE_TREE: usize = 4096;
@@ -1210,24 +1210,25 @@ async fn prepare(
         // prepared here on the event loop: a few small file operations. One
         // to make, or one so large that hashing it would hold up the event
         // loop, goes to a thread.
-        let made = (spec.tree.len() <= INLINE_TREE)
-            .then(|| env.lowers.made(&spec.tree))
-            .flatten();
-        let r = match made {
-            Some(lower) => take_slot(lower, at, eligible, pool, &scratch, true),
-            None => {
-                let (cas, lowers) = (env.cas.clone(), env.lowers.clone());
-                let tree = spec.tree.clone();
+        let found = if spec.tree.len() <= INLINE_TREE {
+            env.lowers.lookup(&spec.tree)
+        } else {
+            // (Named on the thread.)
+            Ok(Lookup::ToMake(env.lowers.to_make(spec.tree.clone())))
+        };
+        let r = match found {
+            Ok(Lookup::Made(lower)) => take_slot(lower, at, eligible, pool, &scratch, true),
+            Ok(Lookup::ToMake(m)) => {
+                let cas = env.cas.clone();
                 tokio::task::spawn_blocking(move || -> Result<_, String> {
-                    let lower = lowers
-                        .get(&cas, &tree, guest_owner())
-                        .map_err(|e| e.to_string())?;
+                    let lower = m.make(&cas, guest_owner()).map_err(|e| e.to_string())?;
                     take_slot(lower, at, eligible, pool, &scratch, false)
                 })
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r)
             }
+            Err(e) => Err(e.to_string()),
         };
         match r {
             Ok(p) => p,

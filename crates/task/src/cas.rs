@@ -677,6 +677,41 @@ impl State {
     }
 }
 
+/// What [`Lowers::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The tree's layer, made already, now held.
+    Made(Lower),
+    /// The tree's layer is still to be made.
+    ToMake(ToMake),
+}
+
+/// A tree whose layer is to be made ([`Lowers::lookup`],
+/// [`Lowers::to_make`]).
+#[derive(Debug)]
+pub struct ToMake {
+    lowers: Arc<Lowers>,
+    tree: Vec<TreeEntry>,
+    /// Its name, when the lookup worked it out.
+    key: Option<String>,
+}
+
+impl ToMake {
+    /// Makes the layer as [`Lowers::get`] does (or holds it, if it is
+    /// made already, by another task meanwhile say). Blocks on the file
+    /// system.
+    ///
+    /// # Errors
+    /// As [`Lowers::get`].
+    pub fn make(self, cas: &Cas, owner: Option<(u32, u32)>) -> Result<Lower, CasError> {
+        let key = match self.key {
+            Some(k) => k,
+            None => self.lowers.key(&self.tree)?,
+        };
+        self.lowers.make(cas, &self.tree, key, owner)
+    }
+}
+
 /// A lower layer in use (with the layers it sits on); released on drop.
 #[derive(Debug)]
 pub struct Lower {
@@ -742,17 +777,43 @@ impl Lowers {
     }
 
     /// The lower layer of `tree` if it is made already (held, as
-    /// [`Lowers::get`] holds it); `None` when it is still to be made.
-    /// Touches no file: cheap enough for an event loop.
-    pub fn made(self: &Arc<Self>, tree: &[TreeEntry]) -> Option<Lower> {
-        let key = Self::key(tree).ok()?;
-        let keys = self.lock().hold_made(&key)?;
-        Some(self.lower(keys))
+    /// [`Lowers::get`] holds it), else what makes it ([`ToMake::make`],
+    /// the tree's name worked out once). Touches no file: cheap enough for
+    /// an event loop (the tree is serialized and hashed).
+    ///
+    /// # Errors
+    /// The tree cannot be serialized.
+    pub fn lookup(self: &Arc<Self>, tree: &[TreeEntry]) -> Result<Lookup, CasError> {
+        let key = self.key(tree)?;
+        Ok(match self.lock().hold_made(&key) {
+            Some(keys) => Lookup::Made(self.lower(keys)),
+            None => Lookup::ToMake(ToMake {
+                lowers: self.clone(),
+                tree: tree.to_vec(),
+                key: Some(key),
+            }),
+        })
     }
 
-    /// What names `tree`'s layer.
-    fn key(tree: &[TreeEntry]) -> Result<String, postcard::Error> {
-        Ok(hex::encode(&hash(&postcard::to_stdvec(tree)?)[..16]))
+    /// What makes `tree`'s layer (or holds it, if it is made already)
+    /// without looking it up first: its name is worked out by
+    /// [`ToMake::make`], off the caller's thread (a large tree's hashing
+    /// would hold up an event loop).
+    pub fn to_make(self: &Arc<Self>, tree: Vec<TreeEntry>) -> ToMake {
+        ToMake {
+            lowers: self.clone(),
+            tree,
+            key: None,
+        }
+    }
+
+    /// What names `tree`'s layer: a hash of the tree.
+    fn key(&self, tree: &[TreeEntry]) -> Result<String, CasError> {
+        let bytes = postcard::to_stdvec(tree).map_err(|e| CasError::Io {
+            path: self.dir.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(hex::encode(&hash(&bytes)[..16]))
     }
 
     /// The lower layer of `tree`, made from `cas` if no task has it yet:
@@ -767,11 +828,19 @@ impl Lowers {
         tree: &[TreeEntry],
         owner: Option<(u32, u32)>,
     ) -> Result<Lower, CasError> {
-        let key = Self::key(tree).map_err(|e| CasError::Io {
-            path: self.dir.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        // Made already: hold it with its bases.
+        let key = self.key(tree)?;
+        self.make(cas, tree, key, owner)
+    }
+
+    /// [`Lowers::get`] with the tree's name worked out.
+    fn make(
+        self: &Arc<Self>,
+        cas: &Cas,
+        tree: &[TreeEntry],
+        key: String,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Lower, CasError> {
+        // Made already (meanwhile, say): hold it with its bases.
         let candidates = {
             let mut st = self.lock();
             if let Some(keys) = st.hold_made(&key) {
@@ -1334,21 +1403,38 @@ mod tests {
         cas.put(&hash(b"a"), b"a").unwrap();
         let tree = vec![dir("src"), file("src/a.c", b"a")];
         let lowers = Arc::new(Lowers::new(&d.join("lowers"), 0));
-        assert!(lowers.made(&tree).is_none(), "not made yet");
-        assert_eq!(lowers.counts(), (0, 0), "and nothing made by asking");
-        let made = lowers.get(&cas, &tree, None).unwrap();
-        let stack = made.stack();
-        drop(made);
-        let found = lowers.made(&tree).expect("made by the first task");
+        let made = |tree: &[TreeEntry]| match lowers.lookup(tree).unwrap() {
+            Lookup::Made(l) => Some(l),
+            Lookup::ToMake(_) => None,
+        };
+        let Lookup::ToMake(to_make) = lowers.lookup(&tree).unwrap() else {
+            panic!("not made yet");
+        };
+        assert_eq!(lowers.counts(), (0, 0), "and nothing made by looking");
+        let first = to_make.make(&cas, None).unwrap();
+        assert!(first.path.join("src/a.c").is_file());
+        let stack = first.stack();
+        drop(first);
+        let found = made(&tree).expect("made by the first task");
         assert_eq!(found.stack(), stack);
         // Held: eviction (keeping no unused layer) leaves it.
         lowers.evict();
         assert!(stack.iter().all(|p| p.join("src/a.c").is_file()));
         drop(found);
         lowers.evict();
-        assert!(lowers.made(&tree).is_none(), "evicted once released");
+        assert!(made(&tree).is_none(), "evicted once released");
         // Another tree is not this one.
-        assert!(lowers.made(&[dir("src")]).is_none());
+        assert!(made(&[dir("src")]).is_none());
+        // Made meanwhile by another task: making it holds that one.
+        let Lookup::ToMake(late) = lowers.lookup(&tree).unwrap() else {
+            panic!("evicted");
+        };
+        let other = lowers.get(&cas, &tree, None).unwrap();
+        assert_eq!(late.make(&cas, None).unwrap().stack(), other.stack());
+        // So does one not looked up first (a large tree's, named then).
+        let unlooked = lowers.to_make(tree.clone()).make(&cas, None).unwrap();
+        assert_eq!(unlooked.stack(), other.stack());
+        assert_eq!(lowers.counts().0, 1, "one layer, not two");
         fs::remove_dir_all(&d).unwrap();
     }
 
