@@ -82,6 +82,17 @@ fn until_started(
     panic!("the task never started");
 }
 
+/// How long the tests' long tasks sleep: a duration no other process on
+/// the machine is likely to sleep (a plain `sleep 300` waiting in a shell
+/// beside the tests was once taken for a task left behind), since the
+/// checks find a task's process by its command line.
+const TASK_SLEEP: &str = "300.0173";
+
+/// `sleep SECS`'s command line, as in /proc/PID/cmdline.
+fn sleep_cmdline(secs: &str) -> Vec<u8> {
+    format!("sleep\x00{secs}\x00").into_bytes()
+}
+
 /// Whether some process on this machine has exactly this command line
 /// (NUL-separated, as in /proc/PID/cmdline).
 fn any_process_with_cmdline(want: &[u8]) -> bool {
@@ -732,10 +743,10 @@ fn sleeping_on_h1(
     // `Started` is told once the command's exec has let pid 1 go on, which
     // is before the kernel has set the new program's arguments: a guest at
     // the idle class on a busy machine can take a while to get there.
-    let want = format!("sleep\x00{secs}\x00");
+    let want = sleep_cmdline(secs);
     assert!(
         wait_for(Duration::from_secs(10), || {
-            any_process_with_cmdline(want.as_bytes()).then_some(())
+            any_process_with_cmdline(&want).then_some(())
         })
         .is_some(),
         "the checks can see the task's process"
@@ -749,7 +760,7 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
     let Some((lab, tree)) = cluster("run4", 23, 2) else {
         return;
     };
-    let (mut child, _err) = sleeping_on_h1(&lab, &tree, "300");
+    let (mut child, _err) = sleeping_on_h1(&lab, &tree, TASK_SLEEP);
     let tasks = lab.hosts[1].data_dir.join("tasks");
     assert_eq!(
         std::fs::read_dir(&tasks).unwrap().count(),
@@ -781,13 +792,13 @@ fn a_killed_submitter_leaves_nothing_behind_on_the_executor() {
                 })
             })
             .unwrap_or(true);
-        let no_proc = !any_process_with_cmdline(b"sleep\x00300\x00");
+        let no_proc = !any_process_with_cmdline(&sleep_cmdline(TASK_SLEEP));
         (no_dirs && no_cgroups && no_proc).then_some(())
     });
     assert!(
         clean.is_some(),
         "the executor kept the task's process ({}), cgroup or files ({:?}); h1's groups: {:?}",
-        describe_process(b"sleep\x00300\x00"),
+        describe_process(&sleep_cmdline(TASK_SLEEP)),
         shoal_netns::task_leftovers(&tasks),
         std::fs::read_dir("/sys/fs/cgroup/pids/shoal-h1")
             .map(|d| d
@@ -946,7 +957,7 @@ fn a_task_whose_submitter_is_cut_off_dies_on_the_executor() {
     let Some((lab, tree)) = cluster("run12", 31, 2) else {
         return;
     };
-    let (mut child, _err) = sleeping_on_h1(&lab, &tree, "301");
+    let (mut child, _err) = sleeping_on_h1(&lab, &tree, TASK_SLEEP);
     // The submitter's machine vanishes: nothing it sends (its agent's FIN
     // when the client dies) reaches the executor, whose link stays
     // half-open. Only the link's own probes can tell.
@@ -954,7 +965,7 @@ fn a_task_whose_submitter_is_cut_off_dies_on_the_executor() {
     child.kill().unwrap();
     child.wait().unwrap();
     let gone = wait_for(Duration::from_secs(60), || {
-        (!any_process_with_cmdline(b"sleep\x00301\x00")).then_some(())
+        (!any_process_with_cmdline(&sleep_cmdline(TASK_SLEEP))).then_some(())
     });
     lab.heal().unwrap();
     assert!(
@@ -1166,14 +1177,18 @@ fn relayed_runs_reuse_one_link_and_late_input_does_not_reach_the_next_task() {
     assert!(task_links_on_h1(&lab) <= 2, "links kept, not one per task");
     // A submitter killed mid-task: its link is dropped, and with it the
     // task (as before links were kept).
-    let mut c = run(&lab, &tree, &["-v", "--node", "h1", "--", "sleep", "300"]);
+    let mut c = run(
+        &lab,
+        &tree,
+        &["-v", "--node", "h1", "--", "sleep", TASK_SLEEP],
+    );
     c.stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let (_node, _err) = until_started(&mut child);
     child.kill().unwrap();
     child.wait().unwrap();
     let gone = shoal_netns::wait_for(Duration::from_secs(10), || {
-        (!any_process_with_cmdline(b"sleep\x00300\x00")).then_some(())
+        (!any_process_with_cmdline(&sleep_cmdline(TASK_SLEEP))).then_some(())
     });
     assert!(gone.is_some(), "the task died with its submitter's link");
     let o = sh_on_h1(&lab, &tree, "echo still");
