@@ -143,7 +143,13 @@ fn message(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `shoal run` starts once per command of a build: its usual forms are
+    // read without building clap's parser.
+    if let Some(a) = cmd::run::args_without_clap(&args) {
+        return run(a);
+    }
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -181,19 +187,24 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         },
-        Command::Run(Lazy(a)) => match cmd::run::run(a) {
-            Ok(code) => return code,
-            Err(e) => {
-                eprintln!("shoal: {}", message(&e));
-                return ExitCode::from(125);
-            }
-        },
+        Command::Run(Lazy(a)) => return run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shoal: {}", message(&e));
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `shoal run`: its exit status is the command's (125 when shoal failed).
+fn run(a: cmd::run::RunArgs) -> ExitCode {
+    match cmd::run::run(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shoal: {}", message(&e));
+            ExitCode::from(125)
         }
     }
 }
@@ -206,6 +217,150 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `shoal run`'s command line read without clap, or `None`; and as
+    /// clap reads it, or its error.
+    fn both_ways(argv: &[&str]) -> (Option<String>, Result<String, String>) {
+        let os: Vec<std::ffi::OsString> = argv.iter().map(Into::into).collect();
+        let fast = cmd::run::args_without_clap(&os).map(|a| format!("{a:?}"));
+        let clap = match Cli::try_parse_from(&os) {
+            Ok(Cli {
+                command: Command::Run(Lazy(a)),
+            }) => Ok(format!("{a:?}")),
+            Ok(other) => Err(format!("not run: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        (fast, clap)
+    }
+
+    #[test]
+    fn run_read_without_clap_is_what_clap_reads() {
+        // Flags, alone or two at a time, before a command: well formed,
+        // and each way clap refuses or treats apart.
+        let groups: &[&[&str]] = &[
+            &[],
+            &["--local"],
+            &["--node", "h1"],
+            &["--node=h1"],
+            &["--node="],
+            &["--node"],
+            &["-v"],
+            &["--verbose"],
+            &["--verbose=true"],
+            &["-t"],
+            &["--tty"],
+            &["-vt"],
+            &["--cpus", "1.5"],
+            &["--cpus", "abc"],
+            &["--cpus", "inf"],
+            &["--cpus", "1e3"],
+            &["--cpus", "+2"],
+            &["--mem", "512M"],
+            &["--mem", "0"],
+            &["--mem", "12Q"],
+            &["--mem=2g"],
+            &["--pids", "256"],
+            &["--pids", "+5"],
+            &["--pids", "-1"],
+            &["--pids", "4294967296"],
+            &["--pids", "007"],
+            &["--retries", "0"],
+            &["--retries", " 1"],
+            &["--commit", "always"],
+            &["--commit", "Always"],
+            &["--commit=never"],
+            &["--net", "host"],
+            &["--net", "none"],
+            &["--net", "loopback"],
+            &["--image", "/x"],
+            &["--image="],
+            &["--data-dir", "/d"],
+            &["--data-dir=/d"],
+            &["--data-dir", ""],
+            &["--agent", "/s"],
+            &["--agent", "-"],
+            &["--bogus"],
+            &["--loc"],
+            &["--help"],
+            &["-h"],
+            &["--version"],
+            &["-V"],
+        ];
+        let commands: &[&[&str]] = &[
+            &["--", "true"],
+            &["true"],
+            &["gcc", "-c", "x.c", "-o", "x.o"],
+            &["--"],
+            &[],
+            &["--", "-x"],
+            &["--", "a", "--", "b"],
+            &["a", "--", "b"],
+            &["-x"],
+            &["--", "--local"],
+            &["make", "-j4"],
+            &["--", ""],
+            &[""],
+        ];
+        let mut lines: Vec<Vec<&str>> = Vec::new();
+        for g in groups {
+            for c in commands {
+                lines.push([&["shoal", "run"][..], g, c].concat());
+            }
+            for h in groups {
+                for c in &commands[..3] {
+                    lines.push([&["shoal", "run"][..], g, h, c].concat());
+                }
+            }
+        }
+        // Not `run`, or `run` not first.
+        lines.push(vec!["shoal", "nodes"]);
+        lines.push(vec!["shoal", "--data-dir", "/d", "run", "true"]);
+        let mut read = 0;
+        for argv in &lines {
+            let (fast, clap) = both_ways(argv);
+            if let Some(f) = fast {
+                assert_eq!(Ok(f), clap, "{argv:?}");
+                read += 1;
+            }
+        }
+        eprintln!("{read} of {} lines read without clap", lines.len());
+        // The test means something only if many lines take the fast path.
+        assert!(read > lines.len() / 4, "{read} of {}", lines.len());
+    }
+
+    #[test]
+    fn the_usual_forms_of_run_are_read_without_clap() {
+        for argv in [
+            &["shoal", "run", "--", "gcc", "-c", "x.c"][..],
+            &["shoal", "run", "--data-dir", "/d", "--local", "--", "true"],
+            &["shoal", "run", "-v", "--node", "h1", "make", "-j4"],
+            &[
+                "shoal",
+                "run",
+                "--cpus",
+                "1.5",
+                "--mem=512M",
+                "--",
+                "sh",
+                "-c",
+                "x",
+            ],
+        ] {
+            let (fast, clap) = both_ways(argv);
+            assert!(fast.is_some(), "{argv:?}");
+            assert_eq!(Ok(fast.unwrap()), clap, "{argv:?}");
+        }
+        // Help and errors are clap's.
+        for argv in [
+            &["shoal", "run", "--help"][..],
+            &["shoal", "run", "--local", "--node", "h1", "true"],
+            &["shoal", "run", "--pids", "x", "true"],
+            &["shoal", "run", "--"],
+        ] {
+            let (fast, clap) = both_ways(argv);
+            assert!(fast.is_none() && clap.is_err(), "{argv:?}: {clap:?}");
+        }
     }
 
     #[test]

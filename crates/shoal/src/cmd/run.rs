@@ -21,6 +21,15 @@ use tokio::sync::mpsc;
 
 use crate::AgentAddr;
 
+mod fast;
+
+/// `shoal run`'s arguments from the whole command line without clap, in
+/// the forms a build gives them; `None` where clap is to parse it (see
+/// [`fast`]).
+pub(crate) fn args_without_clap(args: &[OsString]) -> Option<RunArgs> {
+    fast::parse(args, |name| std::env::var_os(name))
+}
+
 /// The environment a task gets: ours, minus what stays on this machine.
 pub(crate) fn forwarded_env() -> Vec<(Vec<u8>, Vec<u8>)> {
     std::env::vars_os()
