@@ -222,8 +222,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let cwd = std::env::current_dir().context("the current directory")?;
     let socket = a.agent.socket();
+    // Sockets, pipes and signals; no timer (the client sets none), whose
+    // driver would be made and torn down for nothing on every run.
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
         .build()?;
     rt.block_on(async move {
         let first = match tokio::net::UnixStream::connect(&socket).await {
