@@ -1125,15 +1125,23 @@ pub(crate) fn supervise(
             let (kind, value) = wait_child();
             // (Only as pid 1 of a namespace of our own: there, -1 is the
             // task's processes and nothing else.)
+            let any = nix::unistd::Pid::from_raw(-1);
             if reap_all && nix::unistd::getpid().as_raw() == 1 {
                 // What the command left running dies now and is reaped,
                 // before the end is told: once it is, nothing of the task
                 // runs or writes. (Our own exit then only tears the
-                // namespaces down, which nobody waits for.)
-                let _ = signal::kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
-                while let Ok(_) | Err(nix::errno::Errno::EINTR) =
-                    waitpid(nix::unistd::Pid::from_raw(-1), None)
-                {}
+                // namespaces down, which nobody waits for.) Every process
+                // of the namespace descends from us (its orphans are ours),
+                // so with no child left there is none: kill(-1) walks
+                // every process of the machine, and is spared then.
+                let none_left = matches!(
+                    waitpid(any, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+                    Err(nix::errno::Errno::ECHILD)
+                );
+                if !none_left {
+                    let _ = signal::kill(any, Signal::SIGKILL);
+                    while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(any, None) {}
+                }
             }
             tell(fd, kind, value);
             if let Some(e) = early {
