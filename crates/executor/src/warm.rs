@@ -1042,6 +1042,8 @@ pub struct Slot {
     sock: OwnedFd,
     spawner: std::process::Child,
     oom_base: u64,
+    /// Its usage counters held open (cgroup v1), when they could be.
+    counters: Option<Arc<crate::cgroup::Counters>>,
     /// Its counters were restarted (and `oom_base` read) since its last
     /// task: done when it came back, off the next task's path.
     restarted: bool,
@@ -1238,6 +1240,7 @@ impl Slot {
         Meter {
             name: self.name.clone(),
             oom_base: self.oom_base,
+            counters: self.counters.clone(),
         }
     }
 
@@ -1327,13 +1330,17 @@ impl Slot {
 pub struct Meter {
     name: String,
     oom_base: u64,
+    counters: Option<Arc<crate::cgroup::Counters>>,
 }
 
 impl Meter {
     /// What the task used (zero where the counters cannot be read). Its
     /// OOM kills are those since the task started.
     pub fn usage(&self, mgr: &dyn CgroupManager) -> Usage {
-        let mut usage = mgr.usage(&self.name).unwrap_or_default();
+        let held = self.counters.as_ref().and_then(|c| c.usage().ok());
+        let mut usage = held
+            .or_else(|| mgr.usage(&self.name).ok())
+            .unwrap_or_default();
         usage.oom_kills = usage.oom_kills.saturating_sub(self.oom_base);
         usage
     }
@@ -1573,6 +1580,7 @@ impl Inner {
                 sock: ours,
                 spawner,
                 oom_base: 0,
+                counters: self.mgr.open_counters(&name).ok().map(Arc::new),
                 restarted: false,
                 // What a group made without limits has.
                 applied: Some(Limits::default()),

@@ -125,6 +125,13 @@ fn memory_limit_oom_kills_and_is_reported() {
     assert_eq!(st.signal(), Some(9), "killed by the OOM killer: {st:?}");
     let u = s.mgr.usage("hog").unwrap();
     assert!(u.oom_kills >= 1, "{u:?}");
+    // Counters held open (cgroup v1) read the same.
+    if let Ok(held) = s.mgr.open_counters("hog") {
+        let h = held.usage().unwrap();
+        assert_eq!(h.oom_kills, u.oom_kills, "{h:?} {u:?}");
+        assert_eq!(h.memory_peak_bytes, u.memory_peak_bytes, "{h:?} {u:?}");
+        drop(held);
+    }
     s.mgr.remove("hog").unwrap();
 }
 
@@ -270,6 +277,10 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
         return;
     };
     s.mgr.create("slot", &Limits::default()).unwrap();
+    // Held open from the start, as a warm slot holds them: read again, they
+    // say what the files say now.
+    let held = s.mgr.open_counters("slot").unwrap();
+    assert!(held.usage().unwrap().cpu_usec < 50_000);
     // The first "task" uses CPU; the spawner stands in as a sleeping shell.
     spawn(
         &mut s,
@@ -281,6 +292,10 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(s.mgr.usage("slot").unwrap().cpu_usec >= 50_000);
+    assert!(
+        held.usage().unwrap().cpu_usec >= 50_000,
+        "held counters read anew"
+    );
     let root = Path::new("/sys/fs/cgroup");
     let parent = format!("shoal-test-{}-reuse", std::process::id());
     let file = |c: &str, f: &str| {
@@ -305,6 +320,7 @@ fn a_warm_group_is_reset_for_its_next_task_with_its_process_inside() {
         s.mgr.usage("slot").unwrap().cpu_usec < 50_000,
         "CPU counter restarted"
     );
+    assert!(held.usage().unwrap().cpu_usec < 50_000, "and read so held");
     assert_eq!(file("cpu", "cpu.cfs_quota_us"), "50000");
     assert_eq!(file("cpu", "cpu.shares"), "512");
     assert_eq!(

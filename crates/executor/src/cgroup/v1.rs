@@ -248,20 +248,16 @@ impl CgroupManager for V1 {
     fn usage(&self, name: &str) -> Result<Usage, CgroupError> {
         check_name(name)?;
         let acct = self.dir("cpuacct", name).join("cpuacct.usage");
-        let cpu_ns: u64 = read(&acct)?.trim().parse().unwrap_or(0);
+        let cpu = read(&acct)?;
         let mem = self.dir("memory", name);
-        let peak = read(&mem.join("memory.max_usage_in_bytes"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let oom = read(&mem.join("memory.oom_control"))
-            .ok()
-            .and_then(|s| keyed(&s, "oom_kill"))
-            .unwrap_or(0);
-        Ok(Usage {
-            cpu_usec: cpu_ns / 1000,
-            memory_peak_bytes: peak,
-            oom_kills: oom,
-        })
+        let peak = read(&mem.join("memory.max_usage_in_bytes")).ok();
+        let oom = read(&mem.join("memory.oom_control")).ok();
+        Ok(usage_from(&cpu, peak.as_deref(), oom.as_deref()))
+    }
+
+    fn open_counters(&self, name: &str) -> Result<super::Counters, CgroupError> {
+        check_name(name)?;
+        super::Counters::open_v1(&self.dir("cpuacct", name), &self.dir("memory", name))
     }
 
     fn remove(&self, name: &str) -> Result<(), CgroupError> {
@@ -351,5 +347,16 @@ impl CgroupManager for V1 {
         }
         names.sort();
         Ok(names)
+    }
+}
+
+/// A v1 group's usage from the text of its `cpuacct.usage` and, where read,
+/// `memory.max_usage_in_bytes` and `memory.oom_control`.
+pub(crate) fn usage_from(cpu_ns: &str, peak: Option<&str>, oom_control: Option<&str>) -> Usage {
+    let cpu_ns: u64 = cpu_ns.trim().parse().unwrap_or(0);
+    Usage {
+        cpu_usec: cpu_ns / 1000,
+        memory_peak_bytes: peak.and_then(|s| s.trim().parse().ok()),
+        oom_kills: oom_control.and_then(|s| keyed(s, "oom_kill")).unwrap_or(0),
     }
 }
