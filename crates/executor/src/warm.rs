@@ -1325,6 +1325,20 @@ impl Slot {
     }
 }
 
+/// Which of the free slots `free` (in the order they came back) a task
+/// takes: the first for which `prefer` holds, else the first that keeps no
+/// tree, else the first.
+fn pick<T>(
+    free: &[T],
+    prefer: impl Fn(&T) -> bool,
+    keeps_tree: impl Fn(&T) -> bool,
+) -> Option<usize> {
+    free.iter()
+        .position(prefer)
+        .or_else(|| free.iter().position(|s| !keeps_tree(s)))
+        .or_else(|| (!free.is_empty()).then_some(0))
+}
+
 /// Measures a slot's task: its cgroup's counters, restarted for it.
 #[derive(Debug, Clone)]
 pub struct Meter {
@@ -1421,16 +1435,15 @@ impl Pool {
     }
 
     /// A free slot, if one is ready: one for which `prefer` holds if
-    /// there is such, else one that keeps no tree, else any.
+    /// there is such, else one that keeps no tree, else any; of those, the
+    /// one that came back longest ago. The slot that came back last is
+    /// still making its next workspace ahead (`MakeSpare`): a task sent to
+    /// it right away, as tasks back to back are, would wait for that.
     pub fn take_preferring(&self, prefer: impl Fn(&Slot) -> bool) -> Option<Slot> {
         let mut st = self.inner.lock();
-        let i = st
-            .free
-            .iter()
-            .rposition(&prefer)
-            .or_else(|| st.free.iter().rposition(|s| s.kept_tree.is_none()))
-            .or_else(|| st.free.len().checked_sub(1))?;
-        let slot = st.free.swap_remove(i);
+        let i = pick(&st.free, prefer, |s| s.kept_tree.is_some())?;
+        // (Kept in the order they came back.)
+        let slot = st.free.remove(i);
         // Free and handed out together are as many as before: nothing for
         // the pool's thread to make (it is not woken on the task's path).
         st.out += 1;
@@ -1634,5 +1647,31 @@ impl Inner {
             return false;
         }
         self.mgr.set_frozen(&slot.name, false).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn a_task_takes_the_slot_that_came_back_longest_ago_among_the_best() {
+        // (name, keeps the task's tree, keeps some tree), oldest first.
+        let free = [
+            ("a", false, true),
+            ("b", true, true),
+            ("c", false, false),
+            ("d", true, true),
+            ("e", false, false),
+        ];
+        let name = |i: Option<usize>| i.map(|i| free[i].0);
+        // One that keeps the task's tree, the oldest of those.
+        assert_eq!(name(pick(&free, |s| s.1, |s| s.2)), Some("b"));
+        // Else one that keeps no tree (the last one back is still making
+        // its next workspace ahead).
+        assert_eq!(name(pick(&free, |_| false, |s| s.2)), Some("c"));
+        // Else the oldest.
+        assert_eq!(name(pick(&free, |_| false, |_| true)), Some("a"));
+        assert_eq!(pick(&[] as &[(&str, bool, bool)], |_| true, |_| true), None);
     }
 }
