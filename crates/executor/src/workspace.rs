@@ -1125,8 +1125,8 @@ pub(crate) fn supervise(
             let (kind, value) = wait_child();
             // (Only as pid 1 of a namespace of our own: there, -1 is the
             // task's processes and nothing else.)
-            let any = nix::unistd::Pid::from_raw(-1);
             if reap_all && nix::unistd::getpid().as_raw() == 1 {
+                let any = nix::unistd::Pid::from_raw(-1);
                 // What the command left running dies now and is reaped,
                 // before the end is told: once it is, nothing of the task
                 // runs or writes. (Our own exit then only tears the

@@ -248,6 +248,8 @@ impl Counters {
     pub fn usage(&self) -> io::Result<Usage> {
         fn text(f: &fs::File) -> io::Result<String> {
             use std::os::unix::fs::FileExt;
+            // (Each is a line or three: a number, or `oom_kill N` among
+            // two other keys.)
             let mut buf = [0u8; 512];
             let n = f.read_at(&mut buf, 0)?;
             Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
