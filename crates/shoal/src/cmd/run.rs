@@ -227,7 +227,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let first = match tokio::net::UnixStream::connect(&socket).await {
             Ok(s) => s,
             Err(e) => {
@@ -255,7 +255,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         };
         session(a, &socket, &cwd, first).await
-    })
+    });
+    // The process ends now (the terminal, if it was raw, is restored by
+    // then): the runtime's teardown, its tasks dropped and its descriptors
+    // closed one by one, is left to the kernel's exit.
+    std::mem::forget(rt);
+    code
 }
 
 /// How one attempt ended.
