@@ -208,7 +208,8 @@ fn exit_code(s: Status) -> ExitCode {
     ExitCode::from(u8::try_from(v & 0xff).unwrap_or(125))
 }
 
-/// Runs `shoal run`.
+/// Runs `shoal run`. The process is to exit right after: the runtime
+/// this makes is not torn down.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(c) = a.cpus {
         if !(c.is_finite() && (0.01..=4096.0).contains(&c)) {
@@ -223,7 +224,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let cwd = std::env::current_dir().context("the current directory")?;
     let socket = a.agent.socket();
     // Sockets, pipes and signals; no timer (the client sets none), whose
-    // driver would be made and torn down for nothing on every run.
+    // driver would be made for nothing on every run.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
