@@ -233,11 +233,11 @@ impl Counters {
     /// Opens `memory.max_usage_in_bytes` and `memory.oom_control` of a v1
     /// memory group (where present) and `cpuacct.usage`.
     pub(crate) fn open_v1(cpuacct: &Path, memory: &Path) -> Result<Self, CgroupError> {
-        let acct = cpuacct.join("cpuacct.usage");
+        let acct = cpuacct.join(v1::CPU_USAGE);
         Ok(Self {
             cpu_ns: fs::File::open(&acct).map_err(io_err(&acct))?,
-            peak: fs::File::open(memory.join("memory.max_usage_in_bytes")).ok(),
-            oom_control: fs::File::open(memory.join("memory.oom_control")).ok(),
+            peak: fs::File::open(memory.join(v1::MEM_PEAK)).ok(),
+            oom_control: fs::File::open(memory.join(v1::OOM_CONTROL)).ok(),
         })
     }
 

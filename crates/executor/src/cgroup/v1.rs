@@ -12,6 +12,12 @@ use super::{
     CgroupError, CgroupManager, CgroupVersion, GuestClass, Limits, Usage, CPU_PERIOD_US,
 };
 
+/// A v1 group's counters: CPU time (ns), peak memory (bytes), and the
+/// OOM state with its `oom_kill` count.
+pub(super) const CPU_USAGE: &str = "cpuacct.usage";
+pub(super) const MEM_PEAK: &str = "memory.max_usage_in_bytes";
+pub(super) const OOM_CONTROL: &str = "memory.oom_control";
+
 /// The controllers a task's group is made in (`cpuacct` is often the same
 /// hierarchy as `cpu`; making it twice is harmless).
 const CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer"];
@@ -193,9 +199,9 @@ impl CgroupManager for V1 {
     fn restart(&self, name: &str) -> Result<u64, CgroupError> {
         check_name(name)?;
         let mem = self.dir("memory", name);
-        write(&self.dir("cpuacct", name).join("cpuacct.usage"), "0")?;
-        write(&mem.join("memory.max_usage_in_bytes"), "0")?;
-        Ok(read(&mem.join("memory.oom_control"))
+        write(&self.dir("cpuacct", name).join(CPU_USAGE), "0")?;
+        write(&mem.join(MEM_PEAK), "0")?;
+        Ok(read(&mem.join(OOM_CONTROL))
             .ok()
             .and_then(|s| keyed(&s, "oom_kill"))
             .unwrap_or(0))
@@ -247,11 +253,11 @@ impl CgroupManager for V1 {
 
     fn usage(&self, name: &str) -> Result<Usage, CgroupError> {
         check_name(name)?;
-        let acct = self.dir("cpuacct", name).join("cpuacct.usage");
+        let acct = self.dir("cpuacct", name).join(CPU_USAGE);
         let cpu = read(&acct)?;
         let mem = self.dir("memory", name);
-        let peak = read(&mem.join("memory.max_usage_in_bytes")).ok();
-        let oom = read(&mem.join("memory.oom_control")).ok();
+        let peak = read(&mem.join(MEM_PEAK)).ok();
+        let oom = read(&mem.join(OOM_CONTROL)).ok();
         Ok(usage_from(&cpu, peak.as_deref(), oom.as_deref()))
     }
 
@@ -316,11 +322,7 @@ impl CgroupManager for V1 {
     }
 
     fn parent_cpu_usec(&self) -> Result<u64, CgroupError> {
-        let acct = self
-            .root
-            .join("cpuacct")
-            .join(&self.parent)
-            .join("cpuacct.usage");
+        let acct = self.root.join("cpuacct").join(&self.parent).join(CPU_USAGE);
         Ok(read(&acct)?.trim().parse::<u64>().unwrap_or(0) / 1000)
     }
 
