@@ -68,6 +68,11 @@ enum CommitArg {
     Never,
 }
 
+/// `--net`'s values.
+const NET_MODES: [&str; 2] = ["host", "loopback"];
+/// `--retries` when not given.
+const DEFAULT_RETRIES: u32 = 2;
+
 /// Flags of `shoal run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -92,12 +97,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "success")]
     commit: CommitArg,
     /// `host` gives the task this machine's network (default: loopback only).
-    #[arg(long, value_name = "MODE", value_parser = ["host", "loopback"])]
+    #[arg(long, value_name = "MODE", value_parser = NET_MODES)]
     net: Option<String>,
     /// Run again elsewhere this many times when an executor is lost
     /// mid-task (output already shown is not repeated; files are committed
     /// once).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RETRIES)]
     retries: u32,
     /// Say where the task runs, and why when it falls back to this node.
     #[arg(short, long)]

@@ -15,7 +15,9 @@
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use super::{parse_size, CommitArg, RunArgs};
+use clap::ValueEnum;
+
+use super::{parse_size, CommitArg, RunArgs, DEFAULT_RETRIES, NET_MODES};
 use crate::AgentAddr;
 
 /// The flags with a value.
@@ -79,7 +81,7 @@ pub(crate) fn parse(args: &[OsString], env: impl Fn(&str) -> Option<OsString>) -
         local: false,
         commit: CommitArg::Success,
         net: None,
-        retries: 2,
+        retries: DEFAULT_RETRIES,
         verbose: false,
         tty: false,
         image: None,
@@ -160,18 +162,14 @@ fn set(a: &mut RunArgs, v: Valued, value: &str) -> Option<()> {
         Valued::Mem => a.mem = Some(parse_size(value).ok()?),
         Valued::Pids => a.pids = Some(value.parse().ok()?),
         Valued::Node => a.node = Some(value.to_owned()),
-        Valued::Commit => {
-            a.commit = match value {
-                "always" => CommitArg::Always,
-                "success" => CommitArg::Success,
-                "never" => CommitArg::Never,
-                _ => return None,
+        // (As clap matches a value enum: by name, case and all.)
+        Valued::Commit => a.commit = CommitArg::from_str(value, false).ok()?,
+        Valued::Net => {
+            if !NET_MODES.contains(&value) {
+                return None;
             }
+            a.net = Some(value.to_owned());
         }
-        Valued::Net => match value {
-            "host" | "loopback" => a.net = Some(value.to_owned()),
-            _ => return None,
-        },
         Valued::Retries => a.retries = value.parse().ok()?,
         Valued::Image => a.image = Some(PathBuf::from(value)),
     }
