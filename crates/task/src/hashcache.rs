@@ -86,13 +86,25 @@ impl Stamp {
     }
 }
 
+/// What the cache knows of one path.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    stamp: Stamp,
+    /// Asked for by this run's scan.
+    used: bool,
+    /// Learnt by this run (not read from the file).
+    learnt: bool,
+}
+
 /// File hashes remembered by path and stat data.
 #[derive(Debug, Default)]
 pub struct HashCache {
     file: Option<PathBuf>,
     /// By the path's bytes (hashing a `Path` walks its components, which
-    /// cost more than the `stat` it saves), with whether it was asked for.
-    map: HashMap<Box<[u8]>, (Stamp, bool)>,
+    /// cost more than the `stat` it saves).
+    map: HashMap<Box<[u8]>, Entry>,
+    /// Entries this run found untrue (the file changed), as they were.
+    forgotten: Vec<(Box<[u8]>, Stamp)>,
     dirty: bool,
     /// Contents actually read and hashed (for tests and `--verbose`).
     pub hashed: u64,
@@ -135,26 +147,20 @@ impl HashCache {
     /// The cache kept in `file`; empty if the file is absent, unreadable
     /// or not a cache.
     pub fn load(file: &Path) -> Self {
-        let map = fs::read(file)
-            .ok()
-            .and_then(|b| {
-                let body = b.strip_prefix(MAGIC.as_slice())?;
-                postcard::from_bytes::<Vec<(PathBuf, Stamp)>>(body).ok()
+        let map = read_entries(file)
+            .map(|(k, stamp)| {
+                let e = Entry {
+                    stamp,
+                    used: false,
+                    learnt: false,
+                };
+                (k, e)
             })
-            .map(|v| {
-                v.into_iter()
-                    .map(|(p, st)| {
-                        (
-                            p.into_os_string().into_vec().into_boxed_slice(),
-                            (st, false),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .collect();
         Self {
             file: Some(file.to_owned()),
             map,
+            forgotten: Vec::new(),
             dirty: false,
             hashed: 0,
         }
@@ -216,15 +222,15 @@ impl HashCache {
         read: impl FnOnce() -> io::Result<(Vec<u8>, Stamp)>,
     ) -> io::Result<Hash> {
         let key = path.as_os_str().as_bytes();
-        if let Some((s, used)) = self.map.get_mut(key) {
-            if *s
+        if let Some(e) = self.map.get_mut(key) {
+            if e.stamp
                 == (Stamp {
-                    hash: s.hash,
+                    hash: e.stamp.hash,
                     ..before
                 })
             {
-                *used = true;
-                return Ok(s.hash);
+                e.used = true;
+                return Ok(e.stamp.hash);
             }
         }
         let (data, after) = read()?;
@@ -237,10 +243,18 @@ impl HashCache {
             && stamp.settled()
             && data.len() as u64 == after.size
         {
-            self.map.insert(key.into(), (stamp, true));
+            let e = Entry {
+                stamp,
+                used: true,
+                learnt: true,
+            };
+            if let Some(old) = self.map.insert(key.into(), e) {
+                self.forgotten.push((key.into(), old.stamp));
+            }
             self.dirty = true;
-        } else if self.map.remove(key).is_some() {
+        } else if let Some(old) = self.map.remove(key) {
             // What it says of the file is no longer so.
+            self.forgotten.push((key.into(), old.stamp));
             self.dirty = true;
         }
         Ok(h)
@@ -250,29 +264,54 @@ impl HashCache {
     /// files no longer asked for. Errors are returned for logging; the
     /// cache is optional.
     ///
+    /// Other runs over the same tree (the compiles of a `make -j`) save
+    /// the same file meanwhile, so this one is merged into what the file
+    /// holds now, under a lock: what this run learnt goes in, what it
+    /// found untrue or no longer in the tree goes out unless another run
+    /// has learnt it again since, and what other runs learnt stays. A
+    /// lock held elsewhere for long (a stopped run) makes this skip the
+    /// save rather than wait.
+    ///
     /// # Errors
-    /// The directory or file cannot be written.
+    /// The directory, lock or file cannot be written.
     pub fn save(&self) -> io::Result<()> {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let stale = self.map.values().any(|(_, used)| !used);
+        let stale = self.map.values().any(|e| !e.used);
         if !self.dirty && !stale {
             return Ok(());
         }
-        let mut v: Vec<(&Path, &Stamp)> = self
-            .map
+        if let Some(d) = file.parent() {
+            fs::create_dir_all(d)?;
+        }
+        let Some(_lock) = lock(&file.with_extension("lock"))? else {
+            return Ok(());
+        };
+        let mut now: HashMap<Box<[u8]>, Stamp> = read_entries(file).collect();
+        for (k, e) in &self.map {
+            if e.learnt {
+                now.insert(k.clone(), e.stamp);
+            } else if e.used {
+                now.entry(k.clone()).or_insert(e.stamp);
+            } else if now.get(k) == Some(&e.stamp) {
+                // Not in this run's tree: gone, or ignored now.
+                now.remove(k);
+            }
+        }
+        for (k, old) in &self.forgotten {
+            if now.get(k) == Some(old) {
+                now.remove(k);
+            }
+        }
+        let mut v: Vec<(&Path, &Stamp)> = now
             .iter()
-            .filter(|(_, (_, used))| *used)
-            .map(|(p, (st, _))| (Path::new(std::ffi::OsStr::from_bytes(p)), st))
+            .map(|(p, st)| (Path::new(std::ffi::OsStr::from_bytes(p)), st))
             .collect();
         if v.len() > MAX_ENTRIES {
             v.clear();
         }
         let body = postcard::to_stdvec(&v).map_err(|e| io::Error::other(e.to_string()))?;
-        if let Some(d) = file.parent() {
-            fs::create_dir_all(d)?;
-        }
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&body);
@@ -280,6 +319,46 @@ impl HashCache {
         fs::rename(&tmp, file).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })
+    }
+}
+
+/// The entries of the cache file `file`; none if it is absent, unreadable
+/// or not a cache.
+fn read_entries(file: &Path) -> impl Iterator<Item = (Box<[u8]>, Stamp)> {
+    fs::read(file)
+        .ok()
+        .and_then(|b| {
+            let body = b.strip_prefix(MAGIC.as_slice())?;
+            postcard::from_bytes::<Vec<(PathBuf, Stamp)>>(body).ok()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(p, st)| (p.into_os_string().into_vec().into_boxed_slice(), st))
+}
+
+/// How long [`lock`] tries before it gives up.
+const LOCK_PATIENCE: Duration = Duration::from_millis(200);
+
+/// An exclusive lock on the file `path` (made if absent), released when
+/// the returned file is closed; `None` if another holder keeps it for
+/// [`LOCK_PATIENCE`].
+fn lock(path: &Path) -> io::Result<Option<fs::File>> {
+    use rustix::fs::{flock, FlockOperation};
+    let f = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -361,6 +440,72 @@ mod tests {
         let mut c = HashCache::load(&store);
         assert_eq!(c.hash_file(&a, &m).unwrap(), hash(b"three"));
         assert_eq!(c.hashed, 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn runs_saving_the_same_cache_keep_what_each_learnt() {
+        let d = std::env::temp_dir().join(format!("shoal-hc-merge-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let store = d.join("cache/hashes");
+        let [a, b, c, gone] = ["a", "b", "c", "gone"].map(|n| d.join(n));
+        for p in [&a, &b, &c, &gone] {
+            fs::write(p, p.as_os_str().as_bytes()).unwrap();
+        }
+        old(&a);
+        let meta = |p: &Path| fs::symlink_metadata(p).unwrap();
+        let mut first = HashCache::load(&store);
+        for p in [&a, &gone] {
+            first.hash_file(p, &meta(p)).unwrap();
+        }
+        first.save().unwrap();
+
+        // Two runs start from the same saved cache; `gone` is deleted
+        // before either scans. Each learns a file of its own, as two
+        // compiles of one build see the object file the other just made.
+        fs::remove_file(&gone).unwrap();
+        let mut one = HashCache::load(&store);
+        let mut two = HashCache::load(&store);
+        one.hash_file(&a, &meta(&a)).unwrap();
+        one.hash_file(&b, &meta(&b)).unwrap();
+        two.hash_file(&a, &meta(&a)).unwrap();
+        two.hash_file(&c, &meta(&c)).unwrap();
+        one.save().unwrap();
+        two.save().unwrap();
+
+        let mut after = HashCache::load(&store);
+        let mut keys: Vec<&[u8]> = after.map.keys().map(|k| &**k).collect();
+        keys.sort_unstable();
+        let want = [&a, &b, &c].map(|p| p.as_os_str().as_bytes());
+        assert_eq!(keys, want, "both runs' files kept, the deleted one dropped");
+        for p in [&a, &b, &c] {
+            after.hash_file(p, &meta(p)).unwrap();
+        }
+        assert_eq!(after.hashed, 0, "nothing read again");
+
+        // A run that finds a file changed takes its entry out, but not an
+        // entry another run has learnt for the file since.
+        let mut stale = HashCache::load(&store);
+        let mut fresh = HashCache::load(&store);
+        fs::write(&b, "changed").unwrap();
+        fs::write(&c, "changed").unwrap();
+        for p in [&a, &b, &c] {
+            stale.hash_file(p, &meta(p)).unwrap();
+        }
+        old(&c);
+        fs::write(&b, "changed again").unwrap();
+        for p in [&a, &b, &c] {
+            fresh.hash_file(p, &meta(p)).unwrap();
+        }
+        assert_eq!(fresh.hashed, 2);
+        fresh.save().unwrap();
+        stale.save().unwrap();
+        let mut after = HashCache::load(&store);
+        for p in [&a, &b, &c] {
+            after.hash_file(p, &meta(p)).unwrap();
+        }
+        assert_eq!(after.hashed, 1, "only b (not yet settled) is read: c as the later run learnt it");
         fs::remove_dir_all(&d).unwrap();
     }
 
