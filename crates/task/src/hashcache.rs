@@ -505,7 +505,10 @@ mod tests {
         for p in [&a, &b, &c] {
             after.hash_file(p, &meta(p)).unwrap();
         }
-        assert_eq!(after.hashed, 1, "only b (not yet settled) is read: c as the later run learnt it");
+        assert_eq!(
+            after.hashed, 1,
+            "only b (not yet settled) is read: c as the later run learnt it"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
