@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::proto::Hash;
 use crate::tree::hash;
 
-/// Format tag at the start of the file (bumped when the layout changes).
-const MAGIC: &[u8; 8] = b"shoalhc1";
+/// Format tag at the start of the file (bumped when the layout changes;
+/// version 1 kept paths as strings, so a tree with a file name that is not
+/// UTF-8 could not be saved at all).
+const MAGIC: &[u8; 8] = b"shoalhc2";
 /// Beyond this many entries the cache starts over (it is rebuilt by use).
 const MAX_ENTRIES: usize = 500_000;
 /// A file changed this recently may change again within the same
@@ -304,10 +306,7 @@ impl HashCache {
                 now.remove(k);
             }
         }
-        let mut v: Vec<(&Path, &Stamp)> = now
-            .iter()
-            .map(|(p, st)| (Path::new(std::ffi::OsStr::from_bytes(p)), st))
-            .collect();
+        let mut v: Vec<(&[u8], &Stamp)> = now.iter().map(|(p, st)| (&**p, st)).collect();
         if v.len() > MAX_ENTRIES {
             v.clear();
         }
@@ -329,11 +328,10 @@ fn read_entries(file: &Path) -> impl Iterator<Item = (Box<[u8]>, Stamp)> {
         .ok()
         .and_then(|b| {
             let body = b.strip_prefix(MAGIC.as_slice())?;
-            postcard::from_bytes::<Vec<(PathBuf, Stamp)>>(body).ok()
+            postcard::from_bytes::<Vec<(Box<[u8]>, Stamp)>>(body).ok()
         })
         .unwrap_or_default()
         .into_iter()
-        .map(|(p, st)| (p.into_os_string().into_vec().into_boxed_slice(), st))
 }
 
 /// How long [`lock`] tries before it gives up.
@@ -509,6 +507,26 @@ mod tests {
             after.hashed, 1,
             "only b (not yet settled) is read: c as the later run learnt it"
         );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_name_that_is_not_utf8_is_kept_too() {
+        use std::ffi::OsStr;
+        let d = std::env::temp_dir().join(format!("shoal-hc-bytes-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let store = d.join("cache/hashes");
+        let f = d.join(OsStr::from_bytes(b"caf\xe9.c"));
+        fs::write(&f, "int x;").unwrap();
+        old(&f);
+        let m = fs::symlink_metadata(&f).unwrap();
+        let mut c = HashCache::load(&store);
+        c.hash_file(&f, &m).unwrap();
+        c.save().unwrap();
+        let mut c = HashCache::load(&store);
+        assert_eq!(c.hash_file(&f, &m).unwrap(), hash(b"int x;"));
+        assert_eq!(c.hashed, 0, "served from the saved cache");
         fs::remove_dir_all(&d).unwrap();
     }
 
