@@ -364,6 +364,15 @@ fn lock(path: &Path) -> io::Result<Option<fs::File>> {
 mod tests {
     use super::*;
 
+    /// A new empty directory for one test, `shoal-NAME-PID` under the
+    /// temporary directory.
+    fn empty_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shoal-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     /// Lets `p` settle: its change time (which only moves forward) must
     /// be older than the racy window.
     fn old(p: &Path) {
@@ -373,9 +382,7 @@ mod tests {
 
     #[test]
     fn unchanged_files_are_not_read_again_and_changed_ones_are() {
-        let d = std::env::temp_dir().join(format!("shoal-hc-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = empty_dir("hc");
         let (a, store) = (d.join("a"), d.join("cache/hashes"));
         fs::write(&a, "one").unwrap();
         old(&a);
@@ -443,9 +450,7 @@ mod tests {
 
     #[test]
     fn runs_saving_the_same_cache_keep_what_each_learnt() {
-        let d = std::env::temp_dir().join(format!("shoal-hc-merge-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = empty_dir("hc-merge");
         let store = d.join("cache/hashes");
         let [a, b, c, gone] = ["a", "b", "c", "gone"].map(|n| d.join(n));
         for p in [&a, &b, &c, &gone] {
@@ -513,9 +518,7 @@ mod tests {
     #[test]
     fn a_file_name_that_is_not_utf8_is_kept_too() {
         use std::ffi::OsStr;
-        let d = std::env::temp_dir().join(format!("shoal-hc-bytes-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
+        let d = empty_dir("hc-bytes");
         let store = d.join("cache/hashes");
         let f = d.join(OsStr::from_bytes(b"caf\xe9.c"));
         fs::write(&f, "int x;").unwrap();
