@@ -221,44 +221,13 @@ pub struct Usage {
 
 /// A group's usage counters held open: read again with one `pread` each,
 /// without the path walks of opening them (a warm slot's, read at the end
-/// of each of its tasks, on the way to telling the submitter).
+/// of each of its tasks, on the way to telling the submitter). Only cgroup
+/// v1 has them (its files are read whole); they are opened and read there.
 #[derive(Debug)]
 pub struct Counters {
     cpu_ns: fs::File,
     peak: Option<fs::File>,
     oom_control: Option<fs::File>,
-}
-
-impl Counters {
-    /// Opens `memory.max_usage_in_bytes` and `memory.oom_control` of a v1
-    /// memory group (where present) and `cpuacct.usage`.
-    pub(crate) fn open_v1(cpuacct: &Path, memory: &Path) -> Result<Self, CgroupError> {
-        let acct = cpuacct.join(v1::CPU_USAGE);
-        Ok(Self {
-            cpu_ns: fs::File::open(&acct).map_err(io_err(&acct))?,
-            peak: fs::File::open(memory.join(v1::MEM_PEAK)).ok(),
-            oom_control: fs::File::open(memory.join(v1::OOM_CONTROL)).ok(),
-        })
-    }
-
-    /// What they say now.
-    ///
-    /// # Errors
-    /// `cpuacct.usage` could not be read (its group is gone).
-    pub fn usage(&self) -> io::Result<Usage> {
-        fn text(f: &fs::File) -> io::Result<String> {
-            use std::os::unix::fs::FileExt;
-            // (Each is a line or three: a number, or `oom_kill N` among
-            // two other keys.)
-            let mut buf = [0u8; 512];
-            let n = f.read_at(&mut buf, 0)?;
-            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-        }
-        let cpu = text(&self.cpu_ns)?;
-        let peak = self.peak.as_ref().and_then(|f| text(f).ok());
-        let oom = self.oom_control.as_ref().and_then(|f| text(f).ok());
-        Ok(v1::usage_from(&cpu, peak.as_deref(), oom.as_deref()))
-    }
 }
 
 /// The narrow interface the rest of shoal uses for cgroups.

@@ -1,6 +1,7 @@
 //! cgroup v1: one directory per controller hierarchy.
 
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -9,14 +10,14 @@ use nix::unistd::Pid;
 
 use super::{
     check_cpus, check_name, io_err, keyed, procs, quota_us, read, rmdir, settle, write,
-    CgroupError, CgroupManager, CgroupVersion, GuestClass, Limits, Usage, CPU_PERIOD_US,
+    CgroupError, CgroupManager, CgroupVersion, Counters, GuestClass, Limits, Usage, CPU_PERIOD_US,
 };
 
 /// A v1 group's counters: CPU time (ns), peak memory (bytes), and the
 /// OOM state with its `oom_kill` count.
-pub(super) const CPU_USAGE: &str = "cpuacct.usage";
-pub(super) const MEM_PEAK: &str = "memory.max_usage_in_bytes";
-pub(super) const OOM_CONTROL: &str = "memory.oom_control";
+const CPU_USAGE: &str = "cpuacct.usage";
+const MEM_PEAK: &str = "memory.max_usage_in_bytes";
+const OOM_CONTROL: &str = "memory.oom_control";
 
 /// The controllers a task's group is made in (`cpuacct` is often the same
 /// hierarchy as `cpu`; making it twice is harmless).
@@ -201,10 +202,7 @@ impl CgroupManager for V1 {
         let mem = self.dir("memory", name);
         write(&self.dir("cpuacct", name).join(CPU_USAGE), "0")?;
         write(&mem.join(MEM_PEAK), "0")?;
-        Ok(read(&mem.join(OOM_CONTROL))
-            .ok()
-            .and_then(|s| keyed(&s, "oom_kill"))
-            .unwrap_or(0))
+        Ok(read(&mem.join(OOM_CONTROL)).map_or(0, |s| oom_kills(&s)))
     }
 
     fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), CgroupError> {
@@ -261,9 +259,9 @@ impl CgroupManager for V1 {
         Ok(usage_from(&cpu, peak.as_deref(), oom.as_deref()))
     }
 
-    fn open_counters(&self, name: &str) -> Result<super::Counters, CgroupError> {
+    fn open_counters(&self, name: &str) -> Result<Counters, CgroupError> {
         check_name(name)?;
-        super::Counters::open_v1(&self.dir("cpuacct", name), &self.dir("memory", name))
+        Counters::open_v1(&self.dir("cpuacct", name), &self.dir("memory", name))
     }
 
     fn remove(&self, name: &str) -> Result<(), CgroupError> {
@@ -323,7 +321,7 @@ impl CgroupManager for V1 {
 
     fn parent_cpu_usec(&self) -> Result<u64, CgroupError> {
         let acct = self.root.join("cpuacct").join(&self.parent).join(CPU_USAGE);
-        Ok(read(&acct)?.trim().parse::<u64>().unwrap_or(0) / 1000)
+        Ok(cpu_usec(&read(&acct)?))
     }
 
     fn procs_files(&self, name: &str) -> Vec<PathBuf> {
@@ -354,11 +352,52 @@ impl CgroupManager for V1 {
 
 /// A v1 group's usage from the text of its `cpuacct.usage` and, where read,
 /// `memory.max_usage_in_bytes` and `memory.oom_control`.
-pub(crate) fn usage_from(cpu_ns: &str, peak: Option<&str>, oom_control: Option<&str>) -> Usage {
-    let cpu_ns: u64 = cpu_ns.trim().parse().unwrap_or(0);
+fn usage_from(cpu_ns: &str, peak: Option<&str>, oom_control: Option<&str>) -> Usage {
     Usage {
-        cpu_usec: cpu_ns / 1000,
+        cpu_usec: cpu_usec(cpu_ns),
         memory_peak_bytes: peak.and_then(|s| s.trim().parse().ok()),
-        oom_kills: oom_control.and_then(|s| keyed(s, "oom_kill")).unwrap_or(0),
+        oom_kills: oom_control.map_or(0, oom_kills),
+    }
+}
+
+/// Microseconds from the text of a `cpuacct.usage` (nanoseconds).
+fn cpu_usec(cpu_ns: &str) -> u64 {
+    cpu_ns.trim().parse::<u64>().unwrap_or(0) / 1000
+}
+
+/// The `oom_kill` count from the text of a `memory.oom_control`.
+fn oom_kills(oom_control: &str) -> u64 {
+    keyed(oom_control, "oom_kill").unwrap_or(0)
+}
+
+impl Counters {
+    /// Opens `memory.max_usage_in_bytes` and `memory.oom_control` of a v1
+    /// memory group (where present) and `cpuacct.usage`.
+    fn open_v1(cpuacct: &Path, memory: &Path) -> Result<Self, CgroupError> {
+        let acct = cpuacct.join(CPU_USAGE);
+        Ok(Self {
+            cpu_ns: fs::File::open(&acct).map_err(io_err(&acct))?,
+            peak: fs::File::open(memory.join(MEM_PEAK)).ok(),
+            oom_control: fs::File::open(memory.join(OOM_CONTROL)).ok(),
+        })
+    }
+
+    /// What they say now.
+    ///
+    /// # Errors
+    /// `cpuacct.usage` could not be read (its group is gone).
+    pub fn usage(&self) -> io::Result<Usage> {
+        fn text(f: &fs::File) -> io::Result<String> {
+            use std::os::unix::fs::FileExt;
+            // (Each is a line or three: a number, or `oom_kill N` among
+            // two other keys.)
+            let mut buf = [0u8; 512];
+            let n = f.read_at(&mut buf, 0)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        }
+        let cpu = text(&self.cpu_ns)?;
+        let peak = self.peak.as_ref().and_then(|f| text(f).ok());
+        let oom = self.oom_control.as_ref().and_then(|f| text(f).ok());
+        Ok(usage_from(&cpu, peak.as_deref(), oom.as_deref()))
     }
 }
