@@ -1330,19 +1330,40 @@ async fn prepare(
             key,
             hold: Box::new(guard.lower.clone()),
         });
-        let started = tokio::task::spawn_blocking(move || {
-            let mut slot = slot;
-            let [a, b, c] = &fds;
-            let r = slot.start(
-                m.as_ref(),
-                &l,
-                &req,
-                [a.as_fd(), b.as_fd(), c.as_fd()],
-                keep,
-            );
-            (slot, req, r)
-        })
-        .await;
+        let mut slot = slot;
+        let [a, b, c] = &fds;
+        let stdio = [a.as_fd(), b.as_fd(), c.as_fd()];
+        // Sent from here when the slot's spawner is free to take it (a few
+        // small cgroup writes and one `sendmsg`): the request reaches the
+        // spawner without a thread's wake first. A thread waits for its
+        // answer meanwhile, or does both when the spawner is still making
+        // the slot's workspace ahead.
+        let started = if slot.ready_now() {
+            match slot.send(m.as_ref(), &l, &req, stdio, keep) {
+                Ok(sent) => {
+                    drop(fds);
+                    tokio::task::spawn_blocking(move || {
+                        let r = slot.started(sent);
+                        (slot, req, r)
+                    })
+                    .await
+                }
+                Err(e) => Ok((slot, req, Err(e))),
+            }
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let [a, b, c] = &fds;
+                let r = slot.start(
+                    m.as_ref(),
+                    &l,
+                    &req,
+                    [a.as_fd(), b.as_fd(), c.as_fd()],
+                    keep,
+                );
+                (slot, req, r)
+            })
+            .await
+        };
         let Ok((slot, req_back, r)) = started else {
             return Err(err125(
                 "starting the command",

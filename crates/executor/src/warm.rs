@@ -291,6 +291,16 @@ fn send(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<
 /// Receives one message and the descriptors that came with it. `Ok(None)`:
 /// the other end closed.
 fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    recv_flags(fd, buf, MsgFlags::empty())
+}
+
+/// [`recv`] with these flags too (`MSG_DONTWAIT`: `WouldBlock` when no
+/// message is there).
+fn recv_flags(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     // At most five: a task's stdin, stdout, stderr, its end pipe, and its
     // tree (to pid 1). More is an error (`MSG_CTRUNC`), not a loss.
     let mut space = nix::cmsg_space!([i32; 5]);
@@ -300,7 +310,7 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<Own
             fd.as_raw_fd(),
             &mut iov,
             Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+            MsgFlags::MSG_CMSG_CLOEXEC | flags,
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
             r => break r?,
@@ -1058,6 +1068,8 @@ pub struct Slot {
     spare: Vec<u32>,
     /// A `MakeSpare` was sent and its answer is still to be read.
     spare_asked: bool,
+    /// [`Slot::ready_now`] read something other than that answer.
+    broken: bool,
     /// The tree its spawner keeps mounted between tasks, as the agent
     /// knows it (the spawner may have unmounted it since, never kept
     /// another).
@@ -1065,6 +1077,13 @@ pub struct Slot {
     /// Trees kept before a request replaced them: their spawner unmounts
     /// them when the slot comes back (`give_back` returns them then).
     released: Vec<KeptTree>,
+}
+
+/// A request [`Slot::send`] sent, whose answer [`Slot::started`] reads:
+/// the read end of the task's end pipe.
+#[derive(Debug)]
+pub struct Sent {
+    end: OwnedFd,
 }
 
 /// What the agent keeps with a slot whose spawner keeps a task's tree
@@ -1152,6 +1171,56 @@ impl Slot {
         stdio: [BorrowedFd<'_>; 3],
         keep: Option<KeptTree>,
     ) -> Result<(u32, OwnedFd), WarmError> {
+        let sent = self.send(mgr, limits, req, stdio, keep)?;
+        self.started(sent)
+    }
+
+    /// Whether [`Slot::send`] would not wait for the spawner: the answer
+    /// to the slot's last `MakeSpare` (its workspace made ahead) has come,
+    /// or none is awaited. Never blocks: an event loop may ask, and send
+    /// when it is true (a few small writes to the cgroup and one
+    /// `sendmsg`), leaving only [`Slot::started`] to a thread: the
+    /// request then reaches the spawner without a thread's wake first.
+    pub fn ready_now(&mut self) -> bool {
+        if !self.spare_asked {
+            return true;
+        }
+        let mut buf = [0u8; 4096];
+        match recv_flags(self.sock.as_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(Some((n, _))) => match postcard::from_bytes::<Reply>(&buf[..n]) {
+                Ok(Reply::Spare { spare }) => {
+                    self.spare = spare;
+                    self.spare_asked = false;
+                    true
+                }
+                // (Read now; `send` reports the slot unusable.)
+                _ => {
+                    self.spare_asked = false;
+                    self.broken = true;
+                    true
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            // The slot's link is gone: `send` says so.
+            _ => true,
+        }
+    }
+
+    /// The first half of [`Slot::start`]: sets the limits and sends the
+    /// request. Blocks only while the spawner still makes the slot's
+    /// workspace ahead (not at all once [`Slot::ready_now`] said so).
+    /// Returns what [`Slot::started`] takes.
+    ///
+    /// # Errors
+    /// As [`Slot::start`].
+    pub fn send(
+        &mut self,
+        mgr: &dyn CgroupManager,
+        limits: &Limits,
+        req: &Request,
+        stdio: [BorrowedFd<'_>; 3],
+        keep: Option<KeptTree>,
+    ) -> Result<Sent, WarmError> {
         let (end_r, end_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| self.link_err()(e.into()))?;
         let [a, b, c] = stdio;
@@ -1173,6 +1242,16 @@ impl Slot {
                 return Err(e);
             }
         }
+        Ok(Sent { end: end_r })
+    }
+
+    /// The second half of [`Slot::start`]: waits for the spawner's answer
+    /// to the request [`Slot::send`] sent.
+    ///
+    /// # Errors
+    /// As [`Slot::start`].
+    pub fn started(&mut self, sent: Sent) -> Result<(u32, OwnedFd), WarmError> {
+        let end_r = sent.end;
         match self.read_reply(Some(Duration::from_secs(30)))? {
             Reply::Started { pid } => Ok((pid, end_r)),
             Reply::Failed { errno, message } => Err(WarmError::Task { errno, message }),
@@ -1188,6 +1267,9 @@ impl Slot {
         req: &Request,
         fds: [BorrowedFd<'_>; 4],
     ) -> Result<(), WarmError> {
+        if std::mem::take(&mut self.broken) {
+            return Err(WarmError::Malformed(self.name.clone()));
+        }
         if self.spare_asked {
             // (Made while the slot waited in the pool.)
             match self.read_reply(Some(Duration::from_secs(10)))? {
@@ -1600,6 +1682,7 @@ impl Inner {
                 tearing_down: false,
                 spare: Vec::new(),
                 spare_asked: false,
+                broken: false,
                 kept_tree: None,
                 released: Vec::new(),
             };
