@@ -18,8 +18,8 @@
 //!        ◀── Gone ──                 (and its namespaces and mounts too)
 //! ```
 //!
-//! `Exited` comes as soon as the supervisor knows how the command ended
-//! ([`Plan::report_end_to`]): the task's files are final then, and the
+//! `Exited` comes as soon as the spawner knows how the command ended (from
+//! the supervisor, [`Plan::report_end_to`], or pid 1): the task's files are final then, and the
 //! namespaces' teardown (the overlay's unmount syncs the upper layer, about
 //! a millisecond) is off the task's path. pid 1 of a workspace made ahead
 //! tells the end on the agent's end pipe before that (no supervisor,
@@ -27,14 +27,14 @@
 //!
 //! Before `Ready`, and when the pool takes a slot back (`MakeSpare`, while
 //! the slot waits for its next task), the spawner makes the next task's
-//! workspace ahead (`Prefork`): its supervisor forks, unshares the
-//! namespaces and forks pid 1, which mounts `/proc` and `/tmp` and waits.
+//! workspace ahead (`Prefork`): it clones pid 1 into new namespaces (no
+//! supervisor between), which mounts `/proc` and `/tmp`, pivots into the
+//! slot's root and waits.
 //! A request for the slot's own root and network goes to that pid 1, which
 //! mounts the tree, finishes the root and identity, and starts the command
 //! as pid 2; any other request (`--net host`) gets its workspace made for it
 //! as before, and the spare is dropped. `Ready` and `Spare` name the spare's
-//! two processes, the only others the pool accepts in an idle slot's
-//! cgroup.
+//! process, the only other the pool accepts in an idle slot's cgroup.
 //!
 //! The spawner dies with the thread that made it (`PR_SET_PDEATHSIG`) and
 //! when its socket closes; its task dies with it. Where the counters cannot
@@ -152,8 +152,9 @@ enum Reply {
     Exited {
         status: i32,
     },
-    /// After `Exited`: the workspace is gone (its supervisor reaped, its
-    /// namespaces and mounts torn down); the slot may serve again.
+    /// After `Exited`: the workspace is gone (its supervisor or pid 1
+    /// reaped, its namespaces and mounts torn down); the slot may serve
+    /// again.
     Gone,
     /// Answer to `MakeSpare`: the processes of the next task's workspace,
     /// made ahead (`Prefork`; none when it could not be).
@@ -351,7 +352,7 @@ fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
 /// # Errors
 /// The socket failed.
 pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
-    // Every task's supervisor and pid 1 are forked from here, and copy
+    // Every task's pid 1 (and supervisor, if it has one) is forked from here, and copies
     // whatever heap page they write. With glibc's fast bins, a child's
     // first larger allocation walks and merges every small chunk this
     // process freed (`malloc_consolidate`), writing to pages all over the
@@ -502,27 +503,31 @@ pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
 }
 
 /// The workspace of a slot's next task, made before the task is known:
-/// its supervisor (in this pid namespace) and its pid 1 (in new mount,
-/// pid, uts and ipc namespaces, `/proc` and `/tmp` mounted on the slot's
-/// root) waiting for the request. About half a millisecond of forks,
-/// `unshare` and mounts off the task's path.
+/// its pid 1, cloned straight into new mount, pid, uts and ipc namespaces
+/// (`/proc` and `/tmp` mounted on the slot's root), waiting for the
+/// request. About half a millisecond of a clone and mounts off the task's
+/// path.
+///
+/// No supervisor stands between it and the spawner: pid 1 forwards the
+/// signals sent to it (as a namespace's init, it gets only those it
+/// handles, and SIGKILL) and writes the command's end to a pipe the
+/// spawner reads. A process of the agent's namespace in between (as a
+/// task made for its request has, [`start_in`]) cost each task a fork, its
+/// page faults and its exit.
 #[derive(Debug)]
 struct Prefork {
-    /// The supervisor.
-    sup: nix::unistd::Pid,
     /// Its pid 1, as this namespace sees it.
-    init: u32,
+    init: nix::unistd::Pid,
     /// To pid 1: the request and its descriptors; back: `Started` or
     /// `Failed`.
     link: OwnedFd,
-    /// The supervisor's early report of the end.
+    /// pid 1's report of the end.
     early: OwnedFd,
 }
 
 impl Prefork {
     /// Makes one on the slot's root `base`.
     fn make(base: &Path) -> io::Result<Self> {
-        use nix::unistd::ForkResult;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -530,77 +535,47 @@ impl Prefork {
             SockFlag::SOCK_CLOEXEC,
         )?;
         let (early_r, early_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: the spawner runs no other thread; the child only makes
-        // system calls, and allocates only in pid 1 once it has its
-        // request (a fork of a single-threaded process may).
+        let flags = crate::workspace::TASK_NAMESPACES.bits() | libc::SIGCHLD;
+        // SAFETY: clone(2) without CLONE_VM and without a stack of its
+        // own is fork(2) into new namespaces: the child runs on a copy of
+        // this process's memory. The spawner runs no other thread, so no
+        // lock is held; the child only makes system calls until it has its
+        // request, then allocates (as a fork of a single-threaded process
+        // may). glibc's record of the thread's id is the parent's in the
+        // child: nothing pid 1 calls reads it (`raise` asks the kernel).
         #[allow(unsafe_code)]
-        match unsafe { nix::unistd::fork() }? {
-            ForkResult::Parent { child } => {
-                drop((theirs, early_w, pid_w));
-                let mut b = [0u8; 4];
-                let n = nix::unistd::read(pid_r.as_raw_fd(), &mut b).unwrap_or(0);
-                if n != 4 {
-                    let _ = nix::sys::wait::waitpid(child, None);
-                    return Err(io::Error::other("the workspace could not be made ahead"));
-                }
-                Ok(Self {
-                    sup: child,
-                    init: u32::from_be_bytes(b),
-                    link: ours,
-                    early: early_r,
-                })
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        match r {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                drop((ours, early_r));
+                init_ahead(base, theirs, early_w)
             }
-            ForkResult::Child => {
-                drop((ours, early_r, pid_r));
-                supervisor_ahead(base, theirs, early_w, pid_w)
-            }
+            pid => Ok(Self {
+                init: nix::unistd::Pid::from_raw(pid as i32),
+                link: ours,
+                early: early_r,
+            }),
         }
     }
 
     fn pids(&self) -> Vec<u32> {
-        vec![self.sup.as_raw() as u32, self.init]
+        vec![self.init.as_raw() as u32]
     }
 
-    /// Kills it (its pid 1 dies with its supervisor) and reaps it.
+    /// Kills it (with its namespace) and reaps it.
     fn discard(self) {
-        let _ = nix::sys::signal::kill(self.sup, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.sup, None);
-    }
-}
-
-/// The supervisor of a workspace made ahead, in the forked child: new
-/// namespaces, pid 1 forked into them, then supervision as for any task.
-fn supervisor_ahead(base: &Path, link: OwnedFd, early: OwnedFd, pid_w: OwnedFd) -> ! {
-    use crate::workspace::{exit_now, supervise, Report};
-    use nix::unistd::ForkResult;
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    let _ = default_dispositions(&[]);
-    if nix::sched::unshare(crate::workspace::TASK_NAMESPACES).is_err() {
-        exit_now(125);
-    }
-    let Ok((status_r, status_w)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
-        exit_now(125);
-    };
-    // SAFETY: as in `Prefork::make` (this process runs no other thread).
-    #[allow(unsafe_code)]
-    match unsafe { nix::unistd::fork() } {
-        Ok(ForkResult::Parent { child }) => {
-            drop((status_w, link));
-            let _ = nix::unistd::write(&pid_w, &(child.as_raw() as u32).to_be_bytes());
-            drop(pid_w);
-            supervise(
-                child,
-                false,
-                Report::Read(status_r.as_raw_fd()),
-                Some(early.as_raw_fd()),
-            )
-        }
-        Ok(ForkResult::Child) => {
-            drop((status_r, early, pid_w));
-            init_ahead(base, link, status_w)
-        }
-        Err(_) => exit_now(125),
+        let _ = nix::sys::signal::kill(self.init, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.init, None);
     }
 }
 
@@ -610,6 +585,10 @@ fn supervisor_ahead(base: &Path, link: OwnedFd, early: OwnedFd, pid_w: OwnedFd) 
 fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
     use crate::workspace::{exit_now, supervise, Report};
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // The spawner's own dispositions (it ignores the owner's SIGTERM) are
+    // not pid 1's: it forwards what it handles, once the command runs.
+    let _ = default_dispositions(&[]);
+    crate::workspace::forward_signals();
     let ready = crate::workspace::prepare_on_base(base);
     let mut buf = vec![0u8; MAX_REQUEST];
     let Ok(Some((n, fds))) = recv(link.as_fd(), &mut buf) else {
@@ -667,6 +646,9 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
     ) {
         Ok(child) => {
             drop((stdin, stdout, stderr));
+            // Signals for the task go to its process group from now on
+            // (the agent learns where to send them from this reply).
+            crate::workspace::forward_to(-child.as_raw());
             let _ = reply(link.as_fd(), &Reply::Started { pid: 0 });
             drop(link);
             // The end is told to the agent directly too: no supervisor,
@@ -854,15 +836,15 @@ fn tell_end(fd: BorrowedFd<'_>, status: i32) {
     let _ = nix::unistd::write(fd, &b);
 }
 
-/// A started task: the workspace's supervisor and the read end of its
-/// early report.
+/// A started task: the spawner's child in its workspace and the read end
+/// of its early report.
 type Spawned = (Supervisor, OwnedFd);
 
-/// A task's workspace supervisor.
+/// The spawner's child in a task's workspace.
 enum Supervisor {
-    /// Forked for the request.
+    /// The supervisor forked for the request.
     Spawned(std::process::Child),
-    /// Made ahead of it ([`Prefork`]).
+    /// pid 1 of a workspace made ahead of it ([`Prefork`]).
     Ahead(nix::unistd::Pid),
 }
 
@@ -983,7 +965,7 @@ fn start_ahead(p: Prefork, req: &Request, fds: &[OwnedFd]) -> Result<Spawned, Re
         _ => None,
     };
     match r {
-        Some(Reply::Started { .. }) => Ok((Supervisor::Ahead(p.sup), p.early)),
+        Some(Reply::Started { .. }) => Ok((Supervisor::Ahead(p.init), p.early)),
         Some(f @ Reply::Failed { .. }) => {
             p.discard();
             Err(f)
@@ -1146,8 +1128,8 @@ impl Slot {
 
     /// Sets the slot's limits for its next task and starts `req` there
     /// with these descriptors as its stdin, stdout and stderr. Returns the
-    /// pid of the workspace's supervisor (signals sent to it reach the
-    /// command), and the read end of a pipe on which the task's end comes
+    /// pid of the workspace's supervisor or pid 1 (signals sent to it
+    /// reach the command), and the read end of a pipe on which the task's end comes
     /// as soon as it is known, before [`Slot::wait`] has it: two bytes
     /// ([`crate::workspace::end_status`]), or end of file when the
     /// workspace died without telling (then [`Slot::wait`] says how).

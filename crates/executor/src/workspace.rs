@@ -1001,6 +1001,39 @@ extern "C" fn forward(sig: nix::libc::c_int) {
     }
 }
 
+/// Where the signals [`forward_signals`] handles go from now on: a pid,
+/// or a process group when negative (none while 0).
+pub(crate) fn forward_to(pid: i32) {
+    INNER.store(pid, Ordering::Relaxed);
+}
+
+/// Handles the signals a supervisor passes on (to [`forward_to`]'s
+/// target). A namespace's pid 1 gets no other signal than those it
+/// handles, and SIGKILL.
+pub(crate) fn forward_signals() {
+    let act = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCONT,
+    ] {
+        // SAFETY: `forward` is async-signal-safe (an atomic load and kill).
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = signal::sigaction(s, &act);
+        }
+    }
+}
+
 /// How a supervisor learns or passes on the true end of the command.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Report {
@@ -1069,7 +1102,7 @@ pub(crate) fn supervise(
     } else {
         child.as_raw()
     };
-    INNER.store(target_pid, Ordering::Relaxed);
+    forward_to(target_pid);
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // Keep only the report pipes. The spawner's exec-status pipe then
     // sees the command's exec, not our lifetime, and the command's output
@@ -1078,27 +1111,7 @@ pub(crate) fn supervise(
         Report::Read(fd) | Report::Write(fd) => fd,
     };
     close_all_but([Some(fd), early]);
-    let act = SigAction::new(
-        SigHandler::Handler(forward),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-        Signal::SIGCONT,
-    ] {
-        // SAFETY: `forward` is async-signal-safe (an atomic load and kill).
-        #[allow(unsafe_code)]
-        unsafe {
-            let _ = signal::sigaction(s, &act);
-        }
-    }
+    forward_signals();
     let target = if reap_all {
         nix::unistd::Pid::from_raw(-1)
     } else {

@@ -513,7 +513,7 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
     };
     let ready = wait_for(Duration::from_secs(20), || {
         let s = slots();
-        (s.len() >= 4 && s.iter().all(|(_, n)| *n == 3)).then_some(s)
+        (s.len() >= 4 && s.iter().all(|(_, n)| *n == 2)).then_some(s)
     })
     .unwrap_or_else(|| panic!("slots with their spares: {:?}", slots()));
     // Tasks that end every way: exit codes, a signal, a command that does
@@ -584,7 +584,7 @@ fn warm_slots_serve_task_after_task_with_their_workspaces_made_ahead() {
     // next task).
     let after = wait_for(Duration::from_secs(10), || {
         let s = slots();
-        (s.iter().filter(|(_, n)| *n == 3).count() >= ready.len() - 1).then_some(s)
+        (s.iter().filter(|(_, n)| *n == 2).count() >= ready.len() - 1).then_some(s)
     })
     .unwrap_or_else(|| panic!("after: {:?}", slots()));
     let names = |v: &[(String, usize)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
@@ -610,12 +610,12 @@ fn one_slot_lab(tag: &str, subnet: u8, a_txt: &str) -> Option<(Lab, Tree)> {
 
 /// Waits until one of h0's warm slots is back in its pool with the next
 /// task's workspace made ahead (a task's end reaches its submitter before
-/// that): its spawner and that workspace's two processes in its cgroup.
-/// The workspace must be a new one: the last task's supervisor and pid 1,
-/// on their way out, are three with the spawner too.
+/// that): its spawner and that workspace's pid 1 in its cgroup. The
+/// workspace must be a new one: the last task's pid 1, on its way out, is
+/// two with the spawner too.
 fn warm_slot_ready() {
     // The workspaces made ahead seen ready so far (the spawner's pid is
-    // seen again: two new pids of three make a new workspace).
+    // seen again: a new pid beside it makes a new workspace).
     static SEEN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     let ready = wait_for(Duration::from_secs(20), || {
@@ -625,7 +625,7 @@ fn warm_slot_ready() {
             .find_map(|e| {
                 let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).ok()?;
                 let pids: BTreeSet<u32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
-                (pids.len() == 3 && pids.difference(&seen).count() >= 2).then_some(pids)
+                (pids.len() == 2 && pids.difference(&seen).count() >= 1).then_some(pids)
             })
     });
     let Some(pids) = ready else {
