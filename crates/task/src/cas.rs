@@ -1483,7 +1483,10 @@ mod tests {
             if depth == 0 {
                 wholes += 1;
             } else {
-                assert!(here <= delta_cap(tree.len(), depth), "{here} at depth {depth}");
+                assert!(
+                    here <= delta_cap(tree.len(), depth),
+                    "{here} at depth {depth}"
+                );
                 thin += here;
             }
             stack.push(depth);
@@ -1494,7 +1497,10 @@ mod tests {
         // Beyond those, each added file linked again about once per depth
         // at most (one cap for all depths linked 30 or more per compile).
         eprintln!("{wholes} whole, {thin} linked in thin layers for {added} added");
-        assert!(thin <= added * MAX_DEPTH / 2, "{thin} linked for {added} added: {stack:?}");
+        assert!(
+            thin <= added * MAX_DEPTH / 2,
+            "{thin} linked for {added} added: {stack:?}"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 }

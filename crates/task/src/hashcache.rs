@@ -24,8 +24,18 @@ use crate::tree::hash;
 
 /// Format tag at the start of the file (bumped when the layout changes;
 /// version 1 kept paths as strings, so a tree with a file name that is not
-/// UTF-8 could not be saved at all).
-const MAGIC: &[u8; 8] = b"shoalhc2";
+/// UTF-8 could not be saved at all; version 2 was one record, written
+/// whole by every save).
+///
+/// After it come records, each what one save changed (the first, what the
+/// file held when it was last written whole): its length (4 bytes, little
+/// endian), the changes (postcard), and the first 8 bytes of their SHA-256.
+/// A save appends one record under the lock; a record cut short (a reader
+/// meeting an append half written, a run killed while appending) ends the
+/// file for its readers, and the next save writes it whole again.
+const MAGIC: &[u8; 8] = b"shoalhc3";
+/// After this many records a save writes the file whole again, merged.
+const COMPACT_AFTER: usize = 32;
 /// Beyond this many entries the cache starts over (it is rebuilt by use).
 const MAX_ENTRIES: usize = 500_000;
 /// A file changed this recently may change again within the same
@@ -88,6 +98,16 @@ impl Stamp {
     }
 }
 
+/// One change a save made to the cache file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum Change {
+    /// This entry, learnt (it replaces any before it).
+    Learnt(Stamp),
+    /// The entry that was, if it still is: found untrue, or its file no
+    /// longer in the tree (another run may have learnt a newer one since).
+    Forget(Stamp),
+}
+
 /// What the cache knows of one path.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -107,7 +127,10 @@ pub struct HashCache {
     map: HashMap<Box<[u8]>, Entry>,
     /// Entries this run found untrue (the file changed), as they were.
     forgotten: Vec<(Box<[u8]>, Stamp)>,
-    dirty: bool,
+    /// Whole records read from the file (0: none, or it was not a cache),
+    /// and whether one was cut short.
+    records: usize,
+    torn: bool,
     /// Contents actually read and hashed (for tests and `--verbose`).
     pub hashed: u64,
 }
@@ -149,7 +172,9 @@ impl HashCache {
     /// The cache kept in `file`; empty if the file is absent, unreadable
     /// or not a cache.
     pub fn load(file: &Path) -> Self {
-        let map = read_entries(file)
+        let (entries, records, torn) = read_entries(file);
+        let map = entries
+            .into_iter()
             .map(|(k, stamp)| {
                 let e = Entry {
                     stamp,
@@ -163,7 +188,8 @@ impl HashCache {
             file: Some(file.to_owned()),
             map,
             forgotten: Vec::new(),
-            dirty: false,
+            records,
+            torn,
             hashed: 0,
         }
     }
@@ -253,25 +279,27 @@ impl HashCache {
             if let Some(old) = self.map.insert(key.into(), e) {
                 self.forgotten.push((key.into(), old.stamp));
             }
-            self.dirty = true;
         } else if let Some(old) = self.map.remove(key) {
             // What it says of the file is no longer so.
             self.forgotten.push((key.into(), old.stamp));
-            self.dirty = true;
         }
         Ok(h)
     }
 
-    /// Writes the cache back (atomically) if it learnt anything or holds
-    /// files no longer asked for. Errors are returned for logging; the
-    /// cache is optional.
+    /// Writes what this run changed to the cache file, if it learnt
+    /// anything or holds files no longer asked for. Errors are returned for
+    /// logging; the cache is optional.
     ///
     /// Other runs over the same tree (the compiles of a `make -j`) save
-    /// the same file meanwhile, so this one is merged into what the file
-    /// holds now, under a lock: what this run learnt goes in, what it
-    /// found untrue or no longer in the tree goes out unless another run
-    /// has learnt it again since, and what other runs learnt stays. A
-    /// lock held elsewhere for long (a stopped run) makes this skip the
+    /// the same file meanwhile, so a save appends its changes as one
+    /// record, under a lock: what this run learnt goes in, what it found
+    /// untrue or no longer in the tree goes out unless another run has
+    /// learnt it again since (the records are replayed in order), and what
+    /// other runs learnt stays. Every [`COMPACT_AFTER`] records (or when
+    /// the file is new, not a cache, or cut short) the file is written
+    /// whole instead, merged, and renamed into place: a save then reads
+    /// and writes the whole cache, where an append writes a few entries.
+    /// A lock held elsewhere for long (a stopped run) makes this skip the
     /// save rather than wait.
     ///
     /// # Errors
@@ -280,8 +308,19 @@ impl HashCache {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let stale = self.map.values().any(|e| !e.used);
-        if !self.dirty && !stale {
+        let mut changes: Vec<(&[u8], Change)> = Vec::new();
+        for (k, e) in &self.map {
+            if e.learnt {
+                changes.push((k, Change::Learnt(e.stamp)));
+            } else if !e.used {
+                // Not in this run's tree: gone, or ignored now.
+                changes.push((k, Change::Forget(e.stamp)));
+            }
+        }
+        for (k, old) in &self.forgotten {
+            changes.push((k, Change::Forget(*old)));
+        }
+        if changes.is_empty() {
             return Ok(());
         }
         if let Some(d) = file.parent() {
@@ -290,30 +329,25 @@ impl HashCache {
         let Some(_lock) = lock(&file.with_extension("lock"))? else {
             return Ok(());
         };
-        let mut now: HashMap<Box<[u8]>, Stamp> = read_entries(file).collect();
-        for (k, e) in &self.map {
-            if e.learnt {
-                now.insert(k.clone(), e.stamp);
-            } else if e.used {
-                now.entry(k.clone()).or_insert(e.stamp);
-            } else if now.get(k) == Some(&e.stamp) {
-                // Not in this run's tree: gone, or ignored now.
-                now.remove(k);
+        if self.records > 0 && self.records < COMPACT_AFTER && !self.torn {
+            // (Written whole by another run since, it is still a cache:
+            // the record goes after whatever that run wrote.)
+            if let Ok(mut f) = fs::File::options().append(true).open(file) {
+                return io::Write::write_all(&mut f, &record(&changes)?);
             }
         }
-        for (k, old) in &self.forgotten {
-            if now.get(k) == Some(old) {
-                now.remove(k);
-            }
+        let (mut now, _, _) = read_entries(file);
+        apply(&mut now, changes);
+        let mut whole: Vec<(&[u8], Change)> = now
+            .iter()
+            .map(|(p, st)| (&**p, Change::Learnt(*st)))
+            .collect();
+        if whole.len() > MAX_ENTRIES {
+            whole.clear();
         }
-        let mut v: Vec<(&[u8], &Stamp)> = now.iter().map(|(p, st)| (&**p, st)).collect();
-        if v.len() > MAX_ENTRIES {
-            v.clear();
-        }
-        let body = postcard::to_stdvec(&v).map_err(|e| io::Error::other(e.to_string()))?;
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
         let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&record(&whole)?);
         fs::write(&tmp, bytes)?;
         fs::rename(&tmp, file).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
@@ -321,17 +355,68 @@ impl HashCache {
     }
 }
 
-/// The entries of the cache file `file`; none if it is absent, unreadable
-/// or not a cache.
-fn read_entries(file: &Path) -> impl Iterator<Item = (Box<[u8]>, Stamp)> {
-    fs::read(file)
-        .ok()
-        .and_then(|b| {
-            let body = b.strip_prefix(MAGIC.as_slice())?;
-            postcard::from_bytes::<Vec<(Box<[u8]>, Stamp)>>(body).ok()
-        })
-        .unwrap_or_default()
-        .into_iter()
+/// Applies `changes` to `map` in order.
+fn apply<K: AsRef<[u8]>>(
+    map: &mut HashMap<Box<[u8]>, Stamp>,
+    changes: impl IntoIterator<Item = (K, Change)>,
+) {
+    for (k, c) in changes {
+        let k = k.as_ref();
+        match c {
+            Change::Learnt(st) => {
+                map.insert(k.into(), st);
+            }
+            Change::Forget(old) => {
+                if map.get(k) == Some(&old) {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// One record of the cache file (see [`MAGIC`]).
+fn record(changes: &[(&[u8], Change)]) -> io::Result<Vec<u8>> {
+    let body = postcard::to_stdvec(changes).map_err(|e| io::Error::other(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(body.len() + 12);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&hash(&body)[..8]);
+    Ok(out)
+}
+
+/// The entries of the cache file `file`, how many whole records it holds,
+/// and whether one was cut short; none if it is absent, unreadable or not
+/// a cache.
+fn read_entries(file: &Path) -> (HashMap<Box<[u8]>, Stamp>, usize, bool) {
+    let mut map = HashMap::new();
+    let Some(bytes) = fs::read(file).ok() else {
+        return (map, 0, false);
+    };
+    let Some(mut rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
+        return (map, 0, false);
+    };
+    let mut records = 0;
+    while !rest.is_empty() {
+        let Some((len, after)) = rest.split_first_chunk::<4>() else {
+            return (map, records, true);
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        let (Some(body), Some(check)) = (after.get(..len), after.get(len..len + 8)) else {
+            return (map, records, true);
+        };
+        if hash(body)[..8] != *check {
+            return (map, records, true);
+        }
+        let Ok(changes) = postcard::from_bytes::<Vec<(Box<[u8]>, Change)>>(body) else {
+            return (map, records, true);
+        };
+        apply(&mut map, changes);
+        records += 1;
+        rest = &after[len + 8..];
+    }
+    (map, records, false)
 }
 
 /// How long [`lock`] tries before it gives up.
@@ -530,6 +615,78 @@ mod tests {
         let mut c = HashCache::load(&store);
         assert_eq!(c.hash_file(&f, &m).unwrap(), hash(b"int x;"));
         assert_eq!(c.hashed, 0, "served from the saved cache");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn saves_append_records_and_the_file_is_written_whole_now_and_then() {
+        let d = empty_dir("hc-append");
+        let store = d.join("cache/hashes");
+        let meta = |p: &Path| fs::symlink_metadata(p).unwrap();
+        let files: Vec<PathBuf> = (0..COMPACT_AFTER + 3)
+            .map(|i| d.join(format!("f{i}")))
+            .collect();
+        for p in &files {
+            fs::write(p, p.as_os_str().as_bytes()).unwrap();
+        }
+        old(&files[0]);
+        // Each run learns one more file (as the compiles of a build do):
+        // its save appends a record of it alone.
+        let mut inodes = Vec::new();
+        for n in 1..=files.len() {
+            let mut c = HashCache::load(&store);
+            for p in &files[..n] {
+                c.hash_file(p, &meta(p)).unwrap();
+            }
+            assert_eq!(c.hashed, 1, "run {n}: only the new file read");
+            c.save().unwrap();
+            inodes.push(fs::metadata(&store).unwrap().ino());
+        }
+        let c = HashCache::load(&store);
+        assert_eq!(c.map.len(), files.len());
+        // Appended to the same file, not written anew (a new file, renamed
+        // into place), but every COMPACT_AFTER records.
+        let anew = inodes.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!((1..=2).contains(&anew), "{inodes:?}");
+        assert!(c.records < COMPACT_AFTER, "{} records", c.records);
+
+        // A record cut short (a run killed while appending) ends the file
+        // for readers: what came before it stays, and the next save writes
+        // the file whole again.
+        let mut bytes = fs::read(&store).unwrap();
+        let whole = bytes.len();
+        let extra = d.join("extra");
+        fs::write(&extra, "x").unwrap();
+        old(&extra);
+        let mut c = HashCache::load(&store);
+        for p in files.iter().chain([&extra]) {
+            c.hash_file(p, &meta(p)).unwrap();
+        }
+        c.save().unwrap();
+        let appended = fs::read(&store).unwrap();
+        bytes.extend_from_slice(&appended[whole..appended.len() - 3]);
+        fs::write(&store, &bytes).unwrap();
+        let mut c = HashCache::load(&store);
+        assert!(c.torn);
+        assert_eq!(c.map.len(), files.len(), "the cut record left out");
+        for p in files.iter().chain([&extra]) {
+            c.hash_file(p, &meta(p)).unwrap();
+        }
+        assert_eq!(c.hashed, 1);
+        c.save().unwrap();
+        let c = HashCache::load(&store);
+        assert_eq!(
+            (c.records, c.torn, c.map.len()),
+            (1, false, files.len() + 1)
+        );
+
+        // A record whose bytes were damaged is not believed.
+        let mut bytes = fs::read(&store).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 0x55;
+        fs::write(&store, &bytes).unwrap();
+        let c = HashCache::load(&store);
+        assert!(c.torn && c.map.is_empty());
         fs::remove_dir_all(&d).unwrap();
     }
 
