@@ -691,6 +691,46 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_saves_append_and_compact_without_losing_or_tearing() {
+        let d = empty_dir("hc-threads");
+        let store = d.join("cache/hashes");
+        const ROUNDS: usize = 40;
+        let files: Vec<PathBuf> = (0..16 + ROUNDS).map(|i| d.join(format!("f{i}"))).collect();
+        for p in &files {
+            fs::write(p, p.as_os_str().as_bytes()).unwrap();
+        }
+        old(&files[0]);
+        // Eight runs at a time over a tree that grows by a file a round
+        // (as the compiles of a `make -j8`): all eight learn it and save at
+        // once, appending; past 32 records one of them writes the file
+        // whole while the others wait to append.
+        let (loaded, saved) = (std::sync::Barrier::new(8), std::sync::Barrier::new(8));
+        std::thread::scope(|sc| {
+            for _ in 0..8 {
+                sc.spawn(|| {
+                    for r in 0..ROUNDS {
+                        let mut c = HashCache::load(&store);
+                        loaded.wait();
+                        for p in &files[..=16 + r] {
+                            c.hash_file(p, &fs::symlink_metadata(p).unwrap()).unwrap();
+                        }
+                        c.save().unwrap();
+                        saved.wait();
+                    }
+                });
+            }
+        });
+        let mut c = HashCache::load(&store);
+        assert!(!c.torn, "a record cut short");
+        assert!(c.records < COMPACT_AFTER + 8, "{} records", c.records);
+        for p in &files[..16 + ROUNDS] {
+            c.hash_file(p, &fs::symlink_metadata(p).unwrap()).unwrap();
+        }
+        assert_eq!(c.hashed, 0, "every file served from the cache");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn each_tree_has_a_cache_file_of_its_own() {
         let a = HashCache::file_for(Path::new("/home/alice/a"));
         let b = HashCache::file_for(Path::new("/home/alice/b"));
