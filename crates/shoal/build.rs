@@ -1,7 +1,7 @@
 //! Lays out the release binary's hot functions first (`symbol-order.txt`).
 //!
-//! `shoal run` starts once per compile of a build, and the agent forks a
-//! spawner's supervisor and pid 1 for every task. Each such process maps
+//! `shoal run` starts once per compile of a build, and a spawner clones a
+//! pid 1 for every task (and forks a supervisor for some). Each such process maps
 //! the binary's code on demand, 64 KiB around each page it touches first,
 //! and unmaps it all at exit. Left where the linker puts them, the few
 //! hundred functions a client runs are spread over 9 MB of code: about 45
