@@ -1829,9 +1829,9 @@ async fn read_end(r: &mut tokio::net::unix::pipe::Receiver) -> Option<i32> {
 }
 
 /// A task a warm slot started: the pid its spawner gave (the workspace's
-/// pid 1, or its supervisor), the read end of its
-/// pid 1's report of the end (`Slot::start`), and the wait for the
-/// spawner's (a blocking read, which also gets the slot back).
+/// pid 1, or its supervisor), the read end of its pid 1's report of the
+/// end (`Slot::start`), and the wait for the spawner's (a blocking read,
+/// which also gets the slot back).
 struct WarmProc {
     pid: u32,
     pool: Arc<Pool>,
@@ -1872,8 +1872,8 @@ impl WarmProc {
 
     fn kill(&self) {
         // Not yet known to have ended, so the pid is still this task's
-        // pid 1 or supervisor (its spawner reaps it only after reporting the end;
-        // a kill between the two reaches an exiting process).
+        // pid 1 or supervisor (its spawner reaps it only after reporting
+        // the end; a kill between the two reaches an exiting process).
         if self.wait.is_some() && !self.ended {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid as i32),

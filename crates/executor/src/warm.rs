@@ -19,9 +19,9 @@
 //! ```
 //!
 //! `Exited` comes as soon as the spawner knows how the command ended (from
-//! the supervisor, [`Plan::report_end_to`], or pid 1): the task's files are final then, and the
-//! namespaces' teardown (the overlay's unmount syncs the upper layer, about
-//! a millisecond) is off the task's path. pid 1 of a workspace made ahead
+//! the supervisor, [`Plan::report_end_to`], or pid 1): the task's files
+//! are final then, and the namespaces' teardown (the overlay's unmount
+//! syncs the upper layer, about a millisecond) is off the task's path. pid 1 of a workspace made ahead
 //! tells the end on the agent's end pipe before that (no supervisor,
 //! spawner or agent thread between). The slot serves again after `Gone`.
 //!
@@ -352,8 +352,8 @@ fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
 /// # Errors
 /// The socket failed.
 pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
-    // Every task's pid 1 (and supervisor, if it has one) is forked from here, and copies
-    // whatever heap page they write. With glibc's fast bins, a child's
+    // Every task's pid 1 (and supervisor, if it has one) is forked from
+    // here, and copies whatever heap page it writes. With glibc's fast bins, a child's
     // first larger allocation walks and merges every small chunk this
     // process freed (`malloc_consolidate`), writing to pages all over the
     // heap. Without them, a child writes only the chunks it uses (with
