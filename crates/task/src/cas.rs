@@ -56,6 +56,23 @@ fn unique() -> String {
     format!("{}-{n}", std::process::id())
 }
 
+/// Renames `tmp` to `to` unless `to` exists (then `tmp` is removed): a
+/// content file, once there, is never replaced. Replacing it would drop
+/// the last link of the inode a concurrent task may be linking from, and
+/// `link` fails (`ENOENT`) on an inode whose last name went meanwhile: two
+/// tasks that brought the same content at once made one of them fail.
+fn rename_no_replace(tmp: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, tmp, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => {
+            let _ = fs::remove_file(tmp);
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `dest/rel`, for a manifest path `rel` that stays inside `dest`.
 fn inside(dest: &Path, rel: &Path) -> Result<PathBuf, CasError> {
     if rel.as_os_str().is_empty()
@@ -184,7 +201,7 @@ impl Cas {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.set_permissions(fs::Permissions::from_mode(0o644))?;
-            fs::rename(&tmp, &p)
+            rename_no_replace(&tmp, &p)
         })();
         if let Err(e) = r {
             let _ = fs::remove_file(&tmp);
@@ -285,7 +302,7 @@ impl Cas {
                         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
                             .map_err(io_err(&tmp))?;
                         chown(&tmp, owner)?;
-                        fs::rename(&tmp, &x).map_err(io_err(&x))?;
+                        rename_no_replace(&tmp, &x).map_err(io_err(&x))?;
                         self.grew(n);
                     }
                     x
@@ -304,7 +321,16 @@ impl Cas {
                     }
                     self.readied().insert(key, Instant::now());
                 }
-                if let Err(err) = fs::hard_link(&src, &target) {
+                // (Once more if the content was evicted and brought back
+                // between the look-up of its name and the link.)
+                let linked = fs::hard_link(&src, &target).or_else(|err| {
+                    if err.kind() == io::ErrorKind::NotFound && src.exists() {
+                        fs::hard_link(&src, &target)
+                    } else {
+                        Err(err)
+                    }
+                });
+                if let Err(err) = linked {
                     if err.kind() == io::ErrorKind::NotFound && !src.exists() {
                         // Evicted since it was seen.
                         self.forget(h);
@@ -1448,6 +1474,43 @@ mod tests {
         let unlooked = lowers.to_make(tree.clone()).make(&cas, None).unwrap();
         assert_eq!(unlooked.stack(), other.stack());
         assert_eq!(lowers.counts().0, 1, "one layer, not two");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_content_brought_twice_at_once_never_fails_a_link_from_it() {
+        // One task links from a content file while another, which found it
+        // missing a moment before, brings the same content and renames it
+        // into place: replacing the file dropped the inode being linked,
+        // and the link failed (ENOENT).
+        let d = tmp("noreplace");
+        fs::create_dir_all(d.join("links")).unwrap();
+        let p = d.join("content");
+        fs::write(&p, "int x;").unwrap();
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let before = ino(&p);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let tmp = d.join(format!(".tmp-{n}"));
+                    fs::write(&tmp, "int x;").unwrap();
+                    rename_no_replace(&tmp, &p).unwrap();
+                    assert!(!tmp.exists(), "the second copy is removed");
+                    n += 1;
+                }
+            });
+            let failed = (0..3000).find_map(|i| {
+                let l = d.join(format!("links/{i}"));
+                let r = fs::hard_link(&p, &l);
+                let _ = fs::remove_file(&l);
+                r.err().map(|e| format!("link {i}: {e}"))
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(failed, None);
+        });
+        assert_eq!(ino(&p), before, "the first copy stays");
         fs::remove_dir_all(&d).unwrap();
     }
 
