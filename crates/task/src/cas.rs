@@ -56,18 +56,18 @@ fn unique() -> String {
     format!("{}-{n}", std::process::id())
 }
 
-/// Renames `tmp` to `to` unless `to` exists (then `tmp` is removed): a
-/// content file, once there, is never replaced. Replacing it would drop
+/// Renames `tmp` to `to` unless `to` exists (then `tmp` is removed, and
+/// false is returned): a content file, once there, is never replaced. Replacing it would drop
 /// the last link of the inode a concurrent task may be linking from, and
 /// `link` fails (`ENOENT`) on an inode whose last name went meanwhile: two
 /// tasks that brought the same content at once made one of them fail.
-fn rename_no_replace(tmp: &Path, to: &Path) -> io::Result<()> {
+fn rename_no_replace(tmp: &Path, to: &Path) -> io::Result<bool> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, tmp, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(rustix::io::Errno::EXIST) => {
             let _ = fs::remove_file(tmp);
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e.into()),
     }
@@ -203,12 +203,17 @@ impl Cas {
             f.set_permissions(fs::Permissions::from_mode(0o644))?;
             rename_no_replace(&tmp, &p)
         })();
-        if let Err(e) = r {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(&p)(e));
-        }
+        let placed = match r {
+            Ok(placed) => placed,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_err(&p)(e));
+            }
+        };
         self.known().insert(*h);
-        self.grew(data.len() as u64);
+        if placed {
+            self.grew(data.len() as u64);
+        }
         Ok(())
     }
 
@@ -302,8 +307,9 @@ impl Cas {
                         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
                             .map_err(io_err(&tmp))?;
                         chown(&tmp, owner)?;
-                        rename_no_replace(&tmp, &x).map_err(io_err(&x))?;
-                        self.grew(n);
+                        if rename_no_replace(&tmp, &x).map_err(io_err(&x))? {
+                            self.grew(n);
+                        }
                     }
                     x
                 } else {
