@@ -1050,8 +1050,6 @@ pub struct Slot {
     spare: Vec<u32>,
     /// A `MakeSpare` was sent and its answer is still to be read.
     spare_asked: bool,
-    /// [`Slot::ready_now`] read something other than that answer.
-    broken: bool,
     /// The tree its spawner keeps mounted between tasks, as the agent
     /// knows it (the spawner may have unmounted it since, never kept
     /// another).
@@ -1163,29 +1161,17 @@ impl Slot {
     /// when it is true (a few small writes to the cgroup and one
     /// `sendmsg`), leaving only [`Slot::started`] to a thread: the
     /// request then reaches the spawner without a thread's wake first.
-    pub fn ready_now(&mut self) -> bool {
+    pub fn ready_now(&self) -> bool {
         if !self.spare_asked {
             return true;
         }
+        // Looked at, not taken: `send` reads it as it always does.
         let mut buf = [0u8; 4096];
-        match recv_flags(self.sock.as_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(Some((n, _))) => match postcard::from_bytes::<Reply>(&buf[..n]) {
-                Ok(Reply::Spare { spare }) => {
-                    self.spare = spare;
-                    self.spare_asked = false;
-                    true
-                }
-                // (Read now; `send` reports the slot unusable.)
-                _ => {
-                    self.spare_asked = false;
-                    self.broken = true;
-                    true
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            // The slot's link is gone: `send` says so.
-            _ => true,
-        }
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK;
+        !matches!(
+            recv_flags(self.sock.as_fd(), &mut buf, flags),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     /// The first half of [`Slot::start`]: sets the limits and sends the
@@ -1249,9 +1235,6 @@ impl Slot {
         req: &Request,
         fds: [BorrowedFd<'_>; 4],
     ) -> Result<(), WarmError> {
-        if std::mem::take(&mut self.broken) {
-            return Err(WarmError::Malformed(self.name.clone()));
-        }
         if self.spare_asked {
             // (Made while the slot waited in the pool.)
             match self.read_reply(Some(Duration::from_secs(10)))? {
@@ -1664,7 +1647,6 @@ impl Inner {
                 tearing_down: false,
                 spare: Vec::new(),
                 spare_asked: false,
-                broken: false,
                 kept_tree: None,
                 released: Vec::new(),
             };
