@@ -1195,7 +1195,7 @@ async fn prepare(
     let err125 =
         |what: &str, e: &dyn std::fmt::Display| failed(125, format!("{}: {what}: {e}", env.node));
     // A task on the slot's own root and network can use a tree its warm
-    // slot keeps mounted (see `warm::Slot::start`).
+    // slot keeps mounted (see `warm::Slot::send`).
     let eligible = spec.image.is_none() && !spec.net_host;
     let Prepared {
         lower,
@@ -1353,13 +1353,10 @@ async fn prepare(
         } else {
             tokio::task::spawn_blocking(move || {
                 let [a, b, c] = &fds;
-                let r = slot.start(
-                    m.as_ref(),
-                    &l,
-                    &req,
-                    [a.as_fd(), b.as_fd(), c.as_fd()],
-                    keep,
-                );
+                let stdio = [a.as_fd(), b.as_fd(), c.as_fd()];
+                let r = slot
+                    .send(m.as_ref(), &l, &req, stdio, keep)
+                    .and_then(|sent| slot.started(sent));
                 (slot, req, r)
             })
             .await
@@ -1830,7 +1827,7 @@ async fn read_end(r: &mut tokio::net::unix::pipe::Receiver) -> Option<i32> {
 
 /// A task a warm slot started: the pid its spawner gave (the workspace's
 /// pid 1, or its supervisor), the read end of its pid 1's report of the
-/// end (`Slot::start`), and the wait for the spawner's (a blocking read,
+/// end (`Slot::started`), and the wait for the spawner's (a blocking read,
 /// which also gets the slot back).
 struct WarmProc {
     pid: u32,

@@ -605,7 +605,7 @@ fn init_ahead(base: &Path, link: OwnedFd, status_w: OwnedFd) -> ! {
         fail(None, "malformed request".into());
     };
     // stdin, stdout, stderr, the agent's end of the task (see
-    // `Slot::start`), and a fifth: the task's tree, mounted already by the
+    // `Slot::send`), and a fifth: the task's tree, mounted already by the
     // spawner.
     let mut fds = fds;
     let tree = if fds.len() == 5 { fds.pop() } else { None };
@@ -1068,7 +1068,7 @@ pub struct Sent {
 
 /// What the agent keeps with a slot whose spawner keeps a task's tree
 /// mounted for the next task with the same tree (given with the request,
-/// [`Slot::start`]): the directory of its upper and work directories, what
+/// [`Slot::send`]): the directory of its upper and work directories, what
 /// identifies the tree, and whatever must live as long as the mount (its
 /// lower layers, held).
 pub struct KeptTree {
@@ -1124,37 +1124,6 @@ impl Slot {
         }
     }
 
-    /// Sets the slot's limits for its next task and starts `req` there
-    /// with these descriptors as its stdin, stdout and stderr. Returns the
-    /// pid of the workspace's supervisor or pid 1 (signals sent to it
-    /// reach the command), and the read end of a pipe on which the task's end comes
-    /// as soon as it is known, before [`Slot::wait`] has it: two bytes
-    /// ([`crate::workspace::end_status`]), or end of file when the
-    /// workspace died without telling (then [`Slot::wait`] says how).
-    ///
-    /// `keep`: the request's tree (its directory, what identifies it, what
-    /// must live as long as its mount), for the spawner to keep mounted
-    /// after the task; the tree kept before is returned by
-    /// [`Pool::give_back`] once unmounted. A request on the slot's own
-    /// root and network is served with the kept tree's mount (made now if
-    /// it is another tree's); any other request leaves it kept no longer
-    /// (unmounted when the slot is back).
-    ///
-    /// # Errors
-    /// [`WarmError::Task`] when the task itself cannot start; any other
-    /// error means the slot is unusable (start the task elsewhere).
-    pub fn start(
-        &mut self,
-        mgr: &dyn CgroupManager,
-        limits: &Limits,
-        req: &Request,
-        stdio: [BorrowedFd<'_>; 3],
-        keep: Option<KeptTree>,
-    ) -> Result<(u32, OwnedFd), WarmError> {
-        let sent = self.send(mgr, limits, req, stdio, keep)?;
-        self.started(sent)
-    }
-
     /// Whether [`Slot::send`] would not wait for the spawner: the answer
     /// to the slot's last `MakeSpare` (its workspace made ahead) has come,
     /// or none is awaited. Never blocks: an event loop may ask, and send
@@ -1174,13 +1143,23 @@ impl Slot {
         )
     }
 
-    /// The first half of [`Slot::start`]: sets the limits and sends the
-    /// request. Blocks only while the spawner still makes the slot's
-    /// workspace ahead (not at all once [`Slot::ready_now`] said so).
-    /// Returns what [`Slot::started`] takes.
+    /// Sets the slot's limits for its next task and sends it `req`, with
+    /// these descriptors as its stdin, stdout and stderr; [`Slot::started`]
+    /// then waits for its start. Blocks only while the spawner still makes
+    /// the slot's workspace ahead (not at all once [`Slot::ready_now`] said
+    /// so).
+    ///
+    /// `keep`: the request's tree (its directory, what identifies it, what
+    /// must live as long as its mount), for the spawner to keep mounted
+    /// after the task; the tree kept before is returned by
+    /// [`Pool::give_back`] once unmounted. A request on the slot's own
+    /// root and network is served with the kept tree's mount (made now if
+    /// it is another tree's); any other request leaves it kept no longer
+    /// (unmounted when the slot is back).
     ///
     /// # Errors
-    /// As [`Slot::start`].
+    /// [`WarmError::Task`] when the task itself cannot start; any other
+    /// error means the slot is unusable (start the task elsewhere).
     pub fn send(
         &mut self,
         mgr: &dyn CgroupManager,
@@ -1213,11 +1192,16 @@ impl Slot {
         Ok(Sent { end: end_r })
     }
 
-    /// The second half of [`Slot::start`]: waits for the spawner's answer
-    /// to the request [`Slot::send`] sent.
+    /// Waits for the spawner's answer to the request [`Slot::send`] sent.
+    /// Returns the pid of the workspace's supervisor or pid 1 (signals
+    /// sent to it reach the command), and the read end of a pipe on which
+    /// the task's end comes as soon as it is known, before [`Slot::wait`]
+    /// has it: two bytes ([`crate::workspace::end_status`]), or end of file
+    /// when the workspace died without telling (then [`Slot::wait`] says
+    /// how).
     ///
     /// # Errors
-    /// As [`Slot::start`].
+    /// As [`Slot::send`].
     pub fn started(&mut self, sent: Sent) -> Result<(u32, OwnedFd), WarmError> {
         let end_r = sent.end;
         match self.read_reply(Some(Duration::from_secs(30)))? {
@@ -1227,7 +1211,7 @@ impl Slot {
         }
     }
 
-    /// The part of [`Slot::start`] before the spawner has the request.
+    /// The part of [`Slot::send`] before the spawner has the request.
     fn send_task(
         &mut self,
         mgr: &dyn CgroupManager,
