@@ -57,10 +57,11 @@ fn unique() -> String {
 }
 
 /// Renames `tmp` to `to` unless `to` exists (then `tmp` is removed, and
-/// false is returned): a content file, once there, is never replaced. Replacing it would drop
-/// the last link of the inode a concurrent task may be linking from, and
-/// `link` fails (`ENOENT`) on an inode whose last name went meanwhile: two
-/// tasks that brought the same content at once made one of them fail.
+/// false is returned): a content file, once there, is never replaced.
+/// Replacing it would drop the last link of the inode a concurrent task
+/// may be linking from, and `link` fails (`ENOENT`) on an inode whose last
+/// name went meanwhile: two tasks that brought the same content at once
+/// made one of them fail.
 fn rename_no_replace(tmp: &Path, to: &Path) -> io::Result<bool> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, tmp, CWD, to, RenameFlags::NOREPLACE) {
