@@ -85,6 +85,12 @@ pub struct FileConfig {
     pub swim_profile: Option<String>,
     /// Size cap of the executor's content cache, bytes.
     pub cache_bytes: Option<u64>,
+    /// Where tasks' scratch (their written files until committed) lives:
+    /// `disk` (the default) or `memory`.
+    pub scratch: Option<ScratchKind>,
+    /// Size cap of the scratch in memory, bytes (default: tmpfs's, half of
+    /// the machine's memory).
+    pub scratch_bytes: Option<u64>,
     /// Guest slots this machine lends (default: its cores).
     pub slots: Option<u32>,
     /// Warm task cgroups kept ready (default: twice the cores, at least 4;
@@ -174,6 +180,10 @@ pub struct AgentConfig {
     pub swim_profile: SwimProfile,
     /// Size cap of the executor's content cache, bytes.
     pub cache_bytes: u64,
+    /// Where tasks' scratch lives.
+    pub scratch: ScratchKind,
+    /// Size cap of the scratch in memory, bytes (`None`: tmpfs's default).
+    pub scratch_bytes: Option<u64>,
     /// Guest slots lent (`None`: one per core).
     pub slots: Option<u32>,
     /// Warm task cgroups kept ready (`None`: twice the cores, at least 4).
@@ -185,6 +195,29 @@ pub struct AgentConfig {
     /// The config file named on the command line (`None`: the default,
     /// which may be absent), for reloading the policy.
     pub config_path: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Where the tmpfs of a scratch in memory is mounted.
+    #[must_use]
+    pub fn memory_scratch_dir(&self) -> PathBuf {
+        self.data_dir.join("mem")
+    }
+}
+
+/// Where tasks' scratch lives: their task directories (the overlay's upper
+/// and work layers, which hold what a task writes until it is committed or
+/// dropped) and the spools of detached attempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScratchKind {
+    /// In the data directory, on its file system.
+    #[default]
+    Disk,
+    /// On a tmpfs the agent mounts (root only): no inode or writeback cost
+    /// per task, but what a task writes takes memory (its cgroup's) until
+    /// it ends, up to `scratch_bytes` in all.
+    Memory,
 }
 
 /// SWIM timing: how fast failures are detected against how much loss is
@@ -279,6 +312,12 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
             message: format!("{cluster:?} must be 1 to 64 characters"),
         });
     }
+    if file.scratch_bytes.is_some_and(|b| b < 1 << 20) {
+        return Err(ConfigError::Invalid {
+            key: "scratch_bytes",
+            message: "must be at least 1 MiB (1048576)".into(),
+        });
+    }
     let mut join = file.join;
     join.extend(flags.join);
     let beacon_interval_ms = file.discovery.interval_ms.unwrap_or(1000);
@@ -345,6 +384,8 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<AgentConfig, ConfigErro
         config_path: flags.config_path,
         swim_profile,
         cache_bytes: file.cache_bytes.unwrap_or(2 << 30),
+        scratch: file.scratch.unwrap_or_default(),
+        scratch_bytes: file.scratch_bytes,
         slots: flags.slots.or(file.slots),
         warm_slots: file.warm_slots,
         name,
@@ -426,6 +467,30 @@ broadcast = false
         assert!(s.contains("line 1") && s.contains("expect"), "{s}");
         let e = parse_file("[discovery]\ninterval_ms = -1\n", Path::new("s.toml")).unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn scratch_is_on_disk_unless_memory_is_asked_for() {
+        let c = resolve(FileConfig::default(), Flags::default()).unwrap();
+        assert_eq!(c.scratch, ScratchKind::Disk);
+        let f = parse_file(
+            "scratch = \"memory\"\nscratch_bytes = 1073741824\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        let c = resolve(f, Flags::default()).unwrap();
+        assert_eq!(c.scratch, ScratchKind::Memory);
+        assert_eq!(c.scratch_bytes, Some(1 << 30));
+        assert_eq!(c.memory_scratch_dir(), c.data_dir.join("mem"));
+        let e = parse_file("\nscratch = \"ram\"\n", Path::new("s.toml")).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("line 2") && s.contains("ram") && s.contains("memory"),
+            "{s}"
+        );
+        let f = parse_file("scratch_bytes = 4096\n", Path::new("s.toml")).unwrap();
+        let e = resolve(f, Flags::default()).unwrap_err().to_string();
+        assert!(e.contains("scratch_bytes") && e.contains("1 MiB"), "{e}");
     }
 
     #[test]

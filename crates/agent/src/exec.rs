@@ -61,6 +61,9 @@ pub struct ExecEnv {
     pub forker: Forker,
     /// Warm slots (cgroup v1): tasks start in a cgroup made ahead of time.
     pub warm: Option<Arc<Pool>>,
+    /// The tmpfs task directories and spools are on (`scratch =
+    /// "memory"`), unmounted at shutdown.
+    pub memory_scratch: Option<PathBuf>,
 }
 
 /// The thread every task is forked from, alive as long as the agent.
@@ -407,6 +410,13 @@ impl ExecEnv {
                 let _ = workspace::remove_all(&e.path());
             }
         }
+        if let Some(at) = &self.memory_scratch {
+            // (Detached attempts' spools go with it, as they would at the
+            // next start.)
+            if let Err(e) = shoal_executor::memfs::release(at) {
+                tracing::warn!(error = %e, "task scratch in memory not released");
+            }
+        }
     }
 
     /// Removes what a previous life of the agent left: task directories
@@ -426,8 +436,20 @@ impl ExecEnv {
         }
         if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
             for e in rd.flatten() {
-                let _ = workspace::remove_all(&e.path());
-                tracing::info!(dir = %e.path().display(), "removed a task directory left by a previous run");
+                let p = e.path();
+                let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    workspace::remove_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                match r {
+                    Ok(()) => {
+                        tracing::info!(dir = %p.display(), "removed a task directory left by a previous run")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %p.display(), error = %e, "cannot remove a task directory left by a previous run")
+                    }
+                }
             }
         }
     }

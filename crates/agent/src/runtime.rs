@@ -690,8 +690,11 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     } else {
         None
     };
-    let tasks_dir = cfg.data_dir.join("tasks");
-    let _ = std::fs::create_dir_all(&tasks_dir);
+    let memory_scratch = memory_scratch(cfg);
+    let scratch_root = memory_scratch
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.clone());
+    let _ = std::fs::create_dir_all(scratch_root.join("tasks"));
     let cas_dir = cfg.data_dir.join("cas");
     let (cas, cgroups) = match shoal_task::cas::Cas::open(&cas_dir, cfg.cache_bytes) {
         Ok(c) => (c, cgroups),
@@ -717,9 +720,11 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     // Emptying the layer, image and spool directories of an earlier life
     // and the leftovers' clean-up are not for the runtime's thread.
     let env = {
-        let (cfg, owner) = (cfg.clone(), owner.clone());
+        let (cfg, owner, scratch_root) = (cfg.clone(), owner.clone(), scratch_root.clone());
+        let memory_scratch = memory_scratch.clone();
         tokio::task::spawn_blocking(move || {
-            let mut env = exec_env_with(&cfg, cas, cgroups, owner);
+            let mut env = exec_env_with(&cfg, &scratch_root, cas, cgroups, owner);
+            env.memory_scratch = memory_scratch;
             env.clean_leftovers();
             // Warm slots, once the leftovers (an earlier life's slots too)
             // are gone: twice as many as cores, so that a `make -j` keeps
@@ -749,28 +754,55 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     };
     match env {
         Ok(e) => e,
-        Err(_) => exec_env_with(
-            cfg,
-            shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
-            None,
-            owner,
-        ),
+        Err(_) => {
+            let mut env = exec_env_with(
+                cfg,
+                &scratch_root,
+                shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
+                None,
+                owner,
+            );
+            env.memory_scratch = memory_scratch;
+            env
+        }
+    }
+}
+
+/// The tmpfs of `scratch = "memory"`, mounted (or kept from an earlier
+/// life); `None` for a scratch on disk, and, with a warning, where it
+/// cannot be mounted (an agent that is not root).
+fn memory_scratch(cfg: &AgentConfig) -> Option<PathBuf> {
+    if cfg.scratch != crate::config::ScratchKind::Memory {
+        return None;
+    }
+    let at = cfg.memory_scratch_dir();
+    match shoal_executor::memfs::ensure(&at, cfg.scratch_bytes) {
+        Ok(now) => {
+            tracing::info!(at = %at.display(), kept = !now, "task scratch in memory");
+            Some(at)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "task scratch stays on disk");
+            None
+        }
     }
 }
 
 /// The executor's environment over `cas` and `cgroups` (none: no task is
-/// accepted), with fresh layer, image and spool directories.
+/// accepted), with fresh layer, image and spool directories; task
+/// directories and spools under `scratch_root`.
 fn exec_env_with(
     cfg: &AgentConfig,
+    scratch_root: &Path,
     cas: shoal_task::cas::Cas,
     cgroups: Option<Arc<dyn shoal_executor::CgroupManager>>,
     owner: Arc<Owner>,
 ) -> ExecEnv {
     ExecEnv {
         node: cfg.name.clone(),
-        tasks_dir: cfg.data_dir.join("tasks"),
+        tasks_dir: scratch_root.join("tasks"),
         scratch: Arc::new(crate::scratch::Scratch::new(
-            &cfg.data_dir.join("tasks"),
+            &scratch_root.join("tasks"),
             16,
         )),
         cas,
@@ -785,9 +817,10 @@ fn exec_env_with(
             &cfg.data_dir.join("images"),
             4,
         )),
-        detached: crate::exec::Detached::new(&cfg.data_dir.join("spool")),
+        detached: crate::exec::Detached::new(&scratch_root.join("spool")),
         forker: crate::exec::Forker::new(),
         warm: None,
+        memory_scratch: None,
     }
 }
 

@@ -8,11 +8,13 @@
 //! freezer, kill and accounting) behind the [`CgroupManager`] trait with a
 //! recording fake, the workspaces themselves ([`workspace`]), warm slots
 //! that start tasks in cgroups made ahead of time ([`warm`]), and running
-//! a closure as another user ([`creds`]).
+//! a closure as another user ([`creds`]), and the tmpfs for task scratch
+//! in memory ([`memfs`]).
 #![deny(missing_docs)]
 
 pub mod cgroup;
 pub mod creds;
+pub mod memfs;
 pub mod namespaces;
 pub mod warm;
 pub mod workspace;

@@ -574,6 +574,11 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         remove_agent_cgroups(self.hosts.len());
+        // A killed agent's task scratch in memory (`scratch = "memory"`;
+        // one that left unmounted it, and elsewhere this fails harmlessly).
+        for h in &self.hosts {
+            let _ = nix::mount::umount2(&h.data_dir.join("mem"), nix::mount::MntFlags::MNT_DETACH);
+        }
         if std::thread::panicking() {
             for (i, h) in self.hosts.iter().enumerate() {
                 let log = self.log(i);

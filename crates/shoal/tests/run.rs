@@ -1449,3 +1449,139 @@ fn an_unreadable_tree_and_a_full_executor_disk_are_one_clear_line_each() {
     assert!(e.contains("No space left on device"), "{e}");
     assert!(small.read("f").is_none() && small.read("made").is_none());
 }
+
+/// The lines of every process's mount table that mention `needle`.
+fn mounts_mentioning(needle: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(info) = std::fs::read_to_string(e.path().join("mountinfo")) {
+            out.extend(
+                info.lines()
+                    .filter(|l| l.contains(needle))
+                    .map(|l| l.split_once(' ').map_or(l, |(_, r)| r).to_owned()),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn a_scratch_in_memory_holds_the_tasks_writes_up_to_its_size_and_goes_with_the_agent() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut lab) = lab("run18", 37, 2) else {
+        return;
+    };
+    // h1's task scratch: a tmpfs of 8 MiB.
+    lab.configs[1] = format!(
+        "scratch = \"memory\"\nscratch_bytes = 8388608\n{}",
+        lab.configs[1]
+    );
+    start_all(&mut lab, &[0, 1], &[]);
+    wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
+    wait_facts(&lab);
+    let mem = lab.hosts[1].data_dir.join("mem");
+    let mem_s = mem.to_string_lossy().into_owned();
+    // (In this mount namespace, the agent's: the workspaces' and warm
+    // slots' namespaces hold copies while they live.)
+    let tmpfs = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!(" {mem_s} ")) && l.contains(" - tmpfs "))
+            .count()
+    };
+    assert_eq!(tmpfs(), 1, "h1 mounted its scratch: {}", lab.log(1));
+    let tree = Tree::new(&lab.dir.join("tree"));
+    tree.write("a.txt", "one\n");
+    tree.write("gone.txt", "bye\n");
+    // While the task runs, its overlay's upper layer is in the tmpfs.
+    let mut c = run(
+        &lab,
+        &tree,
+        &[
+            "--node",
+            "h1",
+            "--",
+            "sh",
+            "-c",
+            "echo two >> a.txt; rm gone.txt; head -c 2097152 /dev/urandom > r.bin; \
+             sha256sum r.bin; sleep 1.5",
+        ],
+    );
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let upper = format!("upperdir={mem_s}/tasks/");
+    let seen = wait_for(Duration::from_secs(10), || {
+        mounts_mentioning(&upper)
+            .iter()
+            .any(|l| l.contains(" - overlay "))
+            .then_some(())
+    });
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        seen.is_some(),
+        "no task overlay with its upper layer in {mem_s}"
+    );
+    assert!(o.status.success(), "{}", s(&o.stderr));
+    // Its changes came back whole.
+    assert_eq!(tree.read("a.txt").as_deref(), Some("one\ntwo\n"));
+    assert_eq!(tree.read("gone.txt"), None);
+    let here = Command::new("sha256sum")
+        .arg("r.bin")
+        .current_dir(&tree.0)
+        .output()
+        .unwrap();
+    assert_eq!(s(&here.stdout), s(&o.stdout), "the written file came whole");
+    // More than the scratch holds: the task fails as on a full disk, and
+    // nothing is applied.
+    let o = sh_on_h1(
+        &lab,
+        &tree,
+        "head -c 12000000 /dev/zero > f && echo x > made",
+    );
+    let e = s(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{e}");
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(tree.read("f").is_none() && tree.read("made").is_none());
+    // The scratch is emptied of the task (its memory given back), and
+    // serves the next one.
+    let o = sh_on_h1(&lab, &tree, "echo three >> a.txt");
+    assert!(o.status.success(), "{}", s(&o.stderr));
+    assert_eq!(tree.read("a.txt").as_deref(), Some("one\ntwo\nthree\n"));
+    // An agent that leaves unmounts it.
+    lab.signal(1, nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        lab.wait_exit(1, Duration::from_secs(10)).is_some(),
+        "h1 did not leave"
+    );
+    assert_eq!(tmpfs(), 0, "h1's scratch is still mounted");
+    // One killed keeps it for its next life, which empties it and runs on.
+    lab.start_agent(1, &[]).unwrap();
+    wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
+    wait_facts(&lab);
+    assert_eq!(tmpfs(), 1);
+    std::fs::write(mem.join("tasks/stale"), "x").unwrap();
+    lab.signal(1, nix::sys::signal::Signal::SIGKILL);
+    assert_eq!(tmpfs(), 1, "kept after a kill");
+    lab.start_agent(1, &[]).unwrap();
+    wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
+    wait_facts(&lab);
+    assert_eq!(tmpfs(), 1, "the same tmpfs, not a second one over it");
+    assert!(
+        wait_for(Duration::from_secs(5), || (!mem
+            .join("tasks/stale")
+            .exists())
+        .then_some(()))
+        .is_some(),
+        "the earlier life's leftovers are removed"
+    );
+    let o = sh_on_h1(&lab, &tree, "echo four >> a.txt");
+    assert!(o.status.success(), "{}", s(&o.stderr));
+    assert_eq!(
+        tree.read("a.txt").as_deref(),
+        Some("one\ntwo\nthree\nfour\n")
+    );
+}
