@@ -809,9 +809,11 @@ fn exec_env_with(
         cgroups,
         running: std::sync::atomic::AtomicU32::new(0),
         owner,
-        lowers: Arc::new(shoal_task::cas::Lowers::new(
+        // (Up to 64 evicted layers' directories kept for new layers.)
+        lowers: Arc::new(shoal_task::cas::Lowers::for_trees(
             &cfg.data_dir.join("lowers"),
             16,
+            64,
         )),
         images: Arc::new(shoal_task::cas::Lowers::new(
             &cfg.data_dir.join("images"),
