@@ -171,6 +171,17 @@ fn make_dir(spares: Option<&SpareDirs>, at: &Path) -> io::Result<()> {
     fs::create_dir_all(at)
 }
 
+/// An overlay whiteout at `at`: a `0:0` character device (`CAP_MKNOD`).
+fn mknod_whiteout(at: &Path) -> io::Result<()> {
+    nix::sys::stat::mknod(
+        at,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        nix::sys::stat::makedev(0, 0),
+    )
+    .map_err(io::Error::from)
+}
+
 /// Makes a layer's top directory `dest`: mode 0755, `owner`'s.
 fn root_dir(
     dest: &Path,
@@ -391,15 +402,34 @@ impl Cas {
         }
         for w in &d.whiteouts {
             let target = inside(dest, w)?;
-            nix::sys::stat::mknod(
-                &target,
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::empty(),
-                nix::sys::stat::makedev(0, 0),
-            )
-            .map_err(|e| io_err(&target)(io::Error::from(e)))?;
+            self.whiteout(&target).map_err(io_err(&target))?;
         }
         Ok(())
+    }
+
+    /// Makes a whiteout at `target`: a link to the cache's own (`.whiteout`,
+    /// made when first needed, and anew when it has as many links as the
+    /// file system allows), as the overlay does in its work directory. A
+    /// `0:0` character device made for each whiteout was an inode made and
+    /// one freed when its layer went.
+    fn whiteout(&self, target: &Path) -> io::Result<()> {
+        let master = self.dir.join(".whiteout");
+        match fs::hard_link(&master, target) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && master.parent().is_some_and(Path::is_dir) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMLINK) => {}
+            Err(_) => return mknod_whiteout(target),
+        }
+        // A new one in place of what was not there or is full (the links
+        // to a full one stay whiteouts).
+        let tmp = self.dir.join(format!(".whiteout.tmp{}", unique()));
+        mknod_whiteout(&tmp)?;
+        fs::rename(&tmp, &master).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+        fs::hard_link(&master, target).or_else(|_| mknod_whiteout(target))
     }
 
     /// Makes one entry of a task's tree under `dest`.

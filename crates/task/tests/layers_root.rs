@@ -94,7 +94,8 @@ fn every_stack_shows_exactly_its_tree() {
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
     let cas = Cas::open(&d.join("cas"), 1 << 30).unwrap();
-    let lowers = Arc::new(Lowers::new(&d.join("lowers"), 4));
+    // (Evicted layers' directories become new layers'.)
+    let lowers = Arc::new(Lowers::for_trees(&d.join("lowers"), 4, 8));
     // The tree as the submitter has it: path → node, plus contents.
     let mut files: BTreeMap<PathBuf, (char, Vec<u8>, u32)> = BTreeMap::new();
     for i in 0..30 {
@@ -211,4 +212,12 @@ fn every_stack_shows_exactly_its_tree() {
         lowers.evict();
     }
     assert!(deepest > 2, "the walk stacked layers (deepest {deepest})");
+    // Whiteouts were links to the cache's one, and directories came back.
+    use std::os::unix::fs::MetadataExt;
+    let w = std::fs::symlink_metadata(d.join("cas/.whiteout")).expect("the cache's whiteout");
+    assert!(w.nlink() > 1, "no whiteout linked to it");
+    assert!(
+        lowers.spares().is_some_and(|s| !s.is_empty()),
+        "no spare kept"
+    );
 }
