@@ -4,7 +4,8 @@
 //! 200-file C build with `make -j4 CC="shoal run -- gcc"` beside the same
 //! `make -j4` run locally. All hosts share this machine's 2 cores, so the
 //! build figure is pure overhead, not speed-up. `SHOAL_BENCH_N` (200) sets
-//! the latency sample count.
+//! the latency sample count; `SHOAL_BENCH_SCRATCH=memory` puts the agents'
+//! task scratch on a tmpfs.
 
 #![allow(clippy::unwrap_used)] // a benchmark aborts on setup failure
 
@@ -25,6 +26,12 @@ fn main() {
     if let Ok(w) = std::env::var("SHOAL_BENCH_WARM") {
         for c in &mut lab.configs {
             *c = format!("warm_slots = {w}\n{c}");
+        }
+    }
+    // `SHOAL_BENCH_SCRATCH=memory`: the agents' task scratch on a tmpfs.
+    if let Ok(w) = std::env::var("SHOAL_BENCH_SCRATCH") {
+        for c in &mut lab.configs {
+            *c = format!("scratch = {w:?}\n{c}");
         }
     }
     for i in 0..3 {
