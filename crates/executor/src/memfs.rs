@@ -3,8 +3,8 @@
 //! layers) and spools, when its owner sets `scratch = "memory"`.
 //!
 //! Why: an overlay mount creates and removes a few inodes in its work
-//! directory (the `work/work` directory, and the probes for `O_TMPFILE`,
-//! rename-whiteout and extended attributes), its unmount syncs the upper
+//! directory (its `work/work` directory, and its probes for `O_TMPFILE`
+//! and rename-whiteout), its unmount syncs the upper
 //! file system, and a task's own writes make inodes too. On ext4 that is
 //! bitmap searches (and, without a journal, a read of the inode table for
 //! each recently freed inode passed over) and writeback; on tmpfs it is
@@ -31,6 +31,14 @@ pub enum MemfsError {
     /// The tmpfs could not be mounted (not root, say).
     #[error("scratch {path}: mounting a tmpfs: {source}")]
     Mount {
+        /// The mount point.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The tmpfs kept from an earlier life could not be given its size.
+    #[error("scratch {path}: resizing the tmpfs: {source}")]
+    Resize {
         /// The mount point.
         path: PathBuf,
         /// The OS error.
@@ -66,25 +74,32 @@ pub fn is_tmpfs_mount(path: &Path) -> io::Result<bool> {
 
 /// Makes `path` a tmpfs (`size` bytes at most; `None`: tmpfs's default,
 /// half of memory), or keeps the one an earlier life of the agent left
-/// there (its contents are the caller's to empty). Returns whether it was
-/// mounted now.
+/// there, given that size (its contents are the caller's to empty).
+/// Returns whether it was mounted now. `path` is the agent's own: a tmpfs
+/// found there is taken for its own.
 ///
 /// # Errors
-/// The directory cannot be made, or the mount fails.
+/// The directory cannot be made, the mount fails, or the kept one cannot
+/// be resized.
 pub fn ensure(path: &Path, size: Option<u64>) -> Result<bool, MemfsError> {
     let dir = |source| MemfsError::Dir {
         path: path.to_owned(),
         source,
     };
     std::fs::create_dir_all(path).map_err(dir)?;
+    let size = match size {
+        Some(b) => format!("size={b}"),
+        None => "size=50%".to_owned(),
+    };
     if is_tmpfs_mount(path).map_err(dir)? {
+        rustix::mount::mount_remount(path, rustix::mount::MountFlags::NOSUID, size.as_str())
+            .map_err(|e| MemfsError::Resize {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
         return Ok(false);
     }
-    let data = std::ffi::CString::new(match size {
-        Some(b) => format!("mode=0755,size={b}"),
-        None => "mode=0755".to_owned(),
-    })
-    .unwrap_or_default();
+    let data = std::ffi::CString::new(format!("mode=0755,{size}")).unwrap_or_default();
     rustix::mount::mount(
         "shoal-scratch",
         path,
@@ -131,9 +146,17 @@ mod tests {
             assert!(ensure(&at, Some(1 << 20)).unwrap(), "mounted now");
             assert!(is_tmpfs_mount(&at).unwrap());
             std::fs::write(at.join("f"), "x").unwrap();
-            // A second life keeps it, with what it holds.
-            assert!(!ensure(&at, Some(1 << 20)).unwrap(), "kept");
+            // A second life keeps it, with what it holds, at its size.
+            let bytes = || {
+                let s = rustix::fs::statfs(&at).unwrap();
+                s.f_blocks as u64 * s.f_bsize as u64
+            };
+            assert_eq!(bytes(), 1 << 20);
+            assert!(!ensure(&at, Some(2 << 20)).unwrap(), "kept");
             assert_eq!(std::fs::read(at.join("f")).unwrap(), b"x");
+            assert_eq!(bytes(), 2 << 20, "resized");
+            assert!(!ensure(&at, Some(1 << 20)).unwrap());
+            assert_eq!(bytes(), 1 << 20);
             // Its size is capped.
             let big = std::fs::write(at.join("big"), vec![0u8; 2 << 20]);
             assert_eq!(
