@@ -102,12 +102,20 @@ fn an_agent_that_is_not_root_runs_tasks_in_user_namespaces_under_its_cgroups() {
     let Some(mut lab) = lab("unpriv", 52, 1) else {
         return;
     };
-    lab.configs[0] = format!("cgroup_parent = \"{parent}\"\n{}", lab.configs[0]);
+    // (A scratch in memory needs a mount it cannot make: on disk, said.)
+    lab.configs[0] = format!(
+        "cgroup_parent = \"{parent}\"\nscratch = \"memory\"\n{}",
+        lab.configs[0]
+    );
     lab.start_agent_as(0, NOBODY, NOBODY, &[]).unwrap();
     lab.wait_ready(0, 1, Duration::from_secs(20))
         .unwrap_or_else(|| panic!("the agent did not come up: {}", lab.log(0)));
     let log = lab.log(0);
     assert!(!log.contains("check failed"), "start-up checks pass: {log}");
+    assert!(
+        log.contains("task scratch stays on disk") && log.contains("mounting a tmpfs"),
+        "{log}"
+    );
 
     // The submitter is `nobody` too, in a tree it owns.
     let (tree, home) = (lab.dir.join("tree"), lab.dir.join("home"));
