@@ -772,10 +772,21 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
 /// life); `None` for a scratch on disk, and, with a warning, where it
 /// cannot be mounted (an agent that is not root).
 fn memory_scratch(cfg: &AgentConfig) -> Option<PathBuf> {
+    let at = cfg.memory_scratch_dir();
     if cfg.scratch != crate::config::ScratchKind::Memory {
+        // A killed earlier life's, when the scratch was in memory then.
+        if shoal_executor::memfs::is_tmpfs_mount(&at).unwrap_or(false) {
+            match shoal_executor::memfs::release(&at) {
+                Ok(()) => {
+                    tracing::info!(at = %at.display(), "unmounted an earlier life's task scratch in memory")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an earlier life's task scratch in memory is still mounted")
+                }
+            }
+        }
         return None;
     }
-    let at = cfg.memory_scratch_dir();
     match shoal_executor::memfs::ensure(&at, cfg.scratch_bytes) {
         Ok(now) => {
             tracing::info!(at = %at.display(), kept = !now, "task scratch in memory");
