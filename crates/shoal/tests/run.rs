@@ -1591,7 +1591,11 @@ fn a_scratch_in_memory_holds_the_tasks_writes_up_to_its_size_and_goes_with_the_a
     lab.start_agent(1, &[]).unwrap();
     wait_alive(&lab, &[0, 1], &[0, 1], Duration::from_secs(20));
     wait_facts(&lab);
-    assert_eq!(tmpfs(), 0, "an earlier life's scratch in memory is unmounted");
+    assert_eq!(
+        tmpfs(),
+        0,
+        "an earlier life's scratch in memory is unmounted"
+    );
     let o = sh_on_h1(&lab, &tree, "echo five >> a.txt");
     assert!(o.status.success(), "{}", s(&o.stderr));
     assert_eq!(
