@@ -437,12 +437,7 @@ impl ExecEnv {
         if let Ok(rd) = std::fs::read_dir(&self.tasks_dir) {
             for e in rd.flatten() {
                 let p = e.path();
-                let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    workspace::remove_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-                match r {
+                match workspace::remove_all(&p) {
                     Ok(()) => {
                         tracing::info!(dir = %p.display(), "removed a task directory left by a previous run")
                     }

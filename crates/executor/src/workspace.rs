@@ -1248,15 +1248,20 @@ pub fn cleanup(spec: &Spec) -> io::Result<()> {
     remove_all(&spec.run_dir)
 }
 
-/// Removes the directory tree at `path` (absent is fine). An agent that is
-/// not root cannot list a directory without read permission, and the
-/// overlay leaves its work directory at mode 0 (as a task may leave its
-/// own): such directories, which the agent owns, are opened up first.
+/// Removes the directory tree at `path`, or the file there (absent is
+/// fine). An agent that is not root cannot list a directory without read
+/// permission, and the overlay leaves its work directory at mode 0 (as a
+/// task may leave its own): such directories, which the agent owns, are
+/// opened up first.
 ///
 /// # Errors
 /// What could still not be removed.
 pub fn remove_all(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             open_up(path);
             match std::fs::remove_dir_all(path) {
@@ -1332,5 +1337,9 @@ mod tests {
         as_owner(Box::new(move || super::remove_all(&dd))).unwrap();
         assert!(!d.exists());
         super::remove_all(&d).unwrap();
+        // A file is removed as a tree is.
+        std::fs::write(&d, "x").unwrap();
+        super::remove_all(&d).unwrap();
+        assert!(std::fs::symlink_metadata(&d).is_err());
     }
 }
