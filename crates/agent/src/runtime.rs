@@ -691,10 +691,6 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
         None
     };
     let memory_scratch = memory_scratch(cfg);
-    let scratch_root = memory_scratch
-        .clone()
-        .unwrap_or_else(|| cfg.data_dir.clone());
-    let _ = std::fs::create_dir_all(scratch_root.join("tasks"));
     let cas_dir = cfg.data_dir.join("cas");
     let (cas, cgroups) = match shoal_task::cas::Cas::open(&cas_dir, cfg.cache_bytes) {
         Ok(c) => (c, cgroups),
@@ -720,11 +716,9 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     // Emptying the layer, image and spool directories of an earlier life
     // and the leftovers' clean-up are not for the runtime's thread.
     let env = {
-        let (cfg, owner, scratch_root) = (cfg.clone(), owner.clone(), scratch_root.clone());
-        let memory_scratch = memory_scratch.clone();
+        let (cfg, owner, memory_scratch) = (cfg.clone(), owner.clone(), memory_scratch.clone());
         tokio::task::spawn_blocking(move || {
-            let mut env = exec_env_with(&cfg, &scratch_root, cas, cgroups, owner);
-            env.memory_scratch = memory_scratch;
+            let mut env = exec_env_with(&cfg, memory_scratch, cas, cgroups, owner);
             env.clean_leftovers();
             // Warm slots, once the leftovers (an earlier life's slots too)
             // are gone: twice as many as cores, so that a `make -j` keeps
@@ -754,17 +748,13 @@ async fn exec_env(cfg: &AgentConfig, verified: &Verified) -> ExecEnv {
     };
     match env {
         Ok(e) => e,
-        Err(_) => {
-            let mut env = exec_env_with(
-                cfg,
-                &scratch_root,
-                shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
-                None,
-                owner,
-            );
-            env.memory_scratch = memory_scratch;
-            env
-        }
+        Err(_) => exec_env_with(
+            cfg,
+            memory_scratch,
+            shoal_task::cas::Cas::at(&cfg.data_dir.join("cas"), cfg.cache_bytes),
+            None,
+            owner,
+        ),
     }
 }
 
@@ -801,14 +791,17 @@ fn memory_scratch(cfg: &AgentConfig) -> Option<PathBuf> {
 
 /// The executor's environment over `cas` and `cgroups` (none: no task is
 /// accepted), with fresh layer, image and spool directories; task
-/// directories and spools under `scratch_root`.
+/// directories and spools on the tmpfs `memory_scratch`, if any, else in
+/// the data directory.
 fn exec_env_with(
     cfg: &AgentConfig,
-    scratch_root: &Path,
+    memory_scratch: Option<PathBuf>,
     cas: shoal_task::cas::Cas,
     cgroups: Option<Arc<dyn shoal_executor::CgroupManager>>,
     owner: Arc<Owner>,
 ) -> ExecEnv {
+    let scratch_root = memory_scratch.as_deref().unwrap_or(&cfg.data_dir);
+    let _ = std::fs::create_dir_all(scratch_root.join("tasks"));
     ExecEnv {
         node: cfg.name.clone(),
         tasks_dir: scratch_root.join("tasks"),
@@ -833,7 +826,7 @@ fn exec_env_with(
         detached: crate::exec::Detached::new(&scratch_root.join("spool")),
         forker: crate::exec::Forker::new(),
         warm: None,
-        memory_scratch: None,
+        memory_scratch,
     }
 }
 
