@@ -21,9 +21,10 @@
 //! `Exited` comes as soon as the spawner knows how the command ended (from
 //! the supervisor, [`Plan::report_end_to`], or pid 1): the task's files
 //! are final then, and the namespaces' teardown (the overlay's unmount
-//! syncs the upper layer, about a millisecond) is off the task's path. pid 1 of a workspace made ahead
-//! tells the end on the agent's end pipe before that (no supervisor,
-//! spawner or agent thread between). The slot serves again after `Gone`.
+//! syncs the upper layer, about a millisecond) is off the task's path.
+//! pid 1 of a workspace made ahead tells the end on the agent's end pipe
+//! before that (no supervisor, spawner or agent thread between). The slot
+//! serves again after `Gone`.
 //!
 //! Before `Ready`, and when the pool takes a slot back (`MakeSpare`, while
 //! the slot waits for its next task), the spawner makes the next task's
@@ -353,10 +354,10 @@ fn reply(fd: BorrowedFd<'_>, r: &Reply) -> io::Result<()> {
 /// The socket failed.
 pub fn serve(sock: BorrowedFd<'_>, root: Option<&Path>) -> io::Result<()> {
     // Every task's pid 1 (and supervisor, if it has one) is forked from
-    // here, and copies whatever heap page it writes. With glibc's fast bins, a child's
-    // first larger allocation walks and merges every small chunk this
-    // process freed (`malloc_consolidate`), writing to pages all over the
-    // heap. Without them, a child writes only the chunks it uses (with
+    // here, and copies whatever heap page it writes. With glibc's fast
+    // bins, a child's first larger allocation walks and merges every small
+    // chunk this process freed (`malloc_consolidate`), writing to pages
+    // all over the heap. Without them, a child writes only the chunks it uses (with
     // pid 2's stack made once, below: about a third fewer page faults in
     // a task's processes, BENCHMARKS.md, session 10).
     // SAFETY: `mallopt` only sets the allocator's parameters (merging the
